@@ -80,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.client_parallelism = "auto"
   c.fl.chunk_size = 0
   c.fl.num_devices = 0  # 0 = every device; sampled clients are sharded over them
+  c.fl.measure_heterogeneity = False  # log H_t (OmniISR Eq. 13): one extra grad per client
   c.fl.unroll = 1
   c.fl.partition = ml_collections.ConfigDict(
       dict(method="dirichlet", alpha=0.3, shards_per_client=2, classes_per_client=2))

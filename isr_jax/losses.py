@@ -106,6 +106,30 @@ def mi_loss(
   return cross_entropy(q_logits, labels, mask=mask, ignore_index=ignore_index, weight=weight)
 
 
+@jax.custom_vjp
+def _entropy_per_position(z: jax.Array) -> jax.Array:
+  """``Σ_c s_c log s_c`` over the last axis, ``s = softmax(z)``."""
+  log_s = jax.nn.log_softmax(z, axis=-1)
+  return jnp.sum(jnp.exp(log_s) * log_s, axis=-1)
+
+
+def _entropy_fwd(z):
+  log_s = jax.nn.log_softmax(z, axis=-1)
+  ne = jnp.sum(jnp.exp(log_s) * log_s, axis=-1)
+  return ne, (log_s, ne)
+
+
+def _entropy_bwd(residuals, g):
+  # ∂/∂z_j Σ_c s_c log s_c = s_j (log s_j − Σ_c s_c log s_c): one fused pass over
+  # the tap, where autodiff of log_softmax∘exp re-reads it several times. Taps are
+  # the largest activations, so this is most of ISR's cost (benchmarks/RESULTS.md).
+  log_s, ne = residuals
+  return (g[..., None] * jnp.exp(log_s) * (log_s - ne[..., None]),)
+
+
+_entropy_per_position.defvjp(_entropy_fwd, _entropy_bwd)
+
+
 def negative_entropy(
     z: jax.Array, *, mask: jax.Array | None = None, normalize: bool = False,
     weight: jax.Array | None = None,
@@ -122,8 +146,7 @@ def negative_entropy(
     normalize: divide by ``log C`` so that λ is comparable across taps.
     weight: optional per-example importance weight ``[B]``.
   """
-  log_s = jax.nn.log_softmax(z, axis=-1)
-  ne = jnp.sum(jnp.exp(log_s) * log_s, axis=-1)
+  ne = _entropy_per_position(z)
   if normalize:
     ne = ne / jnp.log(z.shape[-1])
   return _masked_mean(ne, _example_mask(mask, ne.shape), weight)

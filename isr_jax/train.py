@@ -176,6 +176,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         parallelism=parallelism,
         chunk_size=config.fl.chunk_size, aggregate_adapters=isr.aggregate_adapters,
         unroll=config.fl.unroll, num_clients=config.fl.num_clients, mesh=mesh,
+        measure_heterogeneity=config.fl.measure_heterogeneity,
     )
     rows = padded_count(config.fl.num_clients, mesh)
     if config.mode == "fl":

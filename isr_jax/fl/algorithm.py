@@ -131,6 +131,33 @@ def loss_grad(params: Params, batch: Batch, problem: LocalProblem):
   return grads, aux
 
 
+def grad_with_terms(params: Params, batch: Batch, problem: LocalProblem, terms: Callable):
+  """``∇(L_T + Σ_n w_n T_n)`` with ONE forward pass of the local model.
+
+  Args:
+    params: local parameters.
+    batch: the minibatch.
+    problem: the client objective.
+    terms: ``(params, logits, taps) -> {name: (weight, value)}``, extra terms
+      (a proximal penalty, MOON's contrastive loss, FedNTD's distillation).
+
+  Returns:
+    ``(grads, aux)``: ``aux`` has the objective's terms, each extra term's
+    unweighted value under its name, and ``total``.
+  """
+
+  def total(p):
+    logits, taps = problem.apply(p["model"], batch.x)
+    value, aux = problem.objective(logits, taps, p["adapters"], batch)
+    extra = terms(p, logits, taps)
+    for weight, term in extra.values():
+      value = value + weight * term
+    return value, {**aux, **{name: term for name, (_, term) in extra.items()}, "total": value}
+
+  (_, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
+  return grads, aux
+
+
 def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
   """``Σ_n w_n x_n`` over the leading (client) axis of every leaf."""
   return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)

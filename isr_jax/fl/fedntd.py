@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_state
+from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
 from isr_jax.fl.fedavg import client_final, server_update
 
 
@@ -106,16 +106,9 @@ def fedntd(beta: float = 1.0, tau: float = 1.0) -> FLAlgorithm:
     """``∇(L_T + β L_NTD)`` with one forward pass of the local model."""
     del key
     z_g, _ = problem.apply(jax.lax.stop_gradient(ctx["global"]["model"]), batch.x)
-
-    def objective(p):
-      logits, taps = problem.apply(p["model"], batch.x)
-      value, aux = problem.objective(logits, taps, p["adapters"], batch)
-      ntd = ntd_loss(logits, z_g, batch.y, tau=tau, mask=batch.mask, weight=batch.weight)
-      total = value + beta * ntd
-      return total, {**aux, "total": total, "ntd": ntd}
-
-    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return grads, aux
+    return grad_with_terms(params, batch, problem, lambda p, logits, taps: {
+        "ntd": (beta, ntd_loss(logits, z_g, batch.y, tau=tau, mask=batch.mask,
+                               weight=batch.weight))})
 
   return FLAlgorithm(
       name="fedntd",

@@ -18,10 +18,9 @@ runs whatever number of steps a client's data gives.
 
 from __future__ import annotations
 
-import jax
 import optax.tree_utils as otu
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_state
+from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
 from isr_jax.fl.fedavg import client_final, server_update
 
 
@@ -43,13 +42,8 @@ def with_proximal_term(prox):
   """
 
   def client_grad(params, ctx, batch, problem, key):
-    def objective(p):
-      value, aux = problem.loss(p, batch)
-      extra = prox(p, ctx["global"], ctx, batch, problem, key)
-      return value + extra, {**aux, "total": value + extra, "prox": extra}
-
-    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return grads, aux
+    return grad_with_terms(params, batch, problem, lambda p, logits, taps: {
+        "prox": (1.0, prox(p, ctx["global"], ctx, batch, problem, key))})
 
   return client_grad
 

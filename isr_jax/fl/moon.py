@@ -40,7 +40,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_state
+from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
 from isr_jax.fl.fedavg import client_final as fedavg_client_final
 from isr_jax.fl.fedavg import server_update
 from isr_jax.fl.fedntd import position_mean
@@ -120,17 +120,9 @@ def moon(mu: float = 5.0, tau: float = 0.5) -> FLAlgorithm:
     del key
     z_glob = _frozen_features(ctx["global"]["model"], problem, batch.x)
     z_prev = _frozen_features(ctx["prev"], problem, batch.x)
-
-    def objective(p):
-      logits, taps = problem.apply(p["model"], batch.x)
-      value, aux = problem.objective(logits, taps, p["adapters"], batch)
-      con = contrastive_loss(_features(taps, problem), z_glob, z_prev, tau=tau, mask=batch.mask,
-                             weight=batch.weight)
-      total = value + mu * con
-      return total, {**aux, "total": total, "con": con}
-
-    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return grads, aux
+    return grad_with_terms(params, batch, problem, lambda p, logits, taps: {
+        "con": (mu, contrastive_loss(_features(taps, problem), z_glob, z_prev, tau=tau,
+                                     mask=batch.mask, weight=batch.weight))})
 
   return FLAlgorithm(
       name="moon",

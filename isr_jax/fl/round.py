@@ -20,7 +20,15 @@ import optax.tree_utils as otu
 from jax.sharding import Mesh
 
 from isr_jax.data.packing import ClientData
-from isr_jax.fl.algorithm import FLAlgorithm, LocalProblem, ServerBroadcast, tree_bytes
+from isr_jax.fl.algorithm import (
+    Batch,
+    FLAlgorithm,
+    LocalProblem,
+    ServerBroadcast,
+    loss_grad,
+    tree_bytes,
+    weighted_sum,
+)
 from isr_jax.fl.client import batch_schedule, map_clients, run_local_steps
 from isr_jax.optim import with_learning_rate
 from isr_jax.sharding import padded_count
@@ -42,6 +50,8 @@ class FLSpec(NamedTuple):
       are padding added to fill the mesh.
     mesh: shard the sampled clients over this mesh's ``clients`` axis; their
       number is padded up to a multiple of its size with empty clients.
+    measure_heterogeneity: also report ``fl/heterogeneity``, the gradient
+      dissimilarity ``H_t`` of OmniISR Eq. 13 (one extra gradient per client).
   """
 
   clients_per_round: int
@@ -53,6 +63,7 @@ class FLSpec(NamedTuple):
   unroll: int = 1
   num_clients: int = 0
   mesh: Mesh | None = None
+  measure_heterogeneity: bool = False
 
 
 class RoundFns(NamedTuple):
@@ -129,9 +140,13 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
     if not spec.aggregate_adapters:
       new_cstate["adapters"] = params["adapters"]
     drift = otu.tree_norm(otu.tree_sub(params["model"], start["model"]), squared=True)
-    return message, new_cstate, aux_sum, num_steps, drift
+    grad_at_start = {}
+    if spec.measure_heterogeneity:  # ∇L_T^n(θ_t), estimated on the first scheduled batch
+      first = Batch(flat(cdata.x)[idx[0]], flat(cdata.y)[idx[0]], valid[0])
+      grad_at_start, _ = loss_grad(start, first, fns.problem)
+    return message, new_cstate, aux_sum, num_steps, drift, grad_at_start
 
-  messages, new_states, aux_sum, num_steps, drift = map_clients(
+  messages, new_states, aux_sum, num_steps, drift, grads = map_clients(
       one_client, (client_data, client_states, ids),
       (state.params, state.alg_state, state.round, lr),
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh,
@@ -150,6 +165,11 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
   metrics = {f"train/{k}": jnp.sum(v) / total_steps for k, v in aux_sum.items()}
   metrics["train/loss"] = metrics.pop("train/total")
   metrics["fl/client_drift"] = jnp.sum(weights * drift)  # Lemma 2: Σ w_n ‖δ_n‖²
+  if spec.measure_heterogeneity:
+    # Eq. 13 with ∇L_T(θ_t) = Σ_n w_n ∇L_T^n(θ_t):  H_t = Σ w_n ‖g_n‖² − ‖Σ w_n g_n‖².
+    sq = jax.vmap(lambda g: otu.tree_norm(g, squared=True))(grads)
+    mean = weighted_sum(grads, weights)
+    metrics["fl/heterogeneity"] = jnp.sum(weights * sq) - otu.tree_norm(mean, squared=True)
   metrics["fl/local_steps"] = jnp.sum(num_steps) / jnp.maximum(jnp.sum(real), 1)
   # Communication: the uplink is the message as built; shapes are static.
   num_real = jnp.sum(client_data.num_examples > 0).astype(jnp.float32)

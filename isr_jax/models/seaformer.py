@@ -52,13 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import check_input_shape
 from isr_jax.models.layers import Conv
 from isr_jax.models.seg_layers import (
     ConvFFN,
     ConvNorm,
     InvertedResidual,
+    check_variant,
     hard_sigmoid,
     head_init,
     make_divisible,
@@ -271,12 +271,7 @@ class SeaFormer(nnx.Module):
   ):
     _, _, c = self.input_shape = check_input_shape(input_shape, "seaformer")
     self.num_classes = int(num_classes)
-    if variant not in VARIANTS:
-      raise ConfigError(f"model.variant={variant!r} is not one of {list(VARIANTS)}")
-    if not width_multiplier > 0:
-      raise ConfigError(f"model.width_multiplier={width_multiplier!r} must be > 0")
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-      raise ConfigError(f"model.depth={depth!r} must be an integer >= 1")
+    check_variant(VARIANTS, variant, width_multiplier, depth)
     cfg = VARIANTS[variant]
     self.variant = variant
     width = lambda ch: make_divisible(ch * width_multiplier)

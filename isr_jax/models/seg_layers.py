@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from isr_jax.errors import ConfigError
 from isr_jax.models.layers import Conv, avg_pool, group_norm
 
 NORMS = ("group", "layer")
@@ -45,6 +46,16 @@ he_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 he_fan_in = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 # mmsegmentation's initialisation of the final classifier conv.
 head_init = nnx.initializers.normal(0.01)
+
+
+def check_variant(variants, variant: str, width_multiplier: float, depth) -> None:
+  """One-line ConfigErrors for the shared options of TopFormer and SeaFormer."""
+  if variant not in variants:
+    raise ConfigError(f"model.variant={variant!r} is not one of {list(variants)}")
+  if not width_multiplier > 0:
+    raise ConfigError(f"model.width_multiplier={width_multiplier!r} must be > 0")
+  if depth is not None and (not isinstance(depth, int) or depth < 1):
+    raise ConfigError(f"model.depth={depth!r} must be an integer >= 1")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:

@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import check_input_shape
 from isr_jax.models.layers import Conv
 from isr_jax.models.seg_layers import (
@@ -59,6 +58,7 @@ from isr_jax.models.seg_layers import (
     ConvNorm,
     InvertedResidual,
     adaptive_avg_pool,
+    check_variant,
     hard_sigmoid,
     head_init,
     make_divisible,
@@ -214,14 +214,9 @@ class TopFormer(nnx.Module):
   ):
     _, _, c = self.input_shape = check_input_shape(input_shape, "topformer")
     self.num_classes = int(num_classes)
-    if variant not in VARIANTS:
-      raise ConfigError(f"model.variant={variant!r} is not one of {list(VARIANTS)}")
-    if not width_multiplier > 0:
-      raise ConfigError(f"model.width_multiplier={width_multiplier!r} must be > 0")
+    check_variant(VARIANTS, variant, width_multiplier, depth)
     cfg = VARIANTS[variant]
     depth = cfg["depth"] if depth is None else depth
-    if not isinstance(depth, int) or depth < 1:
-      raise ConfigError(f"model.depth={depth!r} must be an integer >= 1")
     self.variant = variant
     width = lambda ch: make_divisible(ch * width_multiplier)
     kw = dict(conv_impl=conv_impl, rngs=rngs)
