@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from experiments.reporting import fmt, mean_std, write_csv
 from isr_jax.analysis import paired_wins
+from isr_jax.errors import NaNLossError
 from isr_jax.fl.registry import ALGORITHMS
 from isr_jax.train import train_and_evaluate
 
@@ -47,10 +48,20 @@ def run_all(base, workdir: str, algorithms: list[str], seeds: list[int]):
         config.seed = seed
         run = f"{name}_{'isr' if isr else 'base'}_seed{seed}"
         t0 = time.perf_counter()
-        out = train_and_evaluate(config, os.path.join(workdir, run))
+        try:
+          out = train_and_evaluate(config, os.path.join(workdir, run))
+        except NaNLossError as e:
+          # One diverged run must not cost the others: it is reported, not averaged.
+          results.setdefault((name, isr), []).append(None)
+          print(f"  {run:28s} DIVERGED: {e}", flush=True)
+          continue
+        # From the history, not the final metrics: a run resumed after it had
+        # finished only re-evaluates, so its final metrics hold no training figures.
         m = dict(out["metrics"])
         rounds = [r for r in out["history"] if "time/round_s" in r]
         m["round_s"] = statistics.median(r["time/round_s"] for r in rounds)
+        for key in ("comm/up_bytes", "comm/down_bytes"):
+          m[key] = next(r[key] for r in reversed(out["history"]) if key in r)
         results.setdefault((name, isr), []).append(m)
         print(f"  {run:28s} acc {m['test/accuracy']:.4f}  ({time.perf_counter() - t0:.0f}s)",
               flush=True)
@@ -58,15 +69,23 @@ def run_all(base, workdir: str, algorithms: list[str], seeds: list[int]):
 
 
 def summarize(results) -> list[dict]:
-  """One row per (algorithm, ISR) with means, stds and communication."""
+  """One row per (algorithm, ISR) with means, stds and communication.
+
+  Means are over the runs that finished; ``diverged`` counts the others. With
+  none finished every number is NaN (and the pair is no paired comparison).
+  """
   rows = []
-  for (name, isr), runs in results.items():
-    row = {"algorithm": name, "isr": isr, "seeds": len(runs)}
+  for (name, isr), all_runs in results.items():
+    runs = [r for r in all_runs if r is not None]
+    row = {"algorithm": name, "isr": isr, "seeds": len(runs),
+           "diverged": len(all_runs) - len(runs)}
+    nan = float("nan")
     for metric in (*METRICS, "loss"):
-      row[metric], row[f"{metric}_std"] = mean_std([r[f"test/{metric}"] for r in runs])
-    row["up_MB_per_round"] = runs[0]["comm/up_bytes"] / 1e6
-    row["down_MB_per_round"] = runs[0]["comm/down_bytes"] / 1e6
-    row["round_s"] = statistics.mean(r["round_s"] for r in runs)
+      row[metric], row[f"{metric}_std"] = (
+          mean_std([r[f"test/{metric}"] for r in runs]) if runs else (nan, nan))
+    row["up_MB_per_round"] = runs[0]["comm/up_bytes"] / 1e6 if runs else nan
+    row["down_MB_per_round"] = runs[0]["comm/down_bytes"] / 1e6 if runs else nan
+    row["round_s"] = statistics.mean(r["round_s"] for r in runs) if runs else nan
     rows.append(row)
   return rows
 
@@ -81,6 +100,8 @@ def format_markdown(rows: list[dict], title: str) -> str:
     for isr in (False, True):
       r = by_key[(name, isr)]
       cells = " | ".join(fmt(r[m], r[m + "_std"]) for m in METRICS)
+      if r["diverged"]:
+        cells += f" (diverged in {r['diverged']} of {r['diverged'] + r['seeds']} seeds)"
       lines.append(f"| {name} | {'✓' if isr else '✗'} | {cells} | {r['up_MB_per_round']:.3f} "
                    f"| {r['down_MB_per_round']:.3f} |")
   lines += ["", "| algorithm | Δ accuracy | Δ mF1 | Δ mPre | Δ mRec |", "|---|---|---|---|---|"]
@@ -89,7 +110,7 @@ def format_markdown(rows: list[dict], title: str) -> str:
     lines.append(f"| {name} | " + " | ".join(f"{on[m] - off[m]:+.4f}" for m in METRICS) + " |")
   wins, total = paired_wins({k: v for k, v in by_key.items()}, METRICS)
   lines += ["", f"Paired wins of +ISR over −ISR across (algorithm × metric): **{wins}/{total}** "
-            f"(means over {rows[0]['seeds']} seed(s); the OmniISR paper reports 37/48)."]
+            f"(means over the finished seeds; the OmniISR paper reports 37/48)."]
   return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from experiments.configs.segmentation import DATASETS, MODELS, get_config
 from experiments.reporting import fmt, mean_std, write_csv
 from isr_jax.analysis import cl_fl_gap, relative_gap_reduction
+from isr_jax.errors import NaNLossError
 from isr_jax.plotting import plot_segmentation_examples
 from isr_jax.train import train_and_evaluate
 
@@ -42,13 +43,16 @@ _IMAGE_SIZE = flags.DEFINE_list("image_size", None, "H,W to resize to (default: 
 _CL_ROUNDS = flags.DEFINE_integer("cl_rounds", None, "CL epochs (default: the config's).")
 _FL_ROUNDS = flags.DEFINE_integer("fl_rounds", None, "FL rounds (default: the config's).")
 _ALGORITHM = flags.DEFINE_string("algorithm", None, "FL algorithm (default: fedavg).")
+_LOCAL = flags.DEFINE_bool("local", False, "A smoke run of seconds per cell (the configs' "
+                           "'local' variant: 2 rounds on 96 images).")
 
 METRICS = ("mIoU", "mF1", "mPre", "mRec")
 
 
 def run_config(model: str, mode: str, dataset: str, isr: bool, seed: int):
   """The config of one grid cell, with the command-line overrides applied."""
-  config = get_config(f"{model},{mode},{dataset}" + (",isr" if isr else ""))
+  config = get_config(f"{model},{mode},{dataset}" + (",isr" if isr else "")
+                      + (",local" if _LOCAL.value else ""))
   config.seed = seed
   if _DATA_DIR.value:
     config.dataset.data_dir = _DATA_DIR.value
@@ -79,23 +83,32 @@ def run_grid(workdir, models, datasets, seeds, examples):
             config = run_config(model, mode, dataset, isr, seed)
             name = f"{dataset}_{model}_{mode}_{'isr' if isr else 'base'}_seed{seed}"
             t0 = time.perf_counter()
-            out = train_and_evaluate(config, os.path.join(workdir, name))
+            try:
+              out = train_and_evaluate(config, os.path.join(workdir, name))
+            except NaNLossError as e:
+              # A diverged cell is reported in the table; the grid goes on.
+              results.setdefault((dataset, model, mode, isr), []).append(None)
+              print(f"  {name:52s} DIVERGED: {e}", flush=True)
+              continue
             m = out["metrics"]
             results.setdefault((dataset, model, mode, isr), []).append(m)
             print(f"  {name:52s} mIoU {m['test/mIoU']:.4f} ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
-            if mode == "fl" and seed == seeds[0]:
-              figure_models[isr] = (out["experiment"], out["state"].params)
-      exp = figure_models[False][0]
+            if mode == "fl" and isr not in figure_models:
+              figure_models[isr] = (out["experiment"], out["state"].params, seed)
+      if len(figure_models) < 2:
+        print(f"  no qualitative figure for {model} on {dataset}: an FL run diverged")
+        continue
+      exp, _, figure_seed = figure_models[False]
       test = exp.test_data
       images = np.asarray(test.x[0]).reshape((-1,) + test.x.shape[3:])[:examples]
       labels = np.asarray(test.y[0]).reshape((-1,) + test.y.shape[3:])[:examples]
       preds = {f"FL {'+' if isr else '−'} ISR": predict(e, p, images)
-               for isr, (e, p) in sorted(figure_models.items())}
+               for isr, (e, p, _) in sorted(figure_models.items())}
       plot_segmentation_examples(
           images, labels, preds, os.path.join(workdir, f"qualitative_{dataset}_{model}.png"),
           num_classes=exp.info.num_classes, class_names=exp.info.class_names,
-          ignore_index=exp.info.ignore_index, title=f"{model} on {dataset} (seed {seeds[0]})")
+          ignore_index=exp.info.ignore_index, title=f"{model} on {dataset} (seed {figure_seed})")
   return results
 
 
@@ -110,14 +123,18 @@ def tables(results, seeds) -> tuple[str, list[dict]]:
     means = {}
     for mode in ("cl", "fl"):
       for isr in (False, True):
-        runs = results[(dataset, model, mode, isr)]
+        all_runs = results[(dataset, model, mode, isr)]
+        runs = [r for r in all_runs if r is not None]
         row = {"dataset": dataset, "model": model, "setting": mode.upper(), "isr": isr,
-               "seeds": len(runs)}
+               "seeds": len(runs), "diverged": len(all_runs) - len(runs)}
         cells = []
         for metric in METRICS:
-          mean, std = mean_std([100 * r[f"test/{metric}"] for r in runs])
+          mean, std = (mean_std([100 * r[f"test/{metric}"] for r in runs]) if runs
+                       else (math.nan, math.nan))
           row[metric], row[f"{metric}_std"] = mean, std
           cells.append(fmt(mean, std, 2))
+        if row["diverged"]:
+          cells[-1] += f" (diverged in {row['diverged']} of {len(all_runs)} seeds)"
         means[(mode, isr)] = row["mIoU"]
         rows.append(row)
         lines.append(f"| {dataset} | {model} | {mode.upper()} | {'✓' if isr else '✗'} | "
@@ -125,7 +142,7 @@ def tables(results, seeds) -> tuple[str, list[dict]]:
     d_off = cl_fl_gap(means[("cl", False)], means[("fl", False)])
     d_on = cl_fl_gap(means[("cl", True)], means[("fl", True)])
     red = relative_gap_reduction(d_off, d_on)
-    red_txt = "n/a (no gap)" if math.isnan(red) else f"{100 * red:+.1f} %"
+    red_txt = "n/a" if math.isnan(red) else f"{100 * red:+.1f} %"
     gaps.append(f"| {dataset} | {model} | {d_off:.2f} | {d_on:.2f} | {red_txt} |")
   text = ("Metrics in %, mean ± std over seeds " + ", ".join(map(str, seeds)) + ".\n\n"
           + "\n".join(lines) + "\n" + "\n".join(gaps)

@@ -33,7 +33,7 @@ def paired_wins(
 
   Returns:
     ``(wins, comparisons)`` over algorithms that have both an ISR-on and an
-    ISR-off result.
+    ISR-off result; a NaN value (a run that diverged) is no comparison.
   """
   wins = total = 0
   for alg in sorted({a for a, _ in results}):
@@ -41,6 +41,8 @@ def paired_wins(
       continue
     for m in metrics:
       on, off = results[(alg, True)][m], results[(alg, False)][m]
+      if math.isnan(on) or math.isnan(off):
+        continue
       total += 1
       wins += int(on > off if higher_is_better else on < off)
   return wins, total

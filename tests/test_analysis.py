@@ -28,6 +28,8 @@ def test_paired_wins_counts_strict_improvements():
   }
   assert paired_wins(results, ["a", "b"]) == (2, 4)
   assert paired_wins(results, ["a", "b"], higher_is_better=False) == (1, 4)
+  results[("fedprox", True)] = {"a": float("nan"), "b": 0.5}  # a diverged run
+  assert paired_wins(results, ["a", "b"]) == (2, 3)
 
 
 def test_escape_time_bound_formula_and_undefined_region():
