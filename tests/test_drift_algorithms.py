@@ -250,6 +250,26 @@ def test_scaffold_client_and_server_step_by_hand():
   assert set(down) == {"params", "c"}
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_scaffold_option_two_is_the_mean_gradient_under_momentum(nesterov):
+  # K optax SGD-momentum steps on a constant corrected gradient g + c − c_i:
+  # c_i⁺ = c_i − c + (x − y)/(‖a‖₁ η) must give back g exactly.
+  beta, lr, k = 0.9, 0.05, 5
+  g, c, c_i = np.array([0.4, -1.2]), np.array([0.1, -0.2]), np.array([0.3, 0.1])
+  opt = optax.sgd(lr, momentum=beta, nesterov=nesterov)
+  y = two([0.5, 1.0])
+  opt_state = opt.init(y)
+  for _ in range(k):
+    updates, opt_state = opt.update(two(g + c - c_i), opt_state, y)
+    y = optax.apply_updates(y, updates)
+  alg = scaffold(num_clients=4, momentum=beta, nesterov=nesterov)
+  b = broadcast([0.5, 1.0], {"c": two(c)}, lr=lr)
+  _, new_state = alg.client_final(b, None, y, jnp.int32(k), {"c": two(c_i)})
+  np.testing.assert_allclose(model_w(new_state["c"]), g, rtol=1e-5)
+  with pytest.raises(ValueError, match="momentum=1.0"):
+    scaffold(num_clients=4, momentum=1.0)
+
+
 def test_fednova_step_weights_by_hand_and_against_optax():
   # Wang et al., local momentum ρ = 0.5: a(τ=3) = (3 − 0.5·(1 − 0.125)/0.5)/0.5 = 4.25,
   # a(τ=1) = 1; Nesterov: τ + ρ·a = 3 + 2.125 = 5.125; plain SGD: a = τ.

@@ -49,6 +49,19 @@ def _rho(config, name):
   return check_number(config.fl[name].rho, f"fl.{name}.rho", low=0)
 
 
+def _local_momentum(config) -> float:
+  """The clients' heavy-ball momentum: SGD's ``momentum``, 0 for other optimizers."""
+  if config.client_optimizer.name != "sgd":
+    return 0.0
+  return check_number(config.client_optimizer.momentum, "client_optimizer.momentum", low=0,
+                      high=1, high_open=True)
+
+
+def _local_nesterov(config) -> bool:
+  return config.client_optimizer.name == "sgd" and bool(
+      config.client_optimizer.get("nesterov", False))
+
+
 def _perturb(config, name):
   return _one_of(config.fl[name].perturb, PERTURB_TARGETS, f"fl.{name}.perturb")
 
@@ -101,14 +114,13 @@ ALGORITHMS: dict[str, Entry] = {
     "feddyn": Entry(dict(alpha=0.01), lambda config: feddyn(
         check_number(config.fl.feddyn.alpha, "fl.feddyn.alpha", low=0),
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)))),
+    # SCAFFOLD's option II and FedNova's a_i follow the local optimizer: SGD
+    # momentum ρ, else plain steps.
     "scaffold": Entry({}, lambda config: scaffold(
-        num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)))),
-    # FedNova's a_i follows the local optimizer: SGD momentum ρ, else plain steps.
+        num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)),
+        momentum=_local_momentum(config), nesterov=_local_nesterov(config))),
     "fednova": Entry({}, lambda config: fednova(
-        check_number(config.client_optimizer.momentum, "client_optimizer.momentum", low=0,
-                     high=1, high_open=True) if config.client_optimizer.name == "sgd" else 0.0,
-        nesterov=config.client_optimizer.name == "sgd"
-        and bool(config.client_optimizer.get("nesterov", False)))),
+        _local_momentum(config), nesterov=_local_nesterov(config))),
     "fedir": Entry({}, lambda config: fedir()),
     "fedavgm": Entry(dict(beta=0.9, server_lr=1.0), lambda config: fedavgm(
         check_number(config.fl.fedavgm.beta, "fl.fedavgm.beta", low=0, high=1, high_open=True),

@@ -6,6 +6,8 @@ start. A sampled client starting from ``x`` (the global model)
 * steps with the corrected gradient ``g_i(y_i) + c − c_i``;
 * sets ``c_i⁺ = c_i − c + (x − y_i)/(K η_l)`` (option II), ``K`` the
   local steps it actually took and ``η_l`` the round's local learning rate;
+  with local SGD momentum ``β``, ``K`` becomes ``‖a‖₁`` of FedNova's
+  heavy-ball weights (below);
 * uploads ``(Δy_i, Δc_i) = (y_i − x, c_i⁺ − c_i)``.
 
 The server moves ``x ← x + η_g · mean(Δy_i)`` and
@@ -16,8 +18,13 @@ averages uniformly over ``S``). The server sends ``x`` and ``c`` down, twice
 FedAvg's downlink.
 
 Assumptions where the paper is silent: option II's ``(x − y_i)/(K η_l)`` is
-the mean gradient only for plain local SGD; with local momentum or weight decay
-it is used as is. A client that took no step (``K = 0``) keeps its ``c_i``.
+the mean corrected gradient only for plain local SGD. With heavy-ball momentum
+``β`` the displacement is ``η_l Σ_k a_k g_k`` with ``‖a‖₁ = [K − β(1 − β^K)/(1 − β)]
+/ (1 − β)`` (FedNova, Wang et al. 2020, Eq. 9's ``a_i``), so dividing by
+``‖a‖₁ η_l`` keeps ``c_i⁺`` a mean gradient; dividing by ``K η_l`` instead
+overstates it up to ``1/(1 − β)``-fold, and the control variates then diverge
+(measured: every digits run with β = 0.9, lr 0.05). Weight decay is used as
+is. A client that took no step (``K = 0``) keeps its ``c_i``.
 With personal ISR adapters the adapters' control variates still follow the
 same rule (their ``x`` is the client's own adapters).
 """
@@ -29,6 +36,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, weighted_sum
+from isr_jax.fl.fednova import step_weight_sum
 
 
 def init_server_state(params, data=None):
@@ -53,26 +61,42 @@ def client_grad(params, ctx, batch, problem, key):
   return otu.tree_add(grads, ctx["correction"]), aux
 
 
-def client_final(broadcast, ctx, local_params, num_steps, client_state):
-  """``c_i⁺`` (option II) and the message ``(Δy_i, Δc_i)``."""
-  del ctx
-  x, c, c_i = broadcast.params, broadcast.alg_state["c"], client_state["c"]
-  took_steps = num_steps > 0
-  scale = 1.0 / (jnp.maximum(num_steps, 1).astype(jnp.float32) * broadcast.local_lr)
-  new_c_i = jax.tree.map(lambda ci, cs, a, b: ci - cs + scale * (a - b), c_i, c, x, local_params)
-  new_c_i = otu.tree_where(took_steps, new_c_i, c_i)
-  message = {"delta": otu.tree_sub(local_params, x), "delta_c": otu.tree_sub(new_c_i, c_i)}
-  return message, {"c": new_c_i}
+def make_client_final(momentum: float = 0.0, nesterov: bool = False):
+  """``client_final`` for local SGD with heavy-ball (or Nesterov) ``momentum``."""
+
+  def client_final(broadcast, ctx, local_params, num_steps, client_state):
+    """``c_i⁺`` (option II) and the message ``(Δy_i, Δc_i)``."""
+    del ctx
+    x, c, c_i = broadcast.params, broadcast.alg_state["c"], client_state["c"]
+    took_steps = num_steps > 0
+    steps = step_weight_sum(jnp.maximum(num_steps, 1), momentum, nesterov)
+    scale = 1.0 / (steps * broadcast.local_lr)
+    new_c_i = jax.tree.map(lambda ci, cs, a, b: ci - cs + scale * (a - b),
+                           c_i, c, x, local_params)
+    new_c_i = otu.tree_where(took_steps, new_c_i, c_i)
+    message = {"delta": otu.tree_sub(local_params, x), "delta_c": otu.tree_sub(new_c_i, c_i)}
+    return message, {"c": new_c_i}
+
+  return client_final
+
+
+client_final = make_client_final()
 
 
 def downlink(broadcast):
   return {"params": broadcast.params, "c": broadcast.alg_state["c"]}
 
 
-def scaffold(*, num_clients: int) -> FLAlgorithm:
-  """SCAFFOLD over ``num_clients`` clients (``N`` in the ``c`` update)."""
+def scaffold(*, num_clients: int, momentum: float = 0.0, nesterov: bool = False
+             ) -> FLAlgorithm:
+  """SCAFFOLD over ``num_clients`` clients (``N`` in the ``c`` update).
+
+  ``momentum``, ``nesterov``: the clients' SGD momentum ``β`` (0 for plain SGD).
+  """
   if num_clients < 1:
     raise ValueError(f"num_clients={num_clients} must be >= 1")
+  if not 0 <= momentum < 1:
+    raise ValueError(f"momentum={momentum} must be in [0, 1)")
 
   def server_update(params, alg_state, messages, weights):
     """Pseudo-gradient ``−mean(Δy_i)``; ``c += (1/N) Σ_{i∈S} Δc_i``."""
@@ -89,7 +113,7 @@ def scaffold(*, num_clients: int) -> FLAlgorithm:
       init_client_state=init_client_state,
       client_init=client_init,
       client_grad=client_grad,
-      client_final=client_final,
+      client_final=make_client_final(momentum, nesterov),
       server_update=server_update,
       downlink=downlink,
   )
