@@ -21,11 +21,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.reporting import fmt, mean_std, write_csv
+from experiments.reporting import (
+    divergence_note,
+    fmt,
+    mean_std,
+    train_unless_diverged,
+    write_csv,
+)
 from isr_jax.analysis import paired_wins
-from isr_jax.errors import NaNLossError
 from isr_jax.fl.registry import ALGORITHMS
-from isr_jax.train import train_and_evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent of every run's workdir.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,12 +52,9 @@ def run_all(base, workdir: str, algorithms: list[str], seeds: list[int]):
         config.seed = seed
         run = f"{name}_{'isr' if isr else 'base'}_seed{seed}"
         t0 = time.perf_counter()
-        try:
-          out = train_and_evaluate(config, os.path.join(workdir, run))
-        except NaNLossError as e:
-          # One diverged run must not cost the others: it is reported, not averaged.
+        out = train_unless_diverged(config, os.path.join(workdir, run), f"{run:28s}")
+        if out is None:
           results.setdefault((name, isr), []).append(None)
-          print(f"  {run:28s} DIVERGED: {e}", flush=True)
           continue
         # From the history, not the final metrics: a run resumed after it had
         # finished only re-evaluates, so its final metrics hold no training figures.
@@ -75,17 +76,16 @@ def summarize(results) -> list[dict]:
   none finished every number is NaN (and the pair is no paired comparison).
   """
   rows = []
+  nan = float("nan")
   for (name, isr), all_runs in results.items():
     runs = [r for r in all_runs if r is not None]
     row = {"algorithm": name, "isr": isr, "seeds": len(runs),
            "diverged": len(all_runs) - len(runs)}
-    nan = float("nan")
     for metric in (*METRICS, "loss"):
-      row[metric], row[f"{metric}_std"] = (
-          mean_std([r[f"test/{metric}"] for r in runs]) if runs else (nan, nan))
+      row[metric], row[f"{metric}_std"] = mean_std([r[f"test/{metric}"] for r in runs])
     row["up_MB_per_round"] = runs[0]["comm/up_bytes"] / 1e6 if runs else nan
     row["down_MB_per_round"] = runs[0]["comm/down_bytes"] / 1e6 if runs else nan
-    row["round_s"] = statistics.mean(r["round_s"] for r in runs) if runs else nan
+    row["round_s"] = mean_std([r["round_s"] for r in runs])[0]
     rows.append(row)
   return rows
 
@@ -99,9 +99,7 @@ def format_markdown(rows: list[dict], title: str) -> str:
   for name in names:
     for isr in (False, True):
       r = by_key[(name, isr)]
-      cells = " | ".join(fmt(r[m], r[m + "_std"]) for m in METRICS)
-      if r["diverged"]:
-        cells += f" (diverged in {r['diverged']} of {r['diverged'] + r['seeds']} seeds)"
+      cells = " | ".join(fmt(r[m], r[m + "_std"]) for m in METRICS) + divergence_note(r)
       lines.append(f"| {name} | {'✓' if isr else '✗'} | {cells} | {r['up_MB_per_round']:.3f} "
                    f"| {r['down_MB_per_round']:.3f} |")
   lines += ["", "| algorithm | Δ accuracy | Δ mF1 | Δ mPre | Δ mRec |", "|---|---|---|---|---|"]

@@ -1,15 +1,40 @@
-"""Small helpers shared by the experiment drivers: mean ± std and CSV/Markdown output."""
+"""Small helpers shared by the experiment drivers: runs that may diverge, mean ± std, CSV."""
 
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Sequence
 
+from isr_jax.errors import NaNLossError
+from isr_jax.train import train_and_evaluate
+
+
+def train_unless_diverged(config, workdir: str, label: str) -> dict | None:
+  """``train_and_evaluate``'s result, or ``None`` (said on stdout) if the run diverged.
+
+  One diverged run must not cost a driver its other runs: the tables report it
+  (:func:`divergence_note`) and average over the runs that finished.
+  """
+  try:
+    return train_and_evaluate(config, workdir)
+  except NaNLossError as e:
+    print(f"  {label} DIVERGED: {e}", flush=True)
+    return None
+
+
+def divergence_note(row: dict) -> str:
+  """`` (diverged in k of n seeds)`` for a table row with ``diverged`` > 0, else empty."""
+  k = row["diverged"]
+  return f" (diverged in {k} of {k + row['seeds']} seeds)" if k else ""
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single value)."""
+  """Mean and sample standard deviation (0 for a single value, NaN for none)."""
   values = list(values)
+  if not values:
+    return math.nan, math.nan
   return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 

@@ -27,11 +27,15 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.configs.segmentation import DATASETS, MODELS, get_config
-from experiments.reporting import fmt, mean_std, write_csv
+from experiments.reporting import (
+    divergence_note,
+    fmt,
+    mean_std,
+    train_unless_diverged,
+    write_csv,
+)
 from isr_jax.analysis import cl_fl_gap, relative_gap_reduction
-from isr_jax.errors import NaNLossError
 from isr_jax.plotting import plot_segmentation_examples
-from isr_jax.train import train_and_evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/table3", "Parent of every run's workdir.")
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Model families.")
@@ -83,12 +87,9 @@ def run_grid(workdir, models, datasets, seeds, examples):
             config = run_config(model, mode, dataset, isr, seed)
             name = f"{dataset}_{model}_{mode}_{'isr' if isr else 'base'}_seed{seed}"
             t0 = time.perf_counter()
-            try:
-              out = train_and_evaluate(config, os.path.join(workdir, name))
-            except NaNLossError as e:
-              # A diverged cell is reported in the table; the grid goes on.
+            out = train_unless_diverged(config, os.path.join(workdir, name), f"{name:52s}")
+            if out is None:
               results.setdefault((dataset, model, mode, isr), []).append(None)
-              print(f"  {name:52s} DIVERGED: {e}", flush=True)
               continue
             m = out["metrics"]
             results.setdefault((dataset, model, mode, isr), []).append(m)
@@ -129,12 +130,10 @@ def tables(results, seeds) -> tuple[str, list[dict]]:
                "seeds": len(runs), "diverged": len(all_runs) - len(runs)}
         cells = []
         for metric in METRICS:
-          mean, std = (mean_std([100 * r[f"test/{metric}"] for r in runs]) if runs
-                       else (math.nan, math.nan))
+          mean, std = mean_std([100 * r[f"test/{metric}"] for r in runs])
           row[metric], row[f"{metric}_std"] = mean, std
           cells.append(fmt(mean, std, 2))
-        if row["diverged"]:
-          cells[-1] += f" (diverged in {row['diverged']} of {len(all_runs)} seeds)"
+        cells[-1] += divergence_note(row)
         means[(mode, isr)] = row["mIoU"]
         rows.append(row)
         lines.append(f"| {dataset} | {model} | {mode.upper()} | {'✓' if isr else '✗'} | "

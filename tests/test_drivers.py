@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import compare
+from experiments import compare, reporting
 from experiments.configs.compare import get_config
 from isr_jax.errors import NaNLossError
 
@@ -37,14 +37,14 @@ def test_comparison_rows_and_table(two_algorithms):
 
 
 def test_a_diverged_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
-  real = compare.train_and_evaluate
+  real = reporting.train_and_evaluate
 
   def diverge_with_isr(config, workdir):
     if config.isr.enabled:
       raise NaNLossError("train/loss became nan in round 1")
     return real(config, workdir)
 
-  monkeypatch.setattr(compare, "train_and_evaluate", diverge_with_isr)
+  monkeypatch.setattr(reporting, "train_and_evaluate", diverge_with_isr)
   rows = compare.summarize(
       compare.run_all(get_config("digits,local"), str(tmp_path), ["fedavg"], [0]))
   off, on = rows
