@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from isr_jax.models.layers import global_avg_pool
+from isr_jax.models.layers import global_avg_pool, matmul
 
 AdapterParams = dict[str, jax.Array]
 
@@ -59,12 +59,12 @@ def apply_adapter(
     ``[B, K]`` for classification, ``[B, H, W, K]`` for dense labels.
   """
   if len(label_shape) == 0:
-    return global_avg_pool(z) @ params["kernel"] + params["bias"]
+    return matmul(global_avg_pool(z), params["kernel"]) + params["bias"]
   if z.ndim != 4:
     raise ValueError(
         f"a dense adapter needs a spatial tap [B, h, w, C]; got shape {tuple(z.shape)}"
     )
-  q = jnp.einsum("bhwc,ck->bhwk", z, params["kernel"]) + params["bias"]
+  q = matmul(z, params["kernel"]) + params["bias"]
   if q.shape[1:3] != tuple(label_shape):
     q = jax.image.resize(q, (q.shape[0], *label_shape, q.shape[-1]), method="bilinear")
   return q

@@ -46,7 +46,7 @@ from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.hybrid import HybridSpec, hybrid_round
 from isr_jax.metric_writer import JsonlWriter, read_metrics
 from isr_jax.models import create_model
-from isr_jax.models.layers import resolve_conv_impl
+from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.optim import learning_rate_at, make_optimizer
 from isr_jax.sharding import (
@@ -150,7 +150,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                         ds.eval_batch_size), mesh)
   eval_fn = jax.jit(functools.partial(evaluate_classifier, problem.apply,
                                       num_classes=info.num_classes,
-                                      ignore_index=info.ignore_index))
+                                      ignore_index=info.ignore_index),
+                    compiler_options=xla_compiler_options())
   state = TrainState(params=params, opt_state=None, alg_state={}, client_states={},
                      rng=key_run, round=jnp.zeros((), jnp.int32),
                      alpha=jnp.asarray(config.hybrid.alpha, jnp.float32))
@@ -202,7 +203,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     state = state._replace(client_states=client_states)
   shardings = jax.tree.map(lambda a: a.sharding, state)
   round_fn = jax.jit(round_fn, donate_argnums=0,
-                     out_shardings=(shardings, NamedSharding(mesh, P())))
+                     out_shardings=(shardings, NamedSharding(mesh, P())),
+                     compiler_options=xla_compiler_options())
   return Experiment(
       state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
       eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,

@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +55,67 @@ def test_auto_policy_on_cpu():
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1) == "xla_cpu"
   with pytest.raises(ValueError, match=r"model\.conv_impl='fast' is not one of"):
     resolve_conv_impl("fast")
+
+
+def _grads(f, *args):
+  return jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), range(len(args)))(*args)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 7), (2, 3, 4, 7)])
+def test_matmul_has_the_products_gradients_alone_and_vmapped(x_shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), (7, 3))
+  np.testing.assert_allclose(layers.matmul(x, w), x @ w, rtol=1e-6)
+  for a, b in zip(_grads(layers.matmul, x, w), _grads(jnp.matmul, x, w), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Under vmap (clients), as in a round: one kernel per client.
+  xs, ws = jnp.stack([x, -2 * x]), jnp.stack([w, w + 1])
+  per_client = lambda f: jax.vmap(lambda x, w: _grads(f, x, w))
+  for a, b in zip(per_client(layers.matmul)(xs, ws), per_client(jnp.matmul)(xs, ws),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_is_nnx_linear_with_the_same_parameters():
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 6))
+  ours, ref = layers.linear(6, 5, rngs=nnx.Rngs(3)), nnx.Linear(6, 5, rngs=nnx.Rngs(3))
+  chex.assert_trees_all_equal(nnx.state(ours, nnx.Param), nnx.state(ref, nnx.Param))
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "xla_cpu", "auto"])
+def test_every_lowering_has_laxs_gradients_under_vmap(impl):
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 8, 8, 2))  # [clients, B, H, W, C]
+  def grads(impl):
+    conv = Conv(2, 4, 3, strides=1, rngs=nnx.Rngs(0), impl=impl)
+    graphdef, params = nnx.split(conv)
+    loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    return jax.vmap(jax.grad(loss, (0, 1)))(stacked, x)
+  chex.assert_trees_all_close(grads(impl), grads("xla"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_max_pool_gradient_shares_ties_like_jax(window):
+  relu_ints = jnp.maximum(jax.random.randint(jax.random.PRNGKey(5), (2, 7, 9, 3), -2, 3), 0)
+  x = relu_ints.astype(jnp.float32)  # many tied maxima, as after a ReLU
+  oh, ow = 7 // window, 9 // window
+  ref = lambda x: x[:, : oh * window, : ow * window].reshape(
+      2, oh, window, ow, window, 3).max(axis=(2, 4))
+  pool = lambda x: layers.max_pool(x, window)
+  np.testing.assert_array_equal(pool(x), ref(x))
+  for a, b in zip(_grads(pool, x), _grads(ref, x), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_rounds_compile_convolutions_for_eigen():
+  options = layers.xla_compiler_options()
+  assert options == {"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+  x, w = jnp.ones((8, 14, 14, 32)), jnp.ones((5, 5, 32, 64))  # the FedAvg CNN's conv2
+  conv = lambda x, w: conv2d_canonical(x, w, (1, 1), ((2, 2), (2, 2)), (1, 1))
+  default = jax.jit(conv).lower(x, w).compile().as_text()
+  ours = jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
+  assert "__ynn_fusion" in default  # XLA's default: YNNPACK runs the convolution
+  assert "__ynn_fusion" not in ours and "convolution(" in ours
+  np.testing.assert_allclose(jax.jit(conv, compiler_options=options)(x, w), conv(x, w))

@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from isr_jax.errors import ConfigError
-from isr_jax.models.layers import Conv, group_norm, max_pool
+from isr_jax.models.layers import Conv, group_norm, linear, max_pool
 
 
 def check_input_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
@@ -108,8 +108,8 @@ class FedAvgCNN(nnx.Module):
     self.conv1 = Conv(c, 32, 5, padding="SAME", impl=conv_impl, rngs=rngs)
     self.conv2 = Conv(32, 64, 5, padding="SAME", impl=conv_impl, rngs=rngs)
     h, w = _pool_size(*_pool_size(h, w))
-    self.fc1 = nnx.Linear(h * w * 64, hidden_units, rngs=rngs)
-    self.head = nnx.Linear(hidden_units, self.num_classes, rngs=rngs)
+    self.fc1 = linear(h * w * 64, hidden_units, rngs=rngs)
+    self.head = linear(hidden_units, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
@@ -173,9 +173,9 @@ class LeNet5(nnx.Module):
     if pad2 == "VALID":
       h, w = h - 4, w - 4
     h, w = _pool_size(h, w)
-    self.fc1 = nnx.Linear(h * w * 16, 120, rngs=rngs)
-    self.fc2 = nnx.Linear(120, 84, rngs=rngs)
-    self.head = nnx.Linear(84, self.num_classes, rngs=rngs)
+    self.fc1 = linear(h * w * 16, 120, rngs=rngs)
+    self.fc2 = linear(120, 84, rngs=rngs)
+    self.head = linear(84, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
@@ -256,7 +256,7 @@ class ConvNet(nnx.Module):
       setattr(self, f"block{i}", ConvBlock(in_ch, self.width, conv_impl=conv_impl, rngs=rngs))
       in_ch = self.width
       h, w = _pool_size(h, w)
-    self.head = nnx.Linear(h * w * self.width, self.num_classes, rngs=rngs)
+    self.head = linear(h * w * self.width, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""

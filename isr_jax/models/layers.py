@@ -33,13 +33,25 @@ vmapped on CPU the training loop asks for ``im2col`` everywhere (see
 :func:`resolve_conv_impl`), because vmapped kernels turn the library call into a
 slow grouped convolution. Measurements: benchmarks/RESULTS.md.
 
-Max-pooling is written as ``reshape`` + ``max`` because the backward pass of
-``reduce_window`` (select-and-scatter) is slow on XLA CPU.
+Which library runs a canonical convolution matters as much. jax 0.10's XLA:CPU
+hands convolutions to YNNPACK by default; for the convolutions of the FL models
+(5×5 and 3×3, 1–128 channels, batch 8–64) Eigen's kernel, XLA's other path, ran
+a training step 1.1–2.9× faster on the benchmark machine (FedAvg CNN round:
+1.35×). :func:`xla_compiler_options` therefore compiles rounds on CPU with
+YNNPACK limited to dots and reductions (the rest of XLA's default).
+
+Max-pooling is written as elementwise maxima of strided views, with a
+hand-written elementwise backward, because the backward pass of
+``reduce_window`` (select-and-scatter) is slow on XLA CPU and that of a
+``reshape`` + ``max`` counts ties with a slow reduction. Dense layers and im2col
+patches are multiplied by :func:`matmul`, whose kernel gradient is a plain
+matrix product (the transposed form autodiff writes is slow under ``vmap``).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 
@@ -73,6 +85,36 @@ def resolve_conv_impl(impl: str, client_parallelism: str = "sequential") -> str:
       "vmap", "chunked"):
     return "im2col"
   return impl
+
+
+# XLA:CPU's default library fusions minus INDIVIDUAL_CONVOLUTION, which leaves
+# convolutions to Eigen (see the module docstring).
+_CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+@functools.cache
+def _cpu_compiler_options() -> dict[str, str] | None:
+  # The flag is experimental: a jaxlib that no longer knows it gets XLA's defaults.
+  try:
+    jax.jit(lambda v: v + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+        np.float32(0)).compile()
+  except Exception:  # any rejection means "not supported here"
+    logging.warning("XLA:CPU rejected %s; compiling with its defaults", _CPU_COMPILER_OPTIONS)
+    return None
+  return dict(_CPU_COMPILER_OPTIONS)
+
+
+def xla_compiler_options() -> dict[str, str] | None:
+  """``compiler_options`` for ``jax.jit`` of a training round on the default backend.
+
+  On CPU: convolutions on Eigen rather than YNNPACK (module docstring,
+  benchmarks/RESULTS.md); ``None`` (XLA's defaults) elsewhere. Same values either
+  way up to float rounding.
+  """
+  return _cpu_compiler_options() if jax.default_backend() == "cpu" else None
 
 
 def _auto_impl(patch_elements: int) -> str:
@@ -110,6 +152,52 @@ def conv_padding(
   return (p[0], p[0]), (p[1], p[1])
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x [..., K] @ kernel [K, O]`` (a dense layer, or im2col patches) whose kernel
+  gradient is a plain matmul.
+
+  Autodiff writes the kernel gradient as ``xᵀ @ dy``, contracting ``x``'s
+  leading axes: a transposed-operand dot that XLA:CPU's YNNPACK does not take and
+  Eigen ran at 7–29 GFLOP/s under ``vmap`` (profile of the LeNet-5 round). On CPU
+  it is computed as ``(dyᵀ @ x)ᵀ``, an ordinary [O, M] @ [M, K] product, with
+  optimization barriers because XLA's simplifier would otherwise fold the
+  transposes back into the slow form (1.7× faster at LeNet-5's conv2 shapes).
+  Same values and gradients as ``x @ kernel``.
+  """
+  return jnp.einsum("...k,ko->...o", x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jnp.einsum("...o,ko->...k", dy, kernel)
+  x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if jax.default_backend() != "cpu":
+    return dx, x.T @ dy
+  dy_t = lax.optimization_barrier(dy.T)
+  return dx, lax.optimization_barrier(dy_t @ x).T
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+  plain = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+  if plain and precision is None and all(v is None for v in kwargs.values()):
+    return matmul(lhs, rhs)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+  """``nnx.Linear`` (same parameters and initialisation) computed with :func:`matmul`."""
+  return nnx.Linear(in_features, out_features, dot_general=_dense_dot_general, rngs=rngs,
+                    **kwargs)
+
+
 def conv2d_im2col(
     x: jax.Array,
     kernel: jax.Array,
@@ -121,7 +209,7 @@ def conv2d_im2col(
   """NHWC x HWIO convolution as patches + one ``einsum`` (see module docstring)."""
   kh, kw, cin_g, cout = kernel.shape
   if kh == kw == 1 and strides == (1, 1) and padding == ((0, 0), (0, 0)) and groups == 1:
-    return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+    return matmul(x, kernel[0, 0])
   x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   hp, wp = x.shape[1], x.shape[2]
   oh = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1
@@ -136,7 +224,7 @@ def conv2d_im2col(
       )
   if groups == 1:
     patches = jnp.concatenate(cols, axis=-1)  # [B, oh, ow, kh*kw*cin]
-    return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin_g, cout))
+    return matmul(patches, kernel.reshape(kh * kw * cin_g, cout))
   # Grouped (incl. depthwise): contract each group's patches with its kernels.
   b = x.shape[0]
   patches = jnp.stack(cols, axis=3).reshape(b, oh, ow, kh * kw, groups, cin_g)
@@ -286,14 +374,49 @@ def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: 
   if oh < 1 or ow < 1:
     raise ValueError(f"max_pool window {window} does not fit a {h}x{w} feature map")
   if window == stride:
-    x = x[:, : oh * window, : ow * window, :]
-    return x.reshape(b, oh, window, ow, window, c).max(axis=(2, 4))
+    return _tiled_max(x[:, : oh * window, : ow * window, :], window)
   out = None
   for i in range(window):
     for j in range(window):
       s = x[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride, :]
       out = s if out is None else jnp.maximum(out, s)
   return out
+
+
+def _window_views(x: jax.Array, window: int) -> tuple[jax.Array, list[jax.Array]]:
+  """``x`` as [B, H/k, k, W/k, k, C] and its k² strided [B, H/k, W/k, C] views."""
+  b, h, w, c = x.shape
+  tiles = x.reshape(b, h // window, window, w // window, window, c)
+  return tiles, [tiles[:, :, i, :, j, :] for i in range(window) for j in range(window)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tiled_max(x: jax.Array, window: int) -> jax.Array:
+  """Max over non-overlapping k×k tiles of an NHWC map whose sides k divides.
+
+  Same values and gradients as ``reshape(...).max(axis=(2, 4))`` (ties share the
+  gradient equally), but written as elementwise ops only: autodiff of the
+  reduction counts ties with a second reduction, which XLA:CPU hands to YNNPACK
+  and which took 28 % of a FedAvg-CNN training step (a profile of the round).
+  """
+  return functools.reduce(jnp.maximum, _window_views(x, window)[1])
+
+
+def _tiled_max_fwd(x, window):
+  y = _tiled_max(x, window)
+  return y, (x, y)
+
+
+def _tiled_max_bwd(window, residuals, dy):
+  x, y = residuals
+  tiles, views = _window_views(x, window)
+  ties = functools.reduce(jnp.add, [(v == y).astype(dy.dtype) for v in views])
+  share = (dy / ties)[:, :, None, :, None, :]
+  dx = jnp.where(tiles == y[:, :, None, :, None, :], share, 0)
+  return (dx.reshape(x.shape),)
+
+
+_tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
 
 
 def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Array:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import check_input_shape
-from isr_jax.models.layers import Conv, global_avg_pool, group_norm, max_pool
+from isr_jax.models.layers import Conv, global_avg_pool, group_norm, linear, max_pool
 
 STEMS = ("cifar", "imagenet")
 STAGE_CHANNELS = (64, 128, 256, 512)
@@ -259,7 +259,7 @@ class ResNet18(nnx.Module):
         conv_impl=conv_impl, rngs=rngs,
     )
     self.tap_names = (*self.backbone.tap_names, "features")
-    self.head = nnx.Linear(self.backbone.out_channels, self.num_classes, rngs=rngs)
+    self.head = linear(self.backbone.out_channels, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
