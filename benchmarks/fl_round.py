@@ -44,7 +44,7 @@ from isr_jax.fl.client import resolve_parallelism
 from isr_jax.fl.fedavg import fedavg
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.models import create_model
-from isr_jax.models.layers import resolve_conv_impl
+from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.state import TrainState
 from isr_jax.taps import make_isr_spec
@@ -53,9 +53,10 @@ _SECTIONS = flags.DEFINE_list("sections", ["compute", "overhead", "isr", "scalin
                               "Which sections to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per row (after one warm-up).")
 _STRATEGIES = flags.DEFINE_list(
-    "strategies", ["auto/auto", "vmap/im2col", "chunked/im2col", "sequential/xla_cpu",
-                   "sequential/im2col"],
-    "isr_jax rows as client_parallelism/conv_impl.")
+    "strategies", ["auto/auto", "auto/auto/xla_defaults", "vmap/im2col", "chunked/im2col",
+                   "sequential/xla_cpu", "sequential/im2col"],
+    "isr_jax rows as client_parallelism/conv_impl, with '/xla_defaults' to compile "
+    "with XLA's default options instead of isr_jax's (on CPU: YNNPACK convolutions).")
 _SCALING_CHILD = flags.DEFINE_string("scaling_child", None, "internal: one scaling row as JSON.")
 
 
@@ -70,8 +71,11 @@ def synthetic_clients(num_clients, steps, batch, shape, num_classes=10, seed=0) 
 
 
 def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strategy="vmap",
-              chunk=0, conv_impl="auto", model_options=None):
+              chunk=0, conv_impl="auto", model_options=None, xla_defaults=False):
   """The isr_jax FedAvg round for ``data``: ``(jitted round, state, FLOPs per round)``.
+
+  The round is compiled as ``train_and_evaluate`` compiles it
+  (:func:`xla_compiler_options`) unless ``xla_defaults``.
 
   FLOPs come from XLA's cost analysis of ONE jitted local step (a loop body is
   counted once in the round's own analysis) times clients × steps.
@@ -93,7 +97,8 @@ def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strateg
   state = TrainState(params, server.init(params), {},
                      init_client_states(fns.algorithm, params, data, True),
                      jax.random.PRNGKey(2), jnp.zeros((), jnp.int32), jnp.float32(0))
-  step = jax.jit(functools.partial(fl_round, fns=fns, spec=fl_spec), donate_argnums=0)
+  step = jax.jit(functools.partial(fl_round, fns=fns, spec=fl_spec), donate_argnums=0,
+                 compiler_options=None if xla_defaults else xla_compiler_options())
 
   def one_local_step(p, o, x, y):
     g, _ = jax.grad(fns.problem.loss, has_aux=True)(p, Batch(x, y, jnp.ones(y.shape, bool)))
@@ -107,30 +112,53 @@ def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strateg
   return step, state, flops
 
 
-def time_jax_round(step, state, data, repeats):
-  """(compile seconds, median round seconds)."""
+def jax_round_runner(step, state, data):
+  """(compile seconds, a warmed-up callable that runs one round to completion)."""
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, data)  # warm-up
-  jax.block_until_ready(m)
-  times = []
+  box = [state]
+
+  def one_round():
+    box[0], metrics = compiled(box[0], data)
+    jax.block_until_ready(metrics)
+
+  one_round()
+  return compile_s, one_round
+
+
+def interleaved_medians(runners, repeats):
+  """Median seconds per callable, timed round-robin so drift hits every row alike.
+
+  This machine's speed drifts by ±15 % over minutes; rows timed one after another
+  would carry that drift into their ratios. A short pause after each call lets
+  PyTorch's spinning worker threads go idle before the next row starts.
+  """
+  times = [[] for _ in runners]
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    state, m = compiled(state, data)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  return compile_s, float(np.median(times))
+    for i, run in enumerate(runners):
+      t0 = time.perf_counter()
+      run()
+      times[i].append(time.perf_counter() - t0)
+      time.sleep(0.2)
+  return [float(np.median(t)) for t in times]
 
 
-def time_jax_step_loop(model_name, shape, data, repeats, lr=0.01, momentum=0.9):
+def time_jax_round(step, state, data, repeats):
+  """(compile seconds, median round seconds)."""
+  compile_s, one_round = jax_round_runner(step, state, data)
+  return compile_s, interleaved_medians([one_round], repeats)[0]
+
+
+def jax_step_loop(model_name, shape, data, lr=0.01, momentum=0.9):
   """fedjax's way: a Python loop over clients and batches of one jitted step."""
   net = create_model(model_name, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
   graphdef, params = split_model(net)
   problem = make_problem(graphdef, None)
   opt = optax.sgd(lr, momentum=momentum)
 
-  @jax.jit
+  # The same compiler options as the round, so the two rows differ in structure only.
+  @functools.partial(jax.jit, compiler_options=xla_compiler_options())
   def step(p, o, x, y):
     params = {"model": p, "adapters": {}}
     (_, _), g = jax.value_and_grad(problem.loss, has_aux=True)(
@@ -141,22 +169,17 @@ def time_jax_step_loop(model_name, shape, data, repeats, lr=0.01, momentum=0.9):
   x = jnp.asarray(data.x)
   y = jnp.asarray(data.y)
 
-  def one_round(global_p):
+  def one_round():
     results = []
     for c in range(data.num_clients):
-      p, o = global_p, opt.init(global_p)
+      p, o = params, opt.init(params)
       for s in range(data.steps_per_epoch):
         p, o = step(p, o, x[c, s], y[c, s])
       results.append(p)
-    return jax.tree.map(lambda *a: sum(a) / len(a), *results)
+    jax.block_until_ready(jax.tree.map(lambda *a: sum(a) / len(a), *results))
 
-  jax.block_until_ready(one_round(params))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(one_round(params))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  one_round()
+  return one_round
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -176,7 +199,7 @@ def torch_model(name: str):
   raise ValueError(name)
 
 
-def time_torch_round(name, data, repeats, lr=0.01, momentum=0.9):
+def torch_round(name, data, lr=0.01, momentum=0.9):
   """The seed papers' loop: per client load_state_dict, local SGD, then average."""
   import torch
   import torch.nn.functional as F
@@ -201,12 +224,7 @@ def time_torch_round(name, data, repeats, lr=0.01, momentum=0.9):
     global_model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
 
   one_round()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    one_round()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return one_round
 
 
 def _torch_available() -> bool:
@@ -239,20 +257,24 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
   device_data = jax.tree.map(jnp.asarray, data)
   # Every row does the same arithmetic; XLA's count of it gives the baselines' FLOP/s too.
   _, _, work = jax_setup(model_name, shape, device_data, strategy="sequential")
-  torch_s = time_torch_round(torch_name, data, repeats) if _torch_available() else None
-  if torch_s:
-    print(_row("PyTorch sequential loop (state_dict load/average)", torch_s, samples, torch_s,
-               flops=work), flush=True)
-  loop_s = time_jax_step_loop(model_name, shape, data, repeats)
-  print(_row("JAX: Python loop of one jitted step (fedjax's way)", loop_s, samples, torch_s,
-             flops=work), flush=True)
-  for strategy, conv_impl in strategies:
+  rows = []  # (label, one-round callable, compile seconds, FLOPs)
+  if _torch_available():
+    rows.append(("PyTorch sequential loop (state_dict load/average)",
+                 torch_round(torch_name, data), None, work))
+  rows.append(("JAX: Python loop of one jitted step (fedjax's way)",
+               jax_step_loop(model_name, shape, data), None, work))
+  for strategy, conv_impl, *options in strategies:
     chunk = max(1, clients // 5) if strategy == "chunked" else 0
+    xla_defaults = options == ["xla_defaults"]
     step, state, flops = jax_setup(model_name, shape, device_data, strategy=strategy,
-                                   chunk=chunk, conv_impl=conv_impl)
-    compile_s, s = time_jax_round(step, state, device_data, repeats)
+                                   chunk=chunk, conv_impl=conv_impl, xla_defaults=xla_defaults)
+    compile_s, one_round = jax_round_runner(step, state, device_data)
     label = (f"isr_jax round, {strategy}" + (f" (chunks of {chunk})" if chunk else "")
-             + f", conv {conv_impl}")
+             + f", conv {conv_impl}" + (", XLA's default options" if xla_defaults else ""))
+    rows.append((label, one_round, compile_s, flops))
+  seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
+  torch_s = seconds[0] if _torch_available() else None
+  for (label, _, compile_s, flops), s in zip(rows, seconds, strict=True):
     print(_row(label, s, samples, torch_s, compile_s, flops), flush=True)
 
 
@@ -263,13 +285,15 @@ def section_isr(repeats):
         "lowering auto; taps chosen "
         "input-first (conv1, pool1, conv2, pool2, features)\n\n"
         "| ISR taps | s / round | overhead vs 0 taps | compile s |\n|---|---|---|---|")
-  base = None
+  runners = []
   for taps in (0, 1, 3, 5):
     step, state, _ = jax_setup("fedavg_cnn", shape, device_data, taps=taps,
                                strategy="auto", conv_impl="auto")
-    compile_s, s = time_jax_round(step, state, device_data, repeats)
-    base = base or s
-    print(f"| {taps} | {s:.3f} | {100 * (s / base - 1):+.1f} % | {compile_s:.1f} |", flush=True)
+    runners.append(jax_round_runner(step, state, device_data))
+  seconds = interleaved_medians([run for _, run in runners], repeats)
+  for taps, (compile_s, _), s in zip((0, 1, 3, 5), runners, seconds, strict=True):
+    print(f"| {taps} | {s:.3f} | {100 * (s / seconds[0] - 1):+.1f} % | {compile_s:.1f} |",
+          flush=True)
 
 
 SCALING_ROWS = [
@@ -335,6 +359,10 @@ def main(argv):
   sections = set(_SECTIONS.value)
   repeats = _REPEATS.value
   strategies = [tuple(s.split("/")) for s in _STRATEGIES.value]
+  for s in strategies:
+    if len(s) not in (2, 3) or s[2:] not in ((), ("xla_defaults",)):
+      raise app.UsageError(f"--strategies entry {'/'.join(s)!r} is not "
+                           "client_parallelism/conv_impl[/xla_defaults]")
   if "compute" in sections:
     section_round("Compute-bound: FedAvg CNN", "fedavg_cnn", "fedavg_cnn", (28, 28, 1),
                   10, 50, 64, repeats, strategies)
