@@ -16,7 +16,9 @@ Sections (each compares side by side in one run, so the table reads as ratios):
   1000 clients of the small CNN and 10, 100 clients of ResNet-18, per strategy.
 * ``compile``  — compile time of the round (reported with every JAX row).
 
-All data is synthetic (random images and labels): only speed is measured.
+Within a section the rows are timed round-robin (:func:`interleaved_medians`), so
+the machine's drift hits every row alike. All data is synthetic (random images
+and labels): only speed is measured.
 Needs ``pip install -e '.[bench]'`` (torch==2.13.0) for the PyTorch rows.
 """
 

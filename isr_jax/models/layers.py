@@ -34,11 +34,11 @@ vmapped on CPU the training loop asks for ``im2col`` everywhere (see
 slow grouped convolution. Measurements: benchmarks/RESULTS.md.
 
 Which library runs a canonical convolution matters as much. jax 0.10's XLA:CPU
-hands convolutions to YNNPACK by default; for the convolutions of the FL models
-(5×5 and 3×3, 1–128 channels, batch 8–64) Eigen's kernel, XLA's other path, ran
-a training step 1.1–2.9× faster on the benchmark machine (FedAvg CNN round:
-1.35×). :func:`xla_compiler_options` therefore compiles rounds on CPU with
-YNNPACK limited to dots and reductions (the rest of XLA's default).
+hands convolutions to YNNPACK by default, which kept about 1.3 of the benchmark
+machine's 2 cores busy on the FL models' convolutions; Eigen's kernel, XLA's
+other path, keeps both busy (a FedAvg-CNN training step: 49.5 → 36.1 ms).
+:func:`xla_compiler_options` therefore compiles rounds on CPU with YNNPACK
+limited to dots and reductions (the rest of XLA's default).
 
 Max-pooling is written as elementwise maxima of strided views, with a
 hand-written elementwise backward, because the backward pass of
