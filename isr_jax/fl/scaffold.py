@@ -80,9 +80,6 @@ def make_client_final(momentum: float = 0.0, nesterov: bool = False):
   return client_final
 
 
-client_final = make_client_final()
-
-
 def downlink(broadcast):
   return {"params": broadcast.params, "c": broadcast.alg_state["c"]}
 
