@@ -55,8 +55,8 @@ _SECTIONS = flags.DEFINE_list("sections", ["compute", "overhead", "isr", "scalin
                               "Which sections to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per row (after one warm-up).")
 _STRATEGIES = flags.DEFINE_list(
-    "strategies", ["auto/auto", "auto/auto/xla_defaults", "vmap/im2col", "chunked/im2col",
-                   "sequential/xla_cpu", "sequential/im2col"],
+    "strategies", ["auto/auto", "auto/auto/xla_defaults", "vmap/auto", "chunked/auto",
+                   "chunked/im2col", "sequential/xla_cpu", "sequential/im2col"],
     "isr_jax rows as client_parallelism/conv_impl, with '/xla_defaults' to compile "
     "with XLA's default options instead of isr_jax's (on CPU: YNNPACK convolutions).")
 _SCALING_CHILD = flags.DEFINE_string("scaling_child", None, "internal: one scaling row as JSON.")
@@ -257,8 +257,10 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
   print(f"\n### {title}\n\n{clients} clients × {steps} local steps × batch {batch}, "
         f"{shape} inputs (synthetic), SGD momentum 0.9\n\n{HEADER}", flush=True)
   device_data = jax.tree.map(jnp.asarray, data)
-  # Every row does the same arithmetic; XLA's count of it gives the baselines' FLOP/s too.
-  _, _, work = jax_setup(model_name, shape, device_data, strategy="sequential")
+  # XLA's count of the textbook arithmetic (lax.conv) gives the baselines' FLOP/s;
+  # each isr_jax row is divided by the count of its own program.
+  _, _, work = jax_setup(model_name, shape, device_data, strategy="sequential",
+                         conv_impl="xla")
   rows = []  # (label, one-round callable, compile seconds, FLOPs)
   if _torch_available():
     rows.append(("PyTorch sequential loop (state_dict load/average)",

@@ -1,4 +1,4 @@
-"""Convolution lowerings: the canonical-backward conv and the ``auto`` policy."""
+"""Convolution lowerings: the canonical-backward and dense convs, and the ``auto`` policy."""
 
 import itertools
 
@@ -11,7 +11,13 @@ from flax import nnx
 from jax import lax
 
 from isr_jax.models import layers
-from isr_jax.models.layers import Conv, conv2d_canonical, conv_padding, resolve_conv_impl
+from isr_jax.models.layers import (
+    Conv,
+    conv2d_canonical,
+    conv2d_dense,
+    conv_padding,
+    resolve_conv_impl,
+)
 
 CASES = [case for case in itertools.product([7, 8], [1, 3, 5], [1, 2, 3], [1, 2],
                                             ["SAME", "VALID", 1])
@@ -34,25 +40,53 @@ def test_canonical_conv_has_laxs_values_and_gradients(size, k, stride, dilation,
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_cpu", "im2col", "auto"])
+# Small maps, where "auto" multiplies by the dense matrix: every size, kernel,
+# stride, dilation and padding whose window fits.
+DENSE_CASES = [case for case in itertools.product([3, 4, 5], [1, 3, 5], [1, 2], [1, 2],
+                                                  ["SAME", "VALID", 1])
+               if case[0] + 2 * (case[4] == 1) >= (case[1] - 1) * case[3] + 1]
+
+
+@pytest.mark.parametrize("size,k,stride,dilation,padding", DENSE_CASES)
+def test_dense_conv_has_laxs_values_and_gradients(size, k, stride, dilation, padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, 4))
+  pad = tuple(conv_padding(x.shape[1:3], (k, k), (stride,) * 2, (dilation,) * 2, padding))
+  ref = lambda x, w: lax.conv_general_dilated(
+      x, w, (stride,) * 2, pad, rhs_dilation=(dilation,) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  new = lambda x, w: conv2d_dense(x, w, (stride,) * 2, pad, (dilation,) * 2)
+  np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  for a, b in zip(_grads(new, x, w), _grads(ref, x, w), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla_cpu", "im2col", "dense", "matmul", "auto"])
 def test_every_lowering_of_the_layer_agrees(impl):
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 9, 4))
   ref = Conv(4, 6, 3, strides=2, dilation=1, rngs=nnx.Rngs(0), impl="xla")
   conv = Conv(4, 6, 3, strides=2, dilation=1, rngs=nnx.Rngs(0), impl=impl)
   np.testing.assert_allclose(conv(x), ref(x), atol=1e-5)
-  grouped = Conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0), impl=impl)  # xla_cpu -> im2col
+  grouped = Conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0), impl=impl)  # xla_cpu, dense -> im2col
   grouped_ref = Conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0), impl="xla")
   np.testing.assert_allclose(grouped(x), grouped_ref(x), atol=1e-5)
 
 
 def test_auto_policy_on_cpu():
   assert jax.default_backend() == "cpu"
-  assert resolve_conv_impl("auto", "vmap") == "im2col"
-  assert resolve_conv_impl("auto", "chunked") == "im2col"
+  assert resolve_conv_impl("auto", "vmap") == "matmul"
+  assert resolve_conv_impl("auto", "chunked") == "matmul"
   assert resolve_conv_impl("auto", "sequential") == "auto"  # decided per layer
   assert resolve_conv_impl("xla", "vmap") == "xla"
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS) == "im2col"
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1) == "xla_cpu"
+  assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, dense_applies=True) == "dense"
+  # LeNet-5's conv2 on 8×8 digits (a 4×4 map, 5×5 kernel, 6 -> 16 channels) is dense;
+  # its conv1 (8×8 map), grouped convolutions and oversized matrices are not.
+  assert layers._dense_applies((4, 4), (5, 5, 6, 16), (4, 4), groups=1)
+  assert not layers._dense_applies((8, 8), (5, 5, 1, 6), (8, 8), groups=1)
+  assert not layers._dense_applies((3, 3), (3, 3, 1, 8), (3, 3), groups=8)
+  assert not layers._dense_applies((3, 3), (3, 3, 512, 512), (3, 3), groups=1)
   with pytest.raises(ValueError, match=r"model\.conv_impl='fast' is not one of"):
     resolve_conv_impl("fast")
 
@@ -83,9 +117,10 @@ def test_linear_is_nnx_linear_with_the_same_parameters():
   np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "xla_cpu", "auto"])
-def test_every_lowering_has_laxs_gradients_under_vmap(impl):
-  x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 8, 8, 2))  # [clients, B, H, W, C]
+@pytest.mark.parametrize("impl", ["im2col", "xla_cpu", "dense", "matmul", "auto"])
+@pytest.mark.parametrize("size", [3, 8])  # "matmul" and "auto": dense at 3×3, not at 8×8
+def test_every_lowering_has_laxs_gradients_under_vmap(impl, size):
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, size, size, 2))  # [clients, B, H, W, C]
   def grads(impl):
     conv = Conv(2, 4, 3, strides=1, rngs=nnx.Rngs(0), impl=impl)
     graphdef, params = nnx.split(conv)

@@ -262,20 +262,24 @@ CASE_IDS = [f"{n}-{s[0]}x{s[1]}x{s[2]}" for n, s, _ in CASES]
 def test_conv_impls_agree(name, input_shape, options):
   x, _ = random_batch(input_shape)
   outs = {}
-  for impl in ("xla", "im2col"):
+  # "matmul" (dense on small maps, else im2col) differs from im2col only at 8×8.
+  impls = ("xla", "im2col", "matmul") if input_shape[0] == 8 else ("xla", "im2col")
+  for impl in impls:
     graphdef, params = nnx.split(build(name, input_shape, conv_impl=impl, **options), nnx.Param)
     outs[impl] = jax.jit(lambda p, x, g=graphdef: nnx.merge(g, p)(x))(params, x)
-  (logits_xla, taps_xla), (logits_im2col, taps_im2col) = outs["xla"], outs["im2col"]
+  logits_xla, taps_xla = outs["xla"]
   chex.assert_tree_all_finite(logits_xla)
-  chex.assert_trees_all_close(logits_xla, logits_im2col, atol=1e-4)
-  chex.assert_trees_all_close(taps_xla, taps_im2col, atol=1e-4, rtol=1e-4)
+  for impl in impls[1:]:
+    logits, taps = outs[impl]
+    chex.assert_trees_all_close(logits_xla, logits, atol=1e-4)
+    chex.assert_trees_all_close(taps_xla, taps, atol=1e-4, rtol=1e-4)
 
 
 def test_conv_impls_agree_on_gradients():
   name, input_shape = "lenet5", (8, 8, 1)
   x, y = random_batch(input_shape)
   grads = {}
-  for impl in ("xla", "im2col"):
+  for impl in ("xla", "im2col", "matmul"):  # matmul: conv2 (4×4 map) is dense
     graphdef, params = nnx.split(build(name, input_shape, conv_impl=impl), nnx.Param)
 
     def loss_fn(p, g=graphdef):
@@ -284,6 +288,7 @@ def test_conv_impls_agree_on_gradients():
 
     grads[impl] = jax.jit(jax.grad(loss_fn))(params)
   chex.assert_trees_all_close(grads["xla"], grads["im2col"], atol=1e-5, rtol=1e-4)
+  chex.assert_trees_all_close(grads["xla"], grads["matmul"], atol=1e-5, rtol=1e-4)
 
 
 # The default ResNet-18 (CIFAR stem) for training; the other models as above.

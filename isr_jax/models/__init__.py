@@ -80,7 +80,7 @@ def create_model(
     num_classes: number of output logits.
     input_shape: ``(H, W, C)`` of one example.
     rngs: initialisation randomness.
-    conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"`` (see
+    conv_impl: one of :data:`CONV_IMPLS` (see
       :class:`isr_jax.models.layers.Conv`).
     **options: model-specific options (e.g. ``width`` for the ConvNets,
       ``stem`` / ``width_multiplier`` for ResNet-18).

@@ -23,15 +23,23 @@ lowerings:
   to ``im2col``;
 * ``impl="im2col"``: shifted slices concatenated into patches and contracted
   with the kernel in one ``einsum`` — a plain batched matrix multiply under
-  ``vmap`` and ``scan`` (the fastest form when clients are vmapped on CPU).
+  ``vmap`` and ``scan`` (the fastest form when clients are vmapped on CPU);
+* ``impl="dense"``: the convolution as one product with its dense (doubly
+  block-Toeplitz) matrix, gathered from the kernel (:func:`conv2d_dense`) — for
+  maps no larger than the kernel's window, where that matrix is no bigger than
+  the patch buffer and the slicing that builds patches costs more than the
+  arithmetic (LeNet-5's second convolution on 8×8 digits: a 4×4 map, 5×5 kernel);
+* ``impl="matmul"``: per layer ``dense`` where it applies (:func:`_dense_applies`),
+  else ``im2col`` — never a library convolution.
 
-``impl="auto"`` picks at trace time: ``xla`` on GPU/TPU; on CPU ``im2col`` for
-small convolutions (patch matrix up to :data:`IM2COL_MAX_PATCH_ELEMENTS`
-entries, e.g. a first layer or anything on 8×8 inputs, where its single matmul
-beats the library call) and ``xla_cpu`` for large ones. When clients are
-vmapped on CPU the training loop asks for ``im2col`` everywhere (see
-:func:`resolve_conv_impl`), because vmapped kernels turn the library call into a
-slow grouped convolution. Measurements: benchmarks/RESULTS.md.
+``impl="auto"`` picks at trace time: ``xla`` on GPU/TPU; on CPU ``dense`` where
+it applies, ``im2col`` for other small convolutions (patch matrix up to
+:data:`IM2COL_MAX_PATCH_ELEMENTS` entries, e.g. a first layer or anything on
+8×8 inputs, where its single matmul beats the library call) and ``xla_cpu``
+for large ones. When clients are vmapped on CPU the training loop asks for
+``matmul`` everywhere (see :func:`resolve_conv_impl`), because vmapped kernels
+turn the library call into a slow grouped convolution. Measurements:
+benchmarks/RESULTS.md.
 
 Which library runs a canonical convolution matters as much. jax 0.10's XLA:CPU
 hands convolutions to YNNPACK by default, which kept about 1.3 of the benchmark
@@ -61,12 +69,16 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "xla_cpu", "im2col")
+CONV_IMPLS = ("auto", "xla", "xla_cpu", "im2col", "dense", "matmul")
 # Above this many patch-matrix entries (B·H_out·W_out·kh·kw·C_in) a CPU "auto"
 # convolution uses ``xla_cpu``: building the patches costs more than the library
 # call (in a FedAvg-CNN round at batch 64 both conv1 (1.25 M) and conv2 (10 M) do;
 # everything of a small CNN on 8×8 digits stays below).
 IM2COL_MAX_PATCH_ELEMENTS = 1 << 20
+# "dense" is used (by "auto"/"matmul") only on maps of at most kh·kw pixels and when
+# the dense matrix has at most this many entries per client (LeNet-5's conv2 on 8×8
+# digits: 24,576; a 3×3, 512-channel conv on a 3×3 map would need 21 M).
+DENSE_MAX_MATRIX_ELEMENTS = 1 << 20
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -75,15 +87,16 @@ def resolve_conv_impl(impl: str, client_parallelism: str = "sequential") -> str:
   """The lowering a model should be built with for a given client strategy.
 
   Returns ``impl`` unchanged except for ``"auto"`` on CPU with vmapped clients
-  (``vmap``/``chunked``), which becomes ``im2col``: vmapped kernels would turn
-  the library convolution into a slow grouped one. Otherwise ``"auto"`` stays
-  and is decided per layer at trace time (:func:`_auto_impl`).
+  (``vmap``/``chunked``), which becomes ``matmul`` (``dense`` or ``im2col`` per
+  layer): vmapped kernels would turn the library convolution into a slow
+  grouped one. Otherwise ``"auto"`` stays and is decided per layer at trace
+  time (:func:`_auto_impl`).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl={impl!r} is not one of {list(CONV_IMPLS)}")
   if impl == "auto" and jax.default_backend() == "cpu" and client_parallelism in (
       "vmap", "chunked"):
-    return "im2col"
+    return "matmul"
   return impl
 
 
@@ -117,9 +130,25 @@ def xla_compiler_options() -> dict[str, str] | None:
   return _cpu_compiler_options() if jax.default_backend() == "cpu" else None
 
 
-def _auto_impl(patch_elements: int) -> str:
+def _dense_applies(in_hw: tuple[int, int], kernel_shape: Sequence[int],
+                   out_hw: tuple[int, int], groups: int) -> bool:
+  """Whether ``auto``/``matmul`` multiply by the dense matrix (module docstring).
+
+  Only without groups, on maps of at most ``kh·kw`` pixels (then the matrix,
+  ``C·H·W × Ho·Wo·D``, has no more entries per example than the im2col patches
+  have, and no more multiplications), and below :data:`DENSE_MAX_MATRIX_ELEMENTS`.
+  """
+  kh, kw, cin, cout = kernel_shape
+  matrix = cin * in_hw[0] * in_hw[1] * out_hw[0] * out_hw[1] * cout
+  return (groups == 1 and in_hw[0] * in_hw[1] <= kh * kw
+          and matrix <= DENSE_MAX_MATRIX_ELEMENTS)
+
+
+def _auto_impl(patch_elements: int, dense_applies: bool = False) -> str:
   if jax.default_backend() != "cpu":
     return "xla"
+  if dense_applies:
+    return "dense"
   return "im2col" if patch_elements <= IM2COL_MAX_PATCH_ELEMENTS else "xla_cpu"
 
 
@@ -150,6 +179,12 @@ def conv_padding(
     return (0, 0), (0, 0)
   p = _pair(padding)  # type: ignore[arg-type]
   return (p[0], p[0]), (p[1], p[1])
+
+
+def _output_hw(in_hw, kernel_hw, strides, padding, dilation) -> tuple[int, int]:
+  """Output height and width of a convolution with explicit (low, high) padding."""
+  return tuple((in_hw[a] + sum(padding[a]) - (kernel_hw[a] - 1) * dilation[a] - 1)
+               // strides[a] + 1 for a in range(2))  # type: ignore[return-value]
 
 
 @jax.custom_vjp
@@ -210,10 +245,8 @@ def conv2d_im2col(
   kh, kw, cin_g, cout = kernel.shape
   if kh == kw == 1 and strides == (1, 1) and padding == ((0, 0), (0, 0)) and groups == 1:
     return matmul(x, kernel[0, 0])
+  oh, ow = _output_hw(x.shape[1:3], (kh, kw), strides, padding, dilation)
   x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  hp, wp = x.shape[1], x.shape[2]
-  oh = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-  ow = (wp - (kw - 1) * dilation[1] - 1) // strides[1] + 1
   cols = []
   for i in range(kh):
     for j in range(kw):
@@ -231,6 +264,61 @@ def conv2d_im2col(
   k = kernel.reshape(kh * kw, cin_g, groups, cout // groups)
   y = jnp.einsum("bhwkgc,kcgo->bhwgo", patches, k)
   return y.reshape(b, oh, ow, cout)
+
+
+@functools.cache
+def _toeplitz_taps(
+    in_hw: tuple[int, int],
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+) -> np.ndarray:
+  """``[H·W, Ho·Wo]``: the kernel tap ``i·kw + j`` that joins input pixel ``p`` to
+  output pixel ``o``, or ``kh·kw`` (out of range: a zero) where none does."""
+  (h, w), (kh, kw) = in_hw, kernel_hw
+  out_hw = _output_hw(in_hw, kernel_hw, strides, padding, dilation)
+  # Input row/column read by output row/column o through kernel row/column i.
+  rows = (np.arange(out_hw[0])[:, None] * strides[0] - padding[0][0]
+          + np.arange(kh)[None, :] * dilation[0])
+  cols = (np.arange(out_hw[1])[:, None] * strides[1] - padding[1][0]
+          + np.arange(kw)[None, :] * dilation[1])
+  taps = np.full((h * w, out_hw[0] * out_hw[1]), kh * kw, np.int32)
+  out_index = np.arange(out_hw[0] * out_hw[1]).reshape(out_hw)
+  for i in range(kh):
+    for j in range(kw):
+      r, c = rows[:, i][:, None], cols[:, j][None, :]
+      inside = np.broadcast_to((r >= 0) & (r < h) & (c >= 0) & (c < w), out_index.shape)
+      taps[(r * w + c)[inside], out_index[inside]] = i * kw + j
+  return taps
+
+
+def conv2d_dense(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+) -> jax.Array:
+  """NHWC x HWIO convolution (no groups) as ONE product with its dense matrix.
+
+  ``y[b, o, d] = Σ_{c, p} x[b, c, p] · T[c, p, o, d]`` with
+  ``T[c, p, o, d] = kernel[tap(p, o), c, d]`` (zero where output pixel ``o``'s
+  window misses input pixel ``p``): the doubly block-Toeplitz matrix of the
+  convolution, gathered from the kernel. Rows are channel-major so that the
+  gather writes ``T`` in the order the product reads it; its gradient is the
+  matching scatter-add into the kernel. Same values and gradients as
+  ``lax.conv_general_dilated`` up to float rounding.
+  """
+  kh, kw, cin, cout = kernel.shape
+  b, h, w, _ = x.shape
+  taps = _toeplitz_taps((h, w), (kh, kw), strides, padding, dilation)
+  out_hw = _output_hw((h, w), (kh, kw), strides, padding, dilation)
+  kernel_taps = kernel.reshape(kh * kw, cin, cout).transpose(1, 0, 2)  # [C, kh·kw, D]
+  matrix = jnp.take(kernel_taps, taps, axis=1, mode="fill", fill_value=0)  # [C, P, O, D]
+  x_cp = x.reshape(b, h * w, cin).transpose(0, 2, 1).reshape(b, cin * h * w)
+  y = matmul(x_cp, matrix.reshape(cin * h * w, -1))
+  return y.reshape(b, *out_hw, cout)
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -300,7 +388,8 @@ class Conv(nnx.Module):
     dilation: int or pair (atrous convolution).
     groups: feature groups (``in_features`` for depthwise).
     use_bias: add a bias.
-    impl: ``"auto"``, ``"xla"``, ``"xla_cpu"`` or ``"im2col"``.
+    impl: one of :data:`CONV_IMPLS` (module docstring); grouped convolutions
+      asked for ``"xla_cpu"`` or ``"dense"`` use ``"im2col"``.
     rngs: ``nnx.Rngs`` for initialisation.
   """
 
@@ -341,11 +430,17 @@ class Conv(nnx.Module):
     )
     kernel = self.kernel[...]
     impl = self.impl
-    if impl == "auto":
-      out_hw = [(x.shape[1 + i] + sum(pad[i]) - (self.kernel_size[i] - 1) * self.dilation[i] - 1)
-                // self.strides[i] + 1 for i in range(2)]
-      impl = _auto_impl(x.shape[0] * out_hw[0] * out_hw[1] * int(np.prod(kernel.shape[:3])))
-    if impl == "xla_cpu" and self.groups == 1:
+    if impl in ("auto", "matmul"):
+      out_hw = _output_hw(x.shape[1:3], self.kernel_size, self.strides, pad, self.dilation)
+      dense = _dense_applies((x.shape[1], x.shape[2]), kernel.shape, out_hw, self.groups)
+      if impl == "auto":
+        patches = x.shape[0] * out_hw[0] * out_hw[1] * int(np.prod(kernel.shape[:3]))
+        impl = _auto_impl(patches, dense)
+      else:
+        impl = "dense" if dense else "im2col"
+    if impl == "dense" and self.groups == 1:
+      y = conv2d_dense(x, kernel, self.strides, tuple(pad), self.dilation)
+    elif impl == "xla_cpu" and self.groups == 1:
       y = conv2d_canonical(x, kernel, self.strides, tuple(pad), self.dilation)
     elif impl == "xla":
       y = lax.conv_general_dilated(
