@@ -26,9 +26,10 @@ lowerings:
   ``vmap`` and ``scan`` (the fastest form when clients are vmapped on CPU);
 * ``impl="dense"``: the convolution as one product with its dense (doubly
   block-Toeplitz) matrix, gathered from the kernel (:func:`conv2d_dense`) — for
-  maps no larger than the kernel's window, where that matrix is no bigger than
-  the patch buffer and the slicing that builds patches costs more than the
-  arithmetic (LeNet-5's second convolution on 8×8 digits: a 4×4 map, 5×5 kernel);
+  maps no larger than the kernel's window, where that product needs no more
+  multiplications than im2col's and the slicing that builds patches costs more
+  than the arithmetic (LeNet-5's second convolution on 8×8 digits: a 4×4 map,
+  5×5 kernel; 1.14× faster rounds than im2col, benchmarks/RESULTS.md);
 * ``impl="matmul"``: per layer ``dense`` where it applies (:func:`_dense_applies`),
   else ``im2col`` — never a library convolution.
 
@@ -134,9 +135,10 @@ def _dense_applies(in_hw: tuple[int, int], kernel_shape: Sequence[int],
                    out_hw: tuple[int, int], groups: int) -> bool:
   """Whether ``auto``/``matmul`` multiply by the dense matrix (module docstring).
 
-  Only without groups, on maps of at most ``kh·kw`` pixels (then the matrix,
-  ``C·H·W × Ho·Wo·D``, has no more entries per example than the im2col patches
-  have, and no more multiplications), and below :data:`DENSE_MAX_MATRIX_ELEMENTS`.
+  Only without groups, on maps of at most ``kh·kw`` pixels (then the product
+  with the ``C·H·W × Ho·Wo·D`` matrix costs no more multiplications per example
+  than im2col's ``Ho·Wo × kh·kw·C`` patches by the kernel), and for matrices of
+  at most :data:`DENSE_MAX_MATRIX_ELEMENTS` entries.
   """
   kh, kw, cin, cout = kernel_shape
   matrix = cin * in_hw[0] * in_hw[1] * out_hw[0] * out_hw[1] * cout
