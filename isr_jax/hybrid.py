@@ -86,7 +86,7 @@ def cloud_update(state: TrainState, cloud: ClientData, fns: RoundFns, spec: Hybr
   params, _, aux_sum, num_steps = run_local_steps(
       state.params, opt_state, flat(cloud.x), flat(cloud.y), idx, valid,
       grad_fn=lambda p, b, k: loss_grad(p, b, fns.problem),
-      optimizer=fns.local_optimizer, key=key, unroll=unroll,
+      optimizer=fns.local_optimizer, key=key, unroll=unroll, all_or_none=True,
   )
   metrics = {f"cloud/{k}": v / jnp.maximum(num_steps, 1) for k, v in aux_sum.items()}
   metrics["cloud/loss"] = metrics.pop("cloud/total")

@@ -86,6 +86,28 @@ def test_padded_steps_change_nothing():
   assert int(o1[0].count) == int(active.sum())
 
 
+@pytest.mark.parametrize("num_real", [7, 0])  # a client with examples, an empty one
+def test_masking_once_after_the_loop_equals_masking_every_step(num_real):
+  """Steps mode: every step runs or none does, so ``all_or_none`` changes nothing."""
+  state, fns, _ = small_setup(isr=True)
+  data = uneven_clients()
+  x = data.x[0].reshape((-1,) + data.x.shape[3:])
+  y = data.y[0].reshape(-1)
+  mask = jnp.arange(x.shape[0]) < num_real
+  idx, valid = batch_schedule(jax.random.PRNGKey(0), mask, data.batch_size, epochs=1, steps=4)
+  opt = optax.adam(1e-2)
+  # A gradient that moves the parameters even on an all-padding batch (as
+  # FedProx's or FedDyn's terms can), so only the mask keeps an empty client still.
+  grad_fn = lambda p, b, k: (jax.tree.map(lambda a: jnp.ones_like(a) + jnp.sum(b.mask), p), {})
+  run = functools.partial(run_local_steps, state.params, opt.init(state.params), x, y, idx,
+                          valid, grad_fn=grad_fn, optimizer=opt, key=jax.random.PRNGKey(1))
+  every_step, once = run(all_or_none=False), run(all_or_none=True)
+  chex.assert_trees_all_equal(every_step, once)
+  if num_real == 0:
+    chex.assert_trees_all_equal(once[0], state.params)
+    assert int(once[3]) == 0
+
+
 def test_batch_schedule_covers_each_example_once_per_epoch():
   mask = jnp.arange(24) < 19  # 19 real examples in 24 slots, B = 8
   idx, valid = batch_schedule(jax.random.PRNGKey(3), mask, 8, epochs=2, steps=0)

@@ -99,6 +99,7 @@ def run_local_steps(
     optimizer: optax.GradientTransformation,
     key: jax.Array,
     unroll: int | bool = 1,
+    all_or_none: bool = False,
 ):
   """Runs ``T`` masked optimizer steps over slot-indexed batches.
 
@@ -113,6 +114,11 @@ def run_local_steps(
     optimizer: the local optax optimizer.
     key: base key; step ``t`` gets ``fold_in(key, t)``.
     unroll: ``lax.scan`` unroll factor.
+    all_or_none: the caller promises every step is active or none is (steps
+      mode of :func:`batch_schedule`): the "an all-padding step changes
+      nothing" rule is then applied once after the loop instead of at every
+      step, which spares each step a select over the parameters and optimizer
+      state and the copy of them it forces (7 % of a FedAvg-CNN round on CPU).
 
   Returns:
     ``(params, opt_state, aux_sum, num_steps)``: final state, the per-term sums
@@ -128,14 +134,21 @@ def run_local_steps(
     new_params = optax.apply_updates(params, updates)
     active = jnp.any(valid_t)
     # An all-padding step must change nothing, not even the optimizer's count.
-    params, opt_state = otu.tree_where(active, (new_params, new_opt_state), (params, opt_state))
+    if not all_or_none:
+      new_params, new_opt_state = otu.tree_where(
+          active, (new_params, new_opt_state), (params, opt_state))
     aux = jax.tree.map(lambda v: jnp.where(active, v, 0.0), aux)
-    return (params, opt_state), (aux, active)
+    return (new_params, new_opt_state), (aux, active)
 
   steps = jnp.arange(idx.shape[0])
-  (params, opt_state), (aux, active) = lax.scan(
+  (new_params, new_opt_state), (aux, active) = lax.scan(
       step, (params, opt_state), (steps, idx, valid), unroll=unroll
   )
+  if all_or_none:  # no step ran: the start, whatever the loop computed (even NaN)
+    params, opt_state = otu.tree_where(
+        jnp.any(valid), (new_params, new_opt_state), (params, opt_state))
+  else:
+    params, opt_state = new_params, new_opt_state
   aux_sum = jax.tree.map(lambda v: jnp.sum(v, axis=0), aux)
   return params, opt_state, aux_sum, jnp.sum(active.astype(jnp.int32))
 

@@ -134,6 +134,7 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
     params, _, aux_sum, num_steps = run_local_steps(
         start, opt_state, flat(cdata.x), flat(cdata.y), idx, valid,
         grad_fn=grad_fn, optimizer=fns.local_optimizer, key=key, unroll=spec.unroll,
+        all_or_none=spec.local_steps > 0,
     )
     message, new_alg_state = alg.client_final(broadcast, ctx, params, num_steps, cstate["alg"])
     new_cstate = {**cstate, "alg": new_alg_state}
