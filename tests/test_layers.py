@@ -1,4 +1,4 @@
-"""Convolution lowerings: the canonical-backward and dense convs, and the ``auto`` policy."""
+"""Convolution lowerings (canonical-backward, banded, dense) and the ``auto`` policy."""
 
 import itertools
 
@@ -13,6 +13,7 @@ from jax import lax
 from isr_jax.models import layers
 from isr_jax.models.layers import (
   Conv,
+  conv2d_banded,
   conv2d_canonical,
   conv2d_dense,
   conv_padding,
@@ -26,10 +27,13 @@ def _window_fits(size, k, stride, dilation, padding):
 
 GRID = ([1, 3, 5], [1, 2, 3], [1, 2], ["SAME", "VALID", 1])  # kernel, stride, dilation, pad
 # Every kernel, stride, dilation and padding whose window fits: on 7–8 pixel maps for
-# the canonical-backward conv, on 3–5 pixel maps (where "auto" uses it) for the dense one.
-CASES = [("canonical", *c) for c in itertools.product([7, 8], *GRID) if _window_fits(*c)]
+# the canonical-backward and banded convs (widths 8–9: the banded conv's last block of
+# columns overhangs and is cropped), on 3–5 pixel maps (where "auto" uses it) for the
+# dense one.
+CASES = [(low, *c) for low in ("canonical", "banded")
+         for c in itertools.product([7, 8], *GRID) if _window_fits(*c)]
 CASES += [("dense", *c) for c in itertools.product([3, 4, 5], *GRID) if _window_fits(*c)]
-LOWERINGS = {"canonical": conv2d_canonical, "dense": conv2d_dense}
+LOWERINGS = {"canonical": conv2d_canonical, "banded": conv2d_banded, "dense": conv2d_dense}
 
 
 @pytest.mark.parametrize("lowering,size,k,stride,dilation,padding", CASES)
@@ -46,13 +50,13 @@ def test_lowering_has_laxs_values_and_gradients(lowering, size, k, stride, dilat
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_cpu", "im2col", "dense", "matmul", "auto"])
+@pytest.mark.parametrize("impl", ["xla", "xla_cpu", "im2col", "banded", "dense", "matmul", "auto"])
 def test_every_lowering_of_the_layer_agrees(impl):
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 9, 4))
   ref = Conv(4, 6, 3, strides=2, dilation=1, rngs=nnx.Rngs(0), impl="xla")
   conv = Conv(4, 6, 3, strides=2, dilation=1, rngs=nnx.Rngs(0), impl=impl)
   np.testing.assert_allclose(conv(x), ref(x), atol=1e-5)
-  grouped = Conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0), impl=impl)  # xla_cpu, dense -> im2col
+  grouped = Conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0), impl=impl)  # xla_cpu etc. -> im2col
   grouped_ref = Conv(4, 8, 3, groups=4, rngs=nnx.Rngs(0), impl="xla")
   np.testing.assert_allclose(grouped(x), grouped_ref(x), atol=1e-5)
 
@@ -66,6 +70,15 @@ def test_auto_policy_on_cpu():
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS) == "im2col"
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1) == "xla_cpu"
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, dense_applies=True) == "dense"
+  assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, banded_applies=True) == "banded"
+  # First layers (1–3 input channels, stride 1) are banded; strided, dilated, grouped
+  # and wide-input convolutions are not.
+  assert layers._banded_applies((5, 5, 1, 32), (1, 1), (1, 1), groups=1)
+  assert layers._banded_applies((3, 3, 3, 64), (1, 1), (1, 1), groups=1)
+  assert not layers._banded_applies((5, 5, 32, 64), (1, 1), (1, 1), groups=1)
+  assert not layers._banded_applies((7, 7, 3, 64), (2, 2), (1, 1), groups=1)
+  assert not layers._banded_applies((3, 3, 3, 8), (1, 1), (2, 2), groups=1)
+  assert not layers._banded_applies((3, 3, 1, 3), (1, 1), (1, 1), groups=3)
   # LeNet-5's conv2 on 8×8 digits (a 4×4 map, 5×5 kernel, 6 -> 16 channels) is dense;
   # its conv1 (8×8 map), grouped convolutions and oversized matrices are not.
   assert layers._dense_applies((4, 4), (5, 5, 6, 16), (4, 4), groups=1)
@@ -80,6 +93,7 @@ def _grads(f, *args):
   return jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), range(len(args)))(*args)
 
 
+# (5, 7): x is transposed for the kernel gradient; (2, 3, 4, 7): dy and the gradient are.
 @pytest.mark.parametrize("x_shape", [(5, 7), (2, 3, 4, 7)])
 def test_matmul_has_the_products_gradients_alone_and_vmapped(x_shape):
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
@@ -102,8 +116,8 @@ def test_linear_is_nnx_linear_with_the_same_parameters():
   np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "xla_cpu", "dense", "matmul", "auto"])
-@pytest.mark.parametrize("size", [3, 8])  # "matmul" and "auto": dense at 3×3, not at 8×8
+@pytest.mark.parametrize("impl", ["im2col", "xla_cpu", "banded", "dense", "matmul", "auto"])
+@pytest.mark.parametrize("size", [3, 8])  # "matmul" and "auto": dense at 3×3, banded at 8×8
 def test_every_lowering_has_laxs_gradients_under_vmap(impl, size):
   x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, size, size, 2))  # [clients, B, H, W, C]
   def grads(impl):

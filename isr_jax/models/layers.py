@@ -24,6 +24,10 @@ lowerings:
 * ``impl="im2col"``: shifted slices concatenated into patches and contracted
   with the kernel in one ``einsum`` — a plain batched matrix multiply under
   ``vmap`` and ``scan`` (the fastest form when clients are vmapped on CPU);
+* ``impl="banded"``: each output row in blocks of columns, every block one row of
+  a product with the band of the kernel's Toeplitz matrix along the width
+  (:func:`conv2d_banded`) — for first layers (1–3 input channels), where the
+  library convolution and im2col's short contractions leave the machine idle;
 * ``impl="dense"``: the convolution as one product with its dense (doubly
   block-Toeplitz) matrix, gathered from the kernel (:func:`conv2d_dense`) — for
   maps no larger than the kernel's window, where that product needs no more
@@ -31,10 +35,11 @@ lowerings:
   than the arithmetic (LeNet-5's second convolution on 8×8 digits: a 4×4 map,
   5×5 kernel; 1.14× faster rounds than im2col, benchmarks/RESULTS.md);
 * ``impl="matmul"``: per layer ``dense`` where it applies (:func:`_dense_applies`),
-  else ``im2col`` — never a library convolution.
+  else ``banded`` where it applies (:func:`_banded_applies`), else ``im2col`` —
+  never a library convolution.
 
 ``impl="auto"`` picks at trace time: ``xla`` on GPU/TPU; on CPU ``dense`` where
-it applies, ``im2col`` for other small convolutions (patch matrix up to
+it applies, then ``banded``, ``im2col`` for other small convolutions (patch matrix up to
 :data:`IM2COL_MAX_PATCH_ELEMENTS` entries, e.g. a first layer or anything on
 8×8 inputs, where its single matmul beats the library call) and ``xla_cpu``
 for large ones. When clients are vmapped on CPU the training loop asks for
@@ -70,7 +75,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "xla_cpu", "im2col", "dense", "matmul")
+CONV_IMPLS = ("auto", "xla", "xla_cpu", "im2col", "banded", "dense", "matmul")
 # Above this many patch-matrix entries (B·H_out·W_out·kh·kw·C_in) a CPU "auto"
 # convolution uses ``xla_cpu``: building the patches costs more than the library
 # call (in a FedAvg-CNN round at batch 64 both conv1 (1.25 M) and conv2 (10 M) do;
@@ -80,6 +85,10 @@ IM2COL_MAX_PATCH_ELEMENTS = 1 << 20
 # the dense matrix has at most this many entries per client (LeNet-5's conv2 on 8×8
 # digits: 24,576; a 3×3, 512-channel conv on a 3×3 map would need 21 M).
 DENSE_MAX_MATRIX_ELEMENTS = 1 << 20
+# "banded" is used (by "auto"/"matmul") for stride-1, undilated convolutions with at
+# most this many input channels: first layers on grey or RGB images, where a library
+# convolution or im2col's kh·kw-wide patches waste most of the machine.
+BANDED_MAX_IN_FEATURES = 3
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -146,11 +155,23 @@ def _dense_applies(in_hw: tuple[int, int], kernel_shape: Sequence[int],
           and matrix <= DENSE_MAX_MATRIX_ELEMENTS)
 
 
-def _auto_impl(patch_elements: int, dense_applies: bool = False) -> str:
+def _banded_applies(kernel_shape: Sequence[int], strides: tuple[int, int],
+                    dilation: tuple[int, int], groups: int) -> bool:
+  """Whether ``auto``/``matmul`` use :func:`conv2d_banded`: stride 1, no dilation, no
+  groups, at most :data:`BANDED_MAX_IN_FEATURES` input channels (where it was measured
+  to win; the lowering itself takes any stride and dilation)."""
+  return (groups == 1 and strides == (1, 1) and dilation == (1, 1)
+          and kernel_shape[2] <= BANDED_MAX_IN_FEATURES)
+
+
+def _auto_impl(patch_elements: int, dense_applies: bool = False,
+               banded_applies: bool = False) -> str:
   if jax.default_backend() != "cpu":
     return "xla"
   if dense_applies:
     return "dense"
+  if banded_applies:
+    return "banded"
   return "im2col" if patch_elements <= IM2COL_MAX_PATCH_ELEMENTS else "xla_cpu"
 
 
@@ -197,9 +218,13 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Autodiff writes the kernel gradient as ``xᵀ @ dy``, contracting ``x``'s
   leading axes: a transposed-operand dot that XLA:CPU's YNNPACK does not take and
   Eigen ran at 7–29 GFLOP/s under ``vmap`` (profile of the LeNet-5 round). On CPU
-  it is computed as ``(dyᵀ @ x)ᵀ``, an ordinary [O, M] @ [M, K] product, with
-  optimization barriers because XLA's simplifier would otherwise fold the
-  transposes back into the slow form (1.7× faster at LeNet-5's conv2 shapes).
+  it is an ordinary product with one operand transposed first, whichever moves
+  less memory: ``(xᵀ) @ dy`` when ``x`` is smaller than ``dy`` and the gradient
+  together (a dense layer: transposing the [M, K] activations, not the [K, O]
+  gradient, which the optimizer would otherwise read transposed — 1.5 ms of a
+  FedAvg-CNN step), else ``((dyᵀ) @ x)ᵀ`` (im2col patches: 1.7× faster at LeNet-5's
+  conv2 shapes). Optimization barriers keep XLA's simplifier from folding the
+  transposes back into the slow form.
   Same values and gradients as ``x @ kernel``.
   """
   return jnp.einsum("...k,ko->...o", x, kernel)
@@ -215,6 +240,9 @@ def _matmul_bwd(residuals, dy):
   x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   if jax.default_backend() != "cpu":
     return dx, x.T @ dy
+  (m, k), o = x.shape, dy.shape[1]
+  if m * k <= (m + k) * o:  # transposing x moves no more than dy and the gradient
+    return dx, lax.optimization_barrier(x.T) @ dy
   dy_t = lax.optimization_barrier(dy.T)
   return dx, lax.optimization_barrier(dy_t @ x).T
 
@@ -323,6 +351,59 @@ def conv2d_dense(
   return y.reshape(b, *out_hw, cout)
 
 
+def banded_block(kernel_width: int) -> int:
+  """Output columns per row of :func:`conv2d_banded`'s product: ``kw - 1`` (a 5×5
+  kernel computes 4 columns from 8 input columns, 1.6× im2col's multiplications)."""
+  return max(1, kernel_width - 1)
+
+
+def conv2d_banded(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+    block: int | None = None,
+) -> jax.Array:
+  """NHWC x HWIO convolution (no groups) as ONE product with a banded kernel matrix.
+
+  Each output row is cut into blocks of ``block`` columns. A block reads a strip of
+  ``kh`` input rows by ``U = (block-1)·sw + (kw-1)·dw + 1`` columns, and
+  ``y[b, r, n·block + o, d] = Σ_{i, u, c} strip[b, r, n, i, u, c] · B[i, u, c, o, d]``
+  with ``B[i, u, c, o, d] = kernel[i, (u - o·sw)/dw, c, d]`` where that is a tap and
+  zero elsewhere: the band of the convolution's Toeplitz matrix along the width,
+  gathered from the kernel. Against im2col it builds ``kh + U`` slices instead of
+  ``kh·kw`` and a contraction ``kh·U·C`` long instead of ``kh·kw·C`` with ``block``×
+  more output columns, which is what a matmul kernel needs when ``C`` is 1–3 (a first
+  layer): the FedAvg CNN's 28×28×1 → 32 convolution runs ~2× faster than XLA:CPU's
+  library convolution, and the LeNet-5 round on 8×8 digits ~1.1× faster than with
+  im2col (benchmarks/RESULTS.md). Same values and gradients as
+  ``lax.conv_general_dilated`` up to float rounding.
+  """
+  kh, kw, cin, cout = kernel.shape
+  (sh, sw), (dh, dw) = strides, dilation
+  block = banded_block(kw) if block is None else block
+  b = x.shape[0]
+  oh, ow = _output_hw(x.shape[1:3], (kh, kw), strides, padding, dilation)
+  n_blocks = -(-ow // block)
+  span = (block - 1) * sw + (kw - 1) * dw + 1
+  # Pad the width so that the last block's strip exists (its extra columns are cropped).
+  right = max(0, (n_blocks - 1) * block * sw + span - x.shape[2] - padding[1][0])
+  x = jnp.pad(x, ((0, 0), padding[0], (padding[1][0], right), (0, 0)))
+  rows = [x[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh] for i in range(kh)]
+  rows = jnp.stack(rows, axis=2)  # [B, oh, kh, W, C]
+  step = block * sw
+  strips = [rows[:, :, :, u : u + (n_blocks - 1) * step + 1 : step] for u in range(span)]
+  strips = jnp.stack(strips, axis=4)  # [B, oh, kh, n, U, C]
+  strips = strips.transpose(0, 1, 3, 2, 4, 5).reshape(b * oh * n_blocks, kh * span * cin)
+  q = np.arange(span)[:, None] - np.arange(block)[None, :] * sw  # [U, block]
+  taps = np.where((q >= 0) & (q % dw == 0) & (q // dw < kw), q // dw, kw)
+  band = jnp.take(kernel, taps, axis=1, mode="fill", fill_value=0)  # [kh, U, block, C, D]
+  band = band.transpose(0, 1, 3, 2, 4).reshape(kh * span * cin, block * cout)
+  y = matmul(strips, band).reshape(b, oh, n_blocks * block, cout)
+  return y[:, :, :ow]
+
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -391,7 +472,7 @@ class Conv(nnx.Module):
     groups: feature groups (``in_features`` for depthwise).
     use_bias: add a bias.
     impl: one of :data:`CONV_IMPLS` (module docstring); grouped convolutions
-      asked for ``"xla_cpu"`` or ``"dense"`` use ``"im2col"``.
+      asked for ``"xla_cpu"``, ``"banded"`` or ``"dense"`` use ``"im2col"``.
     rngs: ``nnx.Rngs`` for initialisation.
   """
 
@@ -435,13 +516,16 @@ class Conv(nnx.Module):
     if impl in ("auto", "matmul"):
       out_hw = _output_hw(x.shape[1:3], self.kernel_size, self.strides, pad, self.dilation)
       dense = _dense_applies((x.shape[1], x.shape[2]), kernel.shape, out_hw, self.groups)
+      banded = _banded_applies(kernel.shape, self.strides, self.dilation, self.groups)
       if impl == "auto":
         patches = x.shape[0] * out_hw[0] * out_hw[1] * int(np.prod(kernel.shape[:3]))
-        impl = _auto_impl(patches, dense)
+        impl = _auto_impl(patches, dense, banded)
       else:
-        impl = "dense" if dense else "im2col"
+        impl = "dense" if dense else "banded" if banded else "im2col"
     if impl == "dense" and self.groups == 1:
       y = conv2d_dense(x, kernel, self.strides, tuple(pad), self.dilation)
+    elif impl == "banded" and self.groups == 1:
+      y = conv2d_banded(x, kernel, self.strides, tuple(pad), self.dilation)
     elif impl == "xla_cpu" and self.groups == 1:
       y = conv2d_canonical(x, kernel, self.strides, tuple(pad), self.dilation)
     elif impl == "xla":
