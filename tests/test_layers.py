@@ -12,12 +12,12 @@ from jax import lax
 
 from isr_jax.models import layers
 from isr_jax.models.layers import (
-  Conv,
-  conv2d_banded,
-  conv2d_canonical,
-  conv2d_dense,
-  conv_padding,
-  resolve_conv_impl,
+    Conv,
+    conv2d_banded,
+    conv2d_canonical,
+    conv2d_dense,
+    conv_padding,
+    resolve_conv_impl,
 )
 
 
