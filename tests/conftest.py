@@ -1,7 +1,24 @@
 """Shared fixtures."""
 
+import tempfile
+
 import pytest
 import tensorflow_datasets as tfds
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tfds_temp_dirs_under_pytest(tmp_path_factory):
+  """Keeps the directories tfds leaks inside pytest's temporary tree.
+
+  Every ``tfds.builder`` made where no prepared data exists (``mock_data``, the
+  missing-data error) calls ``DatasetInfo.initialize_from_bucket``, which makes a
+  ``tempfile.mkdtemp("tfds")`` and never removes it: a suite run used to leave a
+  few dozen empty ``/tmp/tmp*tfds`` directories. pytest prunes its own tree.
+  """
+  previous = tempfile.tempdir
+  tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+  yield
+  tempfile.tempdir = previous
 
 
 @pytest.fixture
