@@ -11,6 +11,8 @@ Sections (each compares side by side in one run, so the table reads as ratios):
   jitted step per batch (fedjax's way), and the isr_jax round per strategy.
 * ``overhead`` — the usual FL research setting: a small CNN on 8×8 inputs,
   batch 16, 100 clients × 20 local steps.
+* ``many_clients`` — the compute-bound round with 100 clients (``--many_clients``):
+  the GPU target's workload, run by default on GPU/TPU only.
 * ``isr``      — round time with 0, 1, 3, 5 ISR taps (FedAvg CNN).
 * ``scaling``  — round time and peak memory (each in a fresh process) for 10, 100,
   1000 clients of the small CNN and 10, 100 clients of ResNet-18, per strategy.
@@ -19,7 +21,8 @@ Sections (each compares side by side in one run, so the table reads as ratios):
 Within a section the rows are timed round-robin (:func:`interleaved_medians`), so
 the machine's drift hits every row alike. All data is synthetic (random images
 and labels): only speed is measured.
-Needs ``pip install -e '.[bench]'`` (torch==2.13.0) for the PyTorch rows.
+Needs ``pip install -e '.[bench]'`` (torch==2.13.0) for the PyTorch rows; PyTorch
+runs on CUDA when it sees a GPU, so on a GPU machine both sides share the device.
 """
 
 from __future__ import annotations
@@ -51,14 +54,27 @@ from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.state import TrainState
 from isr_jax.taps import make_isr_spec
 
-_SECTIONS = flags.DEFINE_list("sections", ["compute", "overhead", "isr", "scaling"],
-                              "Which sections to run.")
+_SECTIONS = flags.DEFINE_list(
+    "sections", None, "Which sections to run (default: compute, overhead, isr, scaling; "
+    "on GPU/TPU also many_clients).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per row (after one warm-up).")
 _STRATEGIES = flags.DEFINE_list(
-    "strategies", ["auto/auto", "auto/auto/xla_defaults", "vmap/auto", "chunked/auto",
-                   "chunked/im2col", "sequential/xla_cpu", "sequential/im2col"],
+    "strategies", None,
     "isr_jax rows as client_parallelism/conv_impl, with '/xla_defaults' to compile "
-    "with XLA's default options instead of isr_jax's (on CPU: YNNPACK convolutions).")
+    "with XLA's default options instead of isr_jax's (on CPU: YNNPACK convolutions). "
+    "Default: DEFAULT_STRATEGIES of the backend.")
+_MANY_CLIENTS = flags.DEFINE_integer("many_clients", 100,
+                                     "Clients per round in the many_clients section.")
+
+DEFAULT_SECTIONS = ["compute", "overhead", "isr", "scaling"]
+SECTIONS = [*DEFAULT_SECTIONS, "many_clients"]
+DEFAULT_STRATEGIES = {
+    "cpu": ["auto/auto", "auto/auto/xla_defaults", "vmap/auto", "chunked/auto",
+            "chunked/im2col", "sequential/xla_cpu", "sequential/im2col"],
+    # isr_jax's compiler options are XLA's defaults off CPU, and the CPU lowerings
+    # (xla_cpu, banded, dense) are CPU workarounds: compare strategies and im2col.
+    "accelerator": ["auto/auto", "chunked/xla", "sequential/xla", "vmap/im2col"],
+}
 _SCALING_CHILD = flags.DEFINE_string("scaling_child", None, "internal: one scaling row as JSON.")
 
 
@@ -207,11 +223,13 @@ def torch_round(name, data, lr=0.01, momentum=0.9):
   import torch.nn.functional as F
 
   torch.manual_seed(0)
-  global_model = torch_model(name)
-  local = torch_model(name)
-  # NHWC numpy -> NCHW torch, once, outside the timed loop.
-  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.x, -1, 3)))
-  y = torch.from_numpy(data.y.astype(np.int64))
+  device = _torch_device()
+  global_model = torch_model(name).to(device)
+  local = torch_model(name).to(device)
+  # NHWC numpy -> NCHW torch on the device, once, outside the timed loop (as the
+  # JAX rows get their data on the device).
+  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.x, -1, 3))).to(device)
+  y = torch.from_numpy(data.y.astype(np.int64)).to(device)
 
   def one_round():
     states = []
@@ -224,9 +242,17 @@ def torch_round(name, data, lr=0.01, momentum=0.9):
         opt.step()
       states.append({k: v.clone() for k, v in local.state_dict().items()})
     global_model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
+    if device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
+      torch.cuda.synchronize()
 
   one_round()
   return one_round
+
+
+def _torch_device():
+  import torch
+
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _torch_available() -> bool:
@@ -315,20 +341,29 @@ SCALING_ROWS = [
 
 
 def scaling_child(spec_json: str):
-  """One scaling row in this (fresh) process; prints JSON with time and peak RSS."""
+  """One scaling row in this (fresh) process; prints JSON with time and peak memory.
+
+  Peak memory is the process's maximum resident set (host RAM, which on CPU holds
+  the "device" buffers too) and, where the device reports it (GPU/TPU), the
+  device allocator's peak.
+  """
   model, shape, clients, steps, batch, strategy, chunk = json.loads(spec_json)
   data = jax.tree.map(jnp.asarray, synthetic_clients(clients, steps, batch, tuple(shape)))
   step, state, _ = jax_setup(model, tuple(shape), data, strategy=strategy, chunk=chunk)
   compile_s, s = time_jax_round(step, state, data, 1)
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  print(json.dumps({"compile_s": compile_s, "round_s": s, "peak_gib": peak_gib}))
+  device_stats = jax.devices()[0].memory_stats() or {}
+  device_peak = device_stats.get("peak_bytes_in_use")
+  print(json.dumps({"compile_s": compile_s, "round_s": s, "peak_gib": peak_gib,
+                    "device_peak_gib": None if device_peak is None else device_peak / 2**30}))
 
 
 def section_scaling():
-  print("\n### Scaling with clients per round\n\nEach row in a fresh process; peak memory is "
-        "the process's maximum resident set (host RAM; on CPU that includes the 'device').\n\n"
+  print("\n### Scaling with clients per round\n\nEach row in a fresh process; host peak is "
+        "the process's maximum resident set (on CPU that includes the 'device'); device "
+        "peak is the accelerator allocator's, where there is one.\n\n"
         "| model | clients | steps × batch | strategy | s / round | ms / client | "
-        "peak GiB | compile s |\n|---|---|---|---|---|---|---|---|")
+        "host peak GiB | device peak GiB | compile s |\n|---|---|---|---|---|---|---|---|---|")
   for row in SCALING_ROWS:
     model, shape, clients, steps, batch, strategy, chunk = row
     proc = subprocess.run(
@@ -337,13 +372,14 @@ def section_scaling():
     label = strategy + (f" ({chunk})" if chunk else "")
     if proc.returncode != 0:
       reason = (proc.stderr.strip().splitlines() or ["?"])[-1][:80]
-      print(f"| {model} | {clients} | {steps} × {batch} | {label} | failed: {reason} |||||",
+      print(f"| {model} | {clients} | {steps} × {batch} | {label} | failed: {reason} ||||||",
             flush=True)
       continue
     r = json.loads(proc.stdout.strip().splitlines()[-1])
+    device_peak = "–" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
     print(f"| {model} | {clients} | {steps} × {batch} | {label} | {r['round_s']:.2f} | "
-          f"{1000 * r['round_s'] / clients:.1f} | {r['peak_gib']:.2f} | {r['compile_s']:.1f} |",
-          flush=True)
+          f"{1000 * r['round_s'] / clients:.1f} | {r['peak_gib']:.2f} | {device_peak} | "
+          f"{r['compile_s']:.1f} |", flush=True)
 
 
 def main(argv):
@@ -355,14 +391,21 @@ def main(argv):
   if _torch_available():
     import torch
 
-    torch_version = f"{torch.__version__} ({torch.get_num_threads()} threads)"
+    device = _torch_device()
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    torch_version = f"{torch.__version__} ({where})"
   print(f"# isr_jax FL round benchmark\n\nmachine: {platform.machine()}, "
         f"{os.cpu_count()} cores; backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}); jax {jax.__version__}; torch {torch_version}; "
         f"{time.strftime('%Y-%m-%d')}")
-  sections = set(_SECTIONS.value)
+  on_cpu = jax.default_backend() == "cpu"
+  sections = set(_SECTIONS.value or DEFAULT_SECTIONS + ([] if on_cpu else ["many_clients"]))
+  if unknown := sections - set(SECTIONS):
+    raise app.UsageError(f"--sections {sorted(unknown)} not among {SECTIONS}")
   repeats = _REPEATS.value
-  strategies = [tuple(s.split("/")) for s in _STRATEGIES.value]
+  default_strategies = DEFAULT_STRATEGIES["cpu" if on_cpu else "accelerator"]
+  strategies = [tuple(s.split("/")) for s in _STRATEGIES.value or default_strategies]
   for s in strategies:
     if len(s) not in (2, 3) or s[2:] not in ((), ("xla_defaults",)):
       raise app.UsageError(f"--strategies entry {'/'.join(s)!r} is not "
@@ -373,6 +416,9 @@ def main(argv):
   if "overhead" in sections:
     section_round("Overhead-bound: small CNN on 8×8", "lenet5", "small_cnn", (8, 8, 1),
                   100, 20, 16, repeats, strategies)
+  if "many_clients" in sections:
+    section_round(f"Many clients: FedAvg CNN, {_MANY_CLIENTS.value} clients", "fedavg_cnn",
+                  "fedavg_cnn", (28, 28, 1), _MANY_CLIENTS.value, 50, 64, repeats, strategies)
   if "isr" in sections:
     section_isr(repeats)
   if "scaling" in sections:
