@@ -39,10 +39,10 @@ lowerings:
   never a library convolution.
 
 ``impl="auto"`` picks at trace time: ``xla`` on GPU/TPU; on CPU ``dense`` where
-it applies, then ``banded``, ``im2col`` for other small convolutions (patch matrix up to
-:data:`IM2COL_MAX_PATCH_ELEMENTS` entries, e.g. a first layer or anything on
-8×8 inputs, where its single matmul beats the library call) and ``xla_cpu``
-for large ones. When clients are vmapped on CPU the training loop asks for
+it applies, else ``banded`` where it applies (first layers), else ``im2col`` for
+small convolutions (patch matrix up to :data:`IM2COL_MAX_PATCH_ELEMENTS` entries,
+e.g. anything on 8×8 inputs, where its single matmul beats the library call) and
+``xla_cpu`` for large ones. When clients are vmapped on CPU the training loop asks for
 ``matmul`` everywhere (see :func:`resolve_conv_impl`), because vmapped kernels
 turn the library call into a slow grouped convolution. Measurements:
 benchmarks/RESULTS.md.
