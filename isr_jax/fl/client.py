@@ -113,7 +113,7 @@ def run_local_steps(
     grad_fn: ``(params, batch, key) -> (grads, aux)``.
     optimizer: the local optax optimizer.
     key: base key; step ``t`` gets ``fold_in(key, t)``.
-    unroll: ``lax.scan`` unroll factor.
+    unroll: ``lax.scan`` unroll factor (steps mode).
     all_or_none: the caller promises every step is active or none is (steps
       mode of :func:`batch_schedule`): the "an all-padding step changes
       nothing" rule is then applied once after the loop instead of at every
@@ -125,32 +125,45 @@ def run_local_steps(
     over the steps that ran, and how many steps ran.
   """
 
-  def step(carry, inputs):
-    params, opt_state = carry
-    t, idx_t, valid_t = inputs
+  def take_step(params, opt_state, t, idx_t, valid_t):
     batch = Batch(x=x[idx_t], y=y[idx_t], mask=valid_t)
     grads, aux = grad_fn(params, batch, jax.random.fold_in(key, t))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    active = jnp.any(valid_t)
-    # An all-padding step must change nothing, not even the optimizer's count.
-    if not all_or_none:
-      new_params, new_opt_state = otu.tree_where(
-          active, (new_params, new_opt_state), (params, opt_state))
-    aux = jax.tree.map(lambda v: jnp.where(active, v, 0.0), aux)
-    return (new_params, new_opt_state), (aux, active)
+    return optax.apply_updates(params, updates), new_opt_state, aux
 
-  steps = jnp.arange(idx.shape[0])
-  (new_params, new_opt_state), (aux, active) = lax.scan(
-      step, (params, opt_state), (steps, idx, valid), unroll=unroll
-  )
-  if all_or_none:  # no step ran: the start, whatever the loop computed (even NaN)
+  active = jnp.any(valid, axis=1)
+  num_steps = jnp.sum(active.astype(jnp.int32))
+  if all_or_none:
+    def step(carry, inputs):
+      *carry, aux = take_step(*carry, *inputs)
+      return tuple(carry), aux
+
+    steps = jnp.arange(idx.shape[0])
+    (new_params, new_opt_state), aux = lax.scan(
+        step, (params, opt_state), (steps, idx, valid), unroll=unroll)
+    # No step ran: the start, whatever the loop computed (even NaN).
     params, opt_state = otu.tree_where(
-        jnp.any(valid), (new_params, new_opt_state), (params, opt_state))
-  else:
-    params, opt_state = new_params, new_opt_state
-  aux_sum = jax.tree.map(lambda v: jnp.sum(v, axis=0), aux)
-  return params, opt_state, aux_sum, jnp.sum(active.astype(jnp.int32))
+        num_steps > 0, (new_params, new_opt_state), (params, opt_state))
+    aux_sum = jax.tree.map(lambda v: jnp.where(num_steps > 0, jnp.sum(v, axis=0), 0.0), aux)
+    return params, opt_state, aux_sum, num_steps
+
+  # Only the active steps run, in their order, as a loop of dynamic length: an
+  # all-padding step changes nothing (not even the optimizer's count) because
+  # it never runs. A client that is not vmapped (``sequential``, the CPU
+  # default) then costs its own Σ steps, not the longest client's; under vmap
+  # the loop runs the longest lane and masks the others, as a scan would.
+  order = jnp.argsort(~active, stable=True)
+
+  def body(i, carry):
+    params, opt_state, aux_sum = carry
+    t = order[i]
+    params, opt_state, aux = take_step(params, opt_state, t, idx[t], valid[t])
+    return params, opt_state, jax.tree.map(jnp.add, aux_sum, aux)
+
+  aux_shape = jax.eval_shape(lambda: take_step(params, opt_state, 0, idx[0], valid[0])[2])
+  aux_sum = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+  params, opt_state, aux_sum = lax.fori_loop(0, num_steps, body, (params, opt_state, aux_sum))
+  return params, opt_state, aux_sum, num_steps
 
 
 def _map_local(fn: Callable, args: tuple, shared: tuple, strategy: str, chunk_size: int):
