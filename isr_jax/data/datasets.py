@@ -15,7 +15,7 @@ machines this runs on may have no internet):
 Every loader returns images as float32 NHWC scaled to ``[0, 1]`` and labels as
 int32.
 
-Semantic segmentation (:data:`SEGMENTATION_DATASETS`: synthetic street scenes,
+Semantic segmentation (:data:`~isr_jax.data.types.SEGMENTATION_DATASETS`: synthetic street scenes,
 Cityscapes, CamVid, SYNTHIA-SF) is loaded by :mod:`isr_jax.data.segmentation`
 through the same :func:`load_dataset`; its labels are ``[N, H, W]`` with
 ``DatasetInfo.ignore_index`` (255) for unlabelled pixels, and ``ArraySplit.groups``
@@ -32,6 +32,8 @@ import struct
 
 import numpy as np
 
+from isr_jax.data.segmentation import load_segmentation
+from isr_jax.data.types import SEGMENTATION_DATASETS, ArraySplit, DatasetInfo
 from isr_jax.errors import ConfigError, DataNotFoundError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -55,55 +57,10 @@ _TFDS_NAMES = {
 EMNIST_CONFIGS = ("balanced", "byclass", "bymerge", "digits", "letters", "mnist")
 """Configs of TFDS ``emnist`` accepted as ``"emnist/<config>"``."""
 
-SEGMENTATION_DATASETS: tuple[str, ...] = ("synthetic_streets", "cityscapes", "camvid", "synthia_sf")
-"""Segmentation names accepted by :func:`load_dataset` (see :mod:`isr_jax.data.segmentation`)."""
-
 DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", *_TFDS_NAMES, *SEGMENTATION_DATASETS)
 """Names accepted by :func:`load_dataset` (plus ``"emnist/<config>"``)."""
 
 _READ_CHUNK = 8192  # Records fetched per batched read from a TFDS data source.
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySplit:
-  """One split of a dataset held in memory.
-
-  Attributes:
-    x: images ``[N, H, W, C]`` float32, in ``[0, 1]`` unless standardized.
-    y: int32 class labels ``[N]``, or ``[N, H, W]`` per-pixel labels for
-      segmentation (``DatasetInfo.ignore_index`` marks unlabelled pixels).
-    groups: optional int group of every example ``[N]`` (city or sequence id),
-      used by the ``"natural"`` federated partition; ``None`` if the dataset
-      has no such structure.
-  """
-
-  x: np.ndarray
-  y: np.ndarray
-  groups: np.ndarray | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What a model and a report need to know about a loaded dataset.
-
-  Attributes:
-    name: the name given to :func:`load_dataset`.
-    num_classes: number of classes (labels lie in ``[0, num_classes)``).
-    input_shape: ``(H, W, C)`` of one image.
-    source: where the data came from (a path, a TFDS name and directory,
-      ``"scikit-learn"``, or ``"synthetic (procedural)"``).
-    task: ``"classification"`` or ``"segmentation"``.
-    ignore_index: the label of pixels to ignore (segmentation: 255), else None.
-    class_names: names of the classes in label order (empty if unknown).
-  """
-
-  name: str
-  num_classes: int
-  input_shape: tuple[int, int, int]
-  source: str
-  task: str = "classification"
-  ignore_index: int | None = None
-  class_names: tuple[str, ...] = ()
 
 
 def load_dataset(
@@ -153,7 +110,6 @@ def load_dataset(
         f"segmentation datasets take options)"
     )
   if name in SEGMENTATION_DATASETS:
-    from isr_jax.data.segmentation import load_segmentation  # Imports this module.
 
     train, test, info = load_segmentation(
         name, data_dir=data_dir, seed=seed, image_size=image_size, **options

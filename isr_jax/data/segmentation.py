@@ -1,6 +1,6 @@
 """Semantic-segmentation datasets for the OmniISR Table III track, loaded into memory.
 
-Four sources (:data:`isr_jax.data.datasets.SEGMENTATION_DATASETS`):
+Four sources (:data:`isr_jax.data.types.SEGMENTATION_DATASETS`):
 
 * ``"synthetic_streets"``: synthetic, procedurally generated street scenes
   (:mod:`isr_jax.data.street_scenes`); needs no files and is the default here.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from isr_jax.data import street_scenes
-from isr_jax.data.datasets import SEGMENTATION_DATASETS, ArraySplit, DatasetInfo
+from isr_jax.data.types import SEGMENTATION_DATASETS, ArraySplit, DatasetInfo
 from isr_jax.errors import ConfigError, DataNotFoundError
 
 IGNORE_INDEX = 255
