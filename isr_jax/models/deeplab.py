@@ -68,15 +68,14 @@ class ASPP(nnx.Module):
     kw = dict(act="relu", conv_impl=conv_impl, rngs=rngs)
     self.rates = tuple(int(r) for r in rates)
     self.branch0 = ConvNorm(in_features, out_features, 1, **kw)
-    for i, rate in enumerate(self.rates):
-      setattr(self, f"atrous{i + 1}",
-              ConvNorm(in_features, out_features, 3, dilation=rate, **kw))
+    self.atrous = nnx.List(
+        [ConvNorm(in_features, out_features, 3, dilation=rate, **kw) for rate in self.rates])
     self.pool = ConvNorm(in_features, out_features, 1, **kw)
     self.project = ConvNorm((len(self.rates) + 2) * out_features, out_features, 1, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     branches = [self.branch0(x)]
-    branches += [getattr(self, f"atrous{i + 1}")(x) for i in range(len(self.rates))]
+    branches += [branch(x) for branch in self.atrous]
     pooled = self.pool(global_avg_pool(x)[:, None, None, :])
     branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], pooled.shape[-1])))
     return self.project(jnp.concatenate(branches, axis=-1))

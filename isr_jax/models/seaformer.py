@@ -159,8 +159,11 @@ class SeaAttention(nnx.Module):
     self.to_k = ConvNorm(dim, qk_dim, 1, **kw)
     self.to_v = ConvNorm(dim, value_dim, 1, **kw)
     normal = nnx.initializers.normal(1.0)
-    for name in ("pos_row_q", "pos_row_k", "pos_column_q", "pos_column_k"):
-      setattr(self, name, nnx.Param(normal(rngs.params(), (POS_EMBED_LENGTH, qk_dim))))
+    pos_embed = lambda: nnx.Param(normal(rngs.params(), (POS_EMBED_LENGTH, qk_dim)))
+    self.pos_row_q = pos_embed()
+    self.pos_row_k = pos_embed()
+    self.pos_column_q = pos_embed()
+    self.pos_column_k = pos_embed()
     self.encode_row = ConvNorm(value_dim, value_dim, 1, zero_init=True, **kw)
     self.encode_column = ConvNorm(value_dim, value_dim, 1, zero_init=True, **kw)
     self.proj = ConvNorm(value_dim, dim, 1, zero_init=True, **kw)
@@ -281,33 +284,37 @@ class SeaFormer(nnx.Module):
 
     in_ch = width(cfg["stem_channels"])
     self.stem_conv = ConvNorm(c, in_ch, 3, stride=2, act="relu", **kw)
-    names, stages, context_channels = [], [], []
+    # Each stage: its inverted residuals (ending at the stage's tap), then, in
+    # the attention stages, SeaFormer layers (taps sea_s<stride>_<i>). Dicts
+    # are keyed by stage for lookup only: after nnx.merge they iterate sorted.
+    names, stages, attention, context_channels = [], {}, {}, []
     for j, (name, rows) in enumerate(zip(STAGE_NAMES, cfg["stages"], strict=True)):
-      for i, (k, t, ch, s) in enumerate(rows):
-        setattr(self, f"{name}_{i}", InvertedResidual(in_ch, width(ch), k, s, t, **kw))
+      blocks = []
+      for k, t, ch, s in rows:
+        blocks.append(InvertedResidual(in_ch, width(ch), k, s, t, **kw))
         in_ch = width(ch)
+      stages[name] = nnx.List(blocks)
       names.append(name)
-      layers = 0
       if j >= first_attention:
         a = j - first_attention
-        layers = depths[a]
         stride = name.split("_s")[1]
-        for i in range(layers):
-          setattr(self, f"sea_s{stride}_{i}", SeaFormerLayer(
-              in_ch, cfg["key_dims"][a], cfg["num_heads"], cfg["mlp_ratios"][a], **kw))
-          names.append(f"sea_s{stride}_{i}")
+        attention[name] = nnx.List([SeaFormerLayer(
+            in_ch, cfg["key_dims"][a], cfg["num_heads"], cfg["mlp_ratios"][a], **kw)
+                                    for _ in range(depths[a])])
+        names.extend(f"sea_s{stride}_{i}" for i in range(depths[a]))
         context_channels.append(in_ch)
-      stages.append((name, len(rows), layers))
       if name == "stem_s8":
         spatial_ch = in_ch
-    self.stages = tuple(stages)
+    self.stages = nnx.Dict(stages)
+    self.attention = nnx.Dict(attention)
 
     embed_dims = tuple(width(d) for d in cfg["embed_dims"])
-    for i, (ctx_ch, dim) in enumerate(zip(context_channels, embed_dims, strict=True)):
-      setattr(self, f"fuse{i + 1}", Fusion(spatial_ch, ctx_ch, dim, **kw))
-      names.append(f"fuse{i + 1}")
+    fusions = []
+    for ctx_ch, dim in zip(context_channels, embed_dims, strict=True):
+      fusions.append(Fusion(spatial_ch, ctx_ch, dim, **kw))
       spatial_ch = dim
-    self.num_fusions = len(embed_dims)
+    self.fusions = nnx.List(fusions)
+    names.extend(f"fuse{i + 1}" for i in range(len(fusions)))
     head_ch = embed_dims[-1]
     self.linear_fuse = ConvNorm(head_ch, head_ch, 1, groups=head_ch, act="relu", **kw)
     names.append("decoder")
@@ -321,17 +328,17 @@ class SeaFormer(nnx.Module):
     taps: dict[str, jax.Array] = {}
     y = self.stem_conv(x)
     contexts = []
-    for name, blocks, layers in self.stages:
-      for i in range(blocks):
-        y = getattr(self, f"{name}_{i}")(y)
+    for name in STAGE_NAMES:
+      for block in self.stages[name]:
+        y = block(y)
       taps[name] = y
-      stride = name.split("_s")[1]
-      for i in range(layers):
-        y = taps[f"sea_s{stride}_{i}"] = getattr(self, f"sea_s{stride}_{i}")(y)
-      if layers:
+      if name in self.attention:
+        stride = name.split("_s")[1]
+        for i, layer in enumerate(self.attention[name]):
+          y = taps[f"sea_s{stride}_{i}"] = layer(y)
         contexts.append(y)
     y = taps["stem_s8"]
-    for i, context in enumerate(contexts):
-      y = taps[f"fuse{i + 1}"] = getattr(self, f"fuse{i + 1}")(y, context)
+    for i, (fusion, context) in enumerate(zip(self.fusions, contexts, strict=True)):
+      y = taps[f"fuse{i + 1}"] = fusion(y, context)
     y = taps["decoder"] = self.linear_fuse(y)
     return resize(self.head(y), size), taps

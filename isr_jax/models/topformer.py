@@ -228,33 +228,36 @@ class TopFormer(nnx.Module):
     blocks = {"stem": cfg["stem"]}
     blocks.update({f"tokens_s{s}": rows for s, rows in zip(PYRAMID_STRIDES, cfg["stages"],
                                                               strict=True)})
-    stage_blocks = []
+    stages = {}
     channels = {}
     for name, rows in blocks.items():
-      for i, (k, t, ch, s) in enumerate(rows):
-        setattr(self, f"{name}_{i}", InvertedResidual(in_ch, width(ch), k, s, t, **kw))
+      stage = []
+      for k, t, ch, s in rows:
+        stage.append(InvertedResidual(in_ch, width(ch), k, s, t, **kw))
         in_ch = width(ch)
-      stage_blocks.append((name, len(rows)))
+      stages[name] = nnx.List(stage)
       channels[name] = in_ch
       if name != "stem":
         names.append(name)
-    self.stage_blocks = tuple(stage_blocks)
+    # Keyed by the tap each stage ends at, for lookup only (after nnx.merge a
+    # Dict iterates in sorted order): the forward pass walks stage_names.
+    self.stages = nnx.Dict(stages)
+    self.stage_names = tuple(stages)
     self.pyramid_channels = tuple(channels[f"tokens_s{s}"] for s in PYRAMID_STRIDES)
 
     # Scale-aware Semantics Extractor on the concatenated pooled tokens.
     self.embed_dim = sum(self.pyramid_channels)
     self.depth = depth
-    for i in range(depth):
-      setattr(self, f"transformer{i}",
-              TransformerBlock(self.embed_dim, KEY_DIM, cfg["num_heads"], **kw))
+    self.transformers = nnx.List(
+        [TransformerBlock(self.embed_dim, KEY_DIM, cfg["num_heads"], **kw) for _ in range(depth)])
     names.append("semantics")
 
     # Semantics Injection Modules and the segmentation head.
     head_ch = width(cfg["head_channels"])
-    for s in INJECT_STRIDES:
-      ch = channels[f"tokens_s{s}"]
-      setattr(self, f"inject_s{s}", SemanticsInjection(ch, head_ch, **kw))
-      names.append(f"inject_s{s}")
+    self.injections = nnx.Dict({
+        f"inject_s{s}": SemanticsInjection(channels[f"tokens_s{s}"], head_ch, **kw)
+        for s in INJECT_STRIDES})
+    names.extend(f"inject_s{s}" for s in INJECT_STRIDES)
     self.linear_fuse = ConvNorm(head_ch, head_ch, 1, groups=head_ch if cfg["depthwise_head"]
                                 else 1, act="relu", **kw)
     names.append("decoder")
@@ -267,16 +270,16 @@ class TopFormer(nnx.Module):
     size = x.shape[1:3]
     taps: dict[str, jax.Array] = {}
     y = self.stem_conv(x)
-    for name, n in self.stage_blocks:
-      for i in range(n):
-        y = getattr(self, f"{name}_{i}")(y)
+    for name in self.stage_names:
+      for block in self.stages[name]:
+        y = block(y)
       taps[name] = y
     pyramid = [taps[f"tokens_s{s}"] for s in PYRAMID_STRIDES]
     last = pyramid[-1].shape[1:3]
     grid = ((last[0] - 1) // 2 + 1, (last[1] - 1) // 2 + 1)  # c2t_stride = 2
     y = jnp.concatenate([adaptive_avg_pool(t, grid) for t in pyramid], axis=-1)
-    for i in range(self.depth):
-      y = getattr(self, f"transformer{i}")(y)
+    for block in self.transformers:
+      y = block(y)
     taps["semantics"] = y
     offsets = [0]
     for ch in self.pyramid_channels:
@@ -285,8 +288,8 @@ class TopFormer(nnx.Module):
     for s in INJECT_STRIDES:
       j = PYRAMID_STRIDES.index(s)
       semantics = y[..., offsets[j]:offsets[j + 1]]
-      out = taps[f"inject_s{s}"] = getattr(self, f"inject_s{s}")(taps[f"tokens_s{s}"],
-                                                                 semantics)
+      out = taps[f"inject_s{s}"] = self.injections[f"inject_s{s}"](taps[f"tokens_s{s}"],
+                                                                   semantics)
       fused = out if fused is None else fused + resize(out, fused.shape[1:3])
     fused = taps["decoder"] = self.linear_fuse(fused)
     return resize(self.head(fused), size), taps
