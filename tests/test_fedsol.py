@@ -16,6 +16,7 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
 from isr_jax.fl.fedavg import fedavg
 from isr_jax.fl.fedsol import fedasam, fedsam, fedsol, head_body_mask, kl_proximal_loss
+from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round
 from isr_jax.losses import cross_entropy
 from isr_jax.sam import perturbation, perturbed_gradient, sam_optimizer
@@ -219,3 +220,55 @@ def test_softened_kl_gradient_is_exact_and_zero_at_equal_logits():
 
   np.testing.assert_allclose(jax.grad(lambda a: softened_kl(a, z, 3.0).sum())(z_k),
                              jax.grad(plain)(z_k), atol=1e-6)
+
+
+# FedSoL's proximal source -> the algorithm whose round a one-step FedSoL round
+# must reproduce: on the first local step of round 1 every source's gradient
+# vanishes (w = w_g; FedDyn's ∇L_i = 0; MOON's previous model is the global one),
+# so ε = 0 and both take one plain step; the base keeps its own server rule.
+SOURCE_BASE = {"kl": "fedavg", "fedprox": "fedprox", "feddyn": "feddyn", "moon": "moon"}
+
+
+def registry_algorithm(name, **fedsol_settings):
+  c = default_config()
+  c.fl.algorithm, c.fl.num_clients = name, len(UNEVEN)
+  c.fl.fedprox.mu, c.fl.feddyn.alpha, c.fl.moon.mu = 0.1, 0.1, 1.0
+  for key, value in fedsol_settings.items():
+    c.fl.fedsol[key] = value
+  return make_algorithm(c)
+
+
+UNEVEN = (7, 30, 19, 45, 12, 26)
+
+
+def one_jitted_round(alg, *, isr, model="lenet5"):
+  """``(w_0, w_1)`` of one jitted one-step ``fl_round`` on a real model."""
+  data = uneven_clients(UNEVEN)
+  state, fns, _ = small_setup(isr=isr, algorithm=alg, data=data, model=model)
+  step = jax.jit(functools.partial(fl_round, fns=fns,
+                                   spec=FLSpec(clients_per_round=3, local_steps=1)))
+  return state.params, step(state, data)[0].params
+
+
+def assert_same_round(got, want, start):
+  """``got == want`` to 1e-6, and the round moved the model well beyond that."""
+  moved = max(float(jnp.abs(a - b).max())
+              for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(start), strict=True))
+  assert moved > 1e-3, moved
+  assert_trees_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("isr", [False, True])
+def test_jitted_first_step_of_fedsol_is_fedavg_on_lenet(isr):
+  # Fixed radius ρ = 2: under jit the local and global logits round differently,
+  # and the perturbation must still be exactly zero on the first local step.
+  start, want = one_jitted_round(fedavg(), isr=isr)
+  _, got = one_jitted_round(fedsol(rho=2.0), isr=isr)
+  assert_same_round(got, want, start)
+
+
+@pytest.mark.parametrize("source", ["fedprox", "feddyn", "moon"])
+def test_jitted_first_step_of_every_proximal_source_is_its_base(source):
+  start, want = one_jitted_round(registry_algorithm(SOURCE_BASE[source]), isr=True)
+  _, got = one_jitted_round(registry_algorithm("fedsol", rho=2.0, proximal=source), isr=True)
+  assert_same_round(got, want, start)

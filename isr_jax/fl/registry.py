@@ -26,7 +26,16 @@ from isr_jax.fl.fednova import fednova
 from isr_jax.fl.fedntd import fedntd
 from isr_jax.fl.fedopt import fedadagrad, fedadam, fedyogi
 from isr_jax.fl.fedprox import fedprox, fedprox_proximal_loss
-from isr_jax.fl.fedsol import PERTURB_TARGETS, fedasam, fedsam, fedsol, kl_proximal_loss
+from isr_jax.fl.fedsol import (
+    PERTURB_TARGETS,
+    fedasam,
+    fedsam,
+    fedsol,
+    kl_proximal_loss,
+    model_at_anchor,
+    params_at_anchor,
+    trees_equal,
+)
 from isr_jax.fl.moon import moon, moon_proximal_loss
 from isr_jax.fl.scaffold import scaffold
 from isr_jax.optim import check_number
@@ -88,11 +97,27 @@ PROXIMAL_SOURCES: dict[str, Callable[[ml_collections.ConfigDict], tuple]] = {
 }
 
 
+def _moon_stationary(params, anchor, ctx):
+  # With the previous model equal to the global one (every client in round 1),
+  # z_prev = z_glob makes ℓ_con = log 2 for every w: its gradient vanishes.
+  del params
+  return trees_equal(ctx["prev"], anchor["model"])
+
+
+# Where each source's gradient vanishes by construction (the KL at w = w_g, ...):
+# there FedSoL sets it to exactly 0 instead of normalising rounding noise into a
+# ρ-sized perturbation (see isr_jax.fl.fedsol). FedDyn has none: at w = w_g its
+# gradient is −∇L_i(θ_i^{t−1}), genuine, and exactly 0 when that is 0.
+PROXIMAL_STATIONARY = {"kl": model_at_anchor, "fedprox": params_at_anchor,
+                       "moon": _moon_stationary}
+
+
 def _build_fedsol(config):
   source = _one_of(config.fl.fedsol.proximal, PROXIMAL_SOURCES, "fl.fedsol.proximal")
   base, prox = PROXIMAL_SOURCES[source](config)
   return fedsol(_rho(config, "fedsol"), adaptive=bool(config.fl.fedsol.adaptive),
-                perturb=_perturb(config, "fedsol"), base=base, proximal_loss=prox)
+                perturb=_perturb(config, "fedsol"), base=base, proximal_loss=prox,
+                stationary=PROXIMAL_STATIONARY.get(source))
 
 
 ALGORITHMS: dict[str, Entry] = {
