@@ -16,7 +16,7 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
 from isr_jax.fl.fedavg import fedavg
 from isr_jax.fl.fedsol import fedasam, fedsam, fedsol, head_body_mask, kl_proximal_loss
-from isr_jax.fl.registry import make_algorithm
+from isr_jax.fl.registry import PROXIMAL_SOURCES, PROXIMAL_STATIONARY, make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round
 from isr_jax.losses import cross_entropy
 from isr_jax.sam import perturbation, perturbed_gradient, sam_optimizer
@@ -335,6 +335,11 @@ def test_jitted_first_step_of_fedsol_is_fedavg_on_lenet(isr):
   start, want = one_jitted_round(fedavg(), isr=isr)
   _, got = one_jitted_round(fedsol(rho=2.0), isr=isr)
   assert_same_round(got, want, start)
+
+
+def test_every_proximal_source_declares_its_stationary_points():
+  # A new source must say where its gradient vanishes by construction (or None).
+  assert set(PROXIMAL_STATIONARY) == set(PROXIMAL_SOURCES) == set(SOURCE_BASE)
 
 
 @pytest.mark.parametrize("source", ["fedprox", "feddyn", "moon"])

@@ -17,7 +17,7 @@ algorithm's own client context (FedDyn's ``h_i``, MOON's previous model).
 
 A proximal loss may come with a *stationarity predicate*
 ``(params, anchor, ctx) -> bool``: True where its gradient is zero by
-construction (the KL at ``w_k = w_g``, every local step's first). There ``g_p``
+construction (the KL at ``w_k = w_g``: every round's first local step). There ``g_p``
 is set to exactly 0, so ``ε = 0``. The computed gradient is *not* exactly zero
 there under ``jax.jit``: ``z_k`` and ``z_g`` come from two separately compiled
 forward passes and differ by rounding (~1e-9 in ``g_p`` on LeNet-5), and

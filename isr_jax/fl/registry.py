@@ -106,9 +106,10 @@ def _moon_stationary(params, anchor, ctx):
 
 # Where each source's gradient vanishes by construction (the KL at w = w_g, ...):
 # there FedSoL sets it to exactly 0 instead of normalising rounding noise into a
-# ρ-sized perturbation (see isr_jax.fl.fedsol). FedDyn has none: at w = w_g its
-# gradient is −∇L_i(θ_i^{t−1}), genuine, and exactly 0 when that is 0.
-PROXIMAL_STATIONARY = {"kl": model_at_anchor, "fedprox": params_at_anchor,
+# ρ-sized perturbation (see isr_jax.fl.fedsol). Every source is listed (a test
+# checks it), None where there is no such point: FedDyn's gradient at w = w_g is
+# −∇L_i(θ_i^{t−1}), genuine, and computed exactly 0 when that is 0.
+PROXIMAL_STATIONARY = {"kl": model_at_anchor, "fedprox": params_at_anchor, "feddyn": None,
                        "moon": _moon_stationary}
 
 
