@@ -205,13 +205,15 @@ def fedasam(rho: float = 0.5, *, eta: float = 0.01, perturb: str = "all") -> FLA
   return sharpness_aware("fedasam", fedavg(), rho=rho, asam_eta=eta, perturb=perturb)
 
 
-def fedsol(rho: float = 2.0, *, adaptive: bool = False, tau: float = 3.0,
+def fedsol(rho: float = 0.1, *, adaptive: bool = False, tau: float = 3.0,
            perturb: str = "all", base: FLAlgorithm | None = None,
            proximal_loss: ProximalLoss | None = None,
            stationary: Stationary | None = None) -> FLAlgorithm:
   """FedSoL; ``base``/``proximal_loss`` default to FedAvg with the KL proximal loss
   (and ``stationary`` then to :func:`model_at_anchor`). A custom ``proximal_loss``
-  brings its own ``stationary``."""
+  brings its own ``stationary``. ``rho`` defaults to 0.1, not the paper's 2.0
+  (App. C.5), which does not train this library's small models; see the
+  registry's entry."""
   if proximal_loss is None:
     proximal_loss, stationary = kl_proximal_loss(tau), stationary or model_at_anchor
   return sharpness_aware(
