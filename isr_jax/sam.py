@@ -18,11 +18,17 @@ from the transforms below; :func:`perturbed_gradient` forms ``∇B(w + ε)``; an
 
 Why not ``optax.contrib.sam``: in opaque mode with ``sync_period=2`` it computes
 the same step (a test checks this for A = B), but its ``normalize`` divides by
-``‖g‖`` with no guard — FedSoL's first local step has ``g_p = 0`` (``w_k = w_g``)
-and must not perturb rather than produce NaN — and its adversarial optimizer is
-re-initialised from the *current* weights at every step, so it cannot hold the
-global anchor ``w_g`` that the adaptive radius Λ needs. Here ``init`` of
-:func:`scale_by_discrepancy` stores the anchor, and the normalisation is safe.
+``‖g‖`` with no guard — a gradient that is exactly zero must give ``ε = 0``, not
+NaN — and its adversarial optimizer is re-initialised from the *current* weights
+at every step, so it cannot hold the global anchor ``w_g`` that the adaptive
+radius Λ needs. Here ``init`` of :func:`scale_by_discrepancy` stores the anchor,
+and the normalisation is safe.
+
+The normalisation cannot tell rounding noise from a direction: a gradient that
+vanishes only mathematically (FedSoL's KL at ``w_k = w_g``, computed under jit
+as ~1e-9 of noise) becomes a full ρ-sized ``ε``. Such zeros are known where
+loss A is defined, and :mod:`isr_jax.fl.fedsol` makes them exact before this
+chain sees them.
 """
 
 from __future__ import annotations
@@ -39,7 +45,21 @@ SAM_EPS = 1e-12
 
 
 def normalize_by_global_norm(eps: float = SAM_EPS) -> optax.GradientTransformation:
-  """``g ↦ g / (‖g‖₂ + eps)``; a zero gradient stays zero (no NaN)."""
+  """``g ↦ g / (‖g‖₂ + eps)``; a zero gradient stays zero (no NaN).
+
+  The unit ascent direction of SAM (Foret et al. 2021; ``ε* = ρ ∇L/‖∇L‖₂`` as
+  restated in papers/fedsol.txt §2) and, between the two ``T``, of ASAM (Kwon et
+  al. 2021). ``eps`` only guards ``0/0``; it is not a noise floor. For
+  FedSAM/FedASAM (A = B) ``g`` is the client objective's own gradient: it is
+  exactly zero only where the objective is flat in floating point (say, a batch
+  without real examples; then ``ε = 0``), and any
+  other ``g``, however small, is the direction the method prescribes — SAM's
+  ``ε`` has norm ρ whatever ``‖g‖`` is, and a relative floor (``ε`` shrinking
+  with ``‖g‖``) would be a different method. Common PyTorch SAM ports divide by
+  ``‖g‖ + 1e-12`` too. Gradients that are zero by construction but not in floating
+  point must be zeroed by whoever knows it (FedSoL's stationarity predicate).
+  1e-12 is representable in float32 and bfloat16 (not float16).
+  """
 
   def update_fn(updates, state, params=None):
     del params

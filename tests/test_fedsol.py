@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from support import assert_trees_close, small_setup, uneven_clients
+from support import UNEVEN_SIZES, assert_trees_close, small_setup, uneven_clients
 
 from isr_jax.config import default_config, validate
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
 from isr_jax.fl.fedavg import fedavg
 from isr_jax.fl.fedsol import fedasam, fedsam, fedsol, head_body_mask, kl_proximal_loss
+from isr_jax.fl.registry import PROXIMAL_SOURCES, PROXIMAL_STATIONARY, make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round
 from isr_jax.losses import cross_entropy
 from isr_jax.sam import perturbation, perturbed_gradient, sam_optimizer
@@ -44,7 +45,8 @@ def one_step(alg, local_w, global_w, lr=0.1):
                               jnp.int32(0), jnp.float32(lr))
   ctx = alg.client_init(broadcast, {}, None)
   batch = Batch(jnp.array([[1.0, 1.0]]), jnp.array([0]), jnp.array([True]))
-  grads, aux = alg.client_grad(params, ctx, batch, problem, jax.random.PRNGKey(0))
+  grads, aux = jax.jit(lambda p: alg.client_grad(p, ctx, batch, problem,
+                                                 jax.random.PRNGKey(0)))(params)
   return np.asarray(params["model"]["w"] - lr * grads["model"]["w"]), aux
 
 
@@ -163,16 +165,87 @@ def test_zero_radius_is_fedavg(make):
   assert_trees_close(results[0], results[1], atol=1e-6)
 
 
-def test_fedsol_is_not_fedavg_when_rho_positive():
+def test_fedsol_client_gradient_on_lenet_matches_a_reference():
+  # w_k ≠ w_g on LeNet-5 with ISR: ∇L_T(w + ε), ε = ρ g_p/‖g_p‖, with g_p from
+  # autodiff of the plain KL expression (not the custom VJP) over the real examples.
+  state, fns, _ = small_setup(isr=True)
+  problem, w_g, rho = fns.problem, state.params, 0.5
+  noise = jax.random.split(jax.random.PRNGKey(3), len(jax.tree.leaves(w_g)))
+  w_k = jax.tree.map(lambda w, k: w + 0.05 * jax.random.normal(k, w.shape), w_g,
+                     jax.tree.unflatten(jax.tree.structure(w_g), list(noise)))
   data = uneven_clients()
-  spec = FLSpec(clients_per_round=3, local_epochs=1)
-  results = []
-  for alg in (fedavg(), fedsol(rho=0.5)):
-    state, fns, _ = small_setup(isr=False, algorithm=alg, data=data)
-    for _ in range(2):
-      state, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
-    results.append(jax.tree.leaves(state.params))
-  assert any(float(jnp.abs(a - b).max()) > 1e-4 for a, b in zip(*results, strict=True))
+  mask = data.mask[1, 0].at[-2:].set(False)  # two padding rows must not count
+  batch = Batch(data.x[1, 0], data.y[1, 0], mask)
+  alg = fedsol(rho=rho)
+  ctx = alg.client_init(ServerBroadcast(w_g, {}, jnp.int32(0), jnp.float32(0.1)), {}, None)
+  got, _ = jax.jit(lambda p: alg.client_grad(p, ctx, batch, problem, jax.random.PRNGKey(0)))(w_k)
+
+  def plain_kl(p):
+    log_k = jax.nn.log_softmax(problem.apply(p["model"], batch.x)[0] / 3.0)
+    log_g = jax.nn.log_softmax(problem.apply(w_g["model"], batch.x)[0] / 3.0)
+    kl = jnp.sum(jnp.exp(log_g) * (log_g - log_k), axis=-1)
+    return jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.sum(mask)
+
+  g_p = jax.grad(plain_kl)(w_k)
+  norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(g_p)))
+  w_plus = jax.tree.map(lambda w, g: w + rho * g / norm, w_k, g_p)
+  loss_grad = jax.grad(lambda p: problem.loss(p, batch)[0])
+  assert_trees_close(got, loss_grad(w_plus), atol=2e-5, rtol=1e-4)
+  plain = loss_grad(w_k)  # and the perturbation is not negligible
+  assert max(float(jnp.abs(a - b).max()) for a, b in
+             zip(jax.tree.leaves(got), jax.tree.leaves(plain), strict=True)) > 1e-2
+
+
+def source_step(source, settings, rho, local_w, global_w, client_state):
+  """One jitted client gradient of registry-built FedSoL with ``proximal=source``."""
+  c = default_config()
+  c.fl.algorithm, c.fl.fedsol.proximal, c.fl.fedsol.rho = "fedsol", source, rho
+  for key, value in settings.items():
+    c.fl[source][key] = value
+  alg = make_algorithm(c)
+  w_params = lambda w: {"model": {"w": jnp.asarray(w, jnp.float32)}, "adapters": {}}
+  ctx = alg.client_init(ServerBroadcast(w_params(global_w), {}, jnp.int32(0), jnp.float32(0.1)),
+                        client_state(w_params), None)
+  batch = Batch(jnp.array([[1.0, 1.0]]), jnp.array([0]), jnp.array([True]))
+  grads, _ = jax.jit(lambda p: alg.client_grad(p, ctx, batch, two_param_problem(),
+                                               jax.random.PRNGKey(0)))(w_params(local_w))
+  return np.asarray(grads["model"]["w"])
+
+
+# x = [1, 1], y = 0, so z = w and ∇CE(z) = [p0 − 1, 1 − p0], p0 = σ(z0 − z1); the
+# expected values are ∇CE at w + ε with ε from each source's own proximal gradient.
+SOURCE_CASES = {
+    # g_p = μ(w − w_g) = μ[0, −1] ⇒ ε = [0, −1]; z = [1, −1], p0 = σ(2).
+    "fedprox_moved": ("fedprox", {"mu": 0.1}, 1.0, [1.0, 0.0], [1.0, 1.0],
+                      lambda w: {}, [-0.1192029, 0.1192029]),
+    # g_p = α(w − w_g) − ∇L_i = [0, −1] − [−1, 0] = [1, −1] ⇒ ε = [1, −1] (ρ = √2);
+    # z = [2, −1], p0 = σ(3).
+    "feddyn_moved": ("feddyn", {"alpha": 1.0}, math.sqrt(2.0), [1.0, 0.0], [1.0, 1.0],
+                     lambda w: {"prev_grad": w([-1.0, 0.0])}, [-0.0474259, 0.0474259]),
+    # At w = w_g FedDyn's gradient is genuine: g_p = −∇L_i = [1, 0] ⇒ z = [2, 0], p0 = σ(2).
+    "feddyn_at_anchor": ("feddyn", {"alpha": 1.0}, 1.0, [1.0, 0.0], [1.0, 0.0],
+                         lambda w: {"prev_grad": w([-1.0, 0.0])}, [-0.1192029, 0.1192029]),
+    # MOON (τ = 0.5): z = [1, 0], z_glob = [1, 1], z_prev = [0, 1]; ∂ℓ_con/∂z =
+    # [0, 0.1145624] (tests/test_representation_algorithms.py) ⇒ ε = [0, 1];
+    # z = [1, 1], p0 = 1/2.
+    "moon_moved": ("moon", {"mu": 1.0, "tau": 0.5}, 1.0, [1.0, 0.0], [1.0, 1.0],
+                   lambda w: {"prev": w([0.0, 1.0])["model"]}, [-0.5, 0.5]),
+    # At w = w_g (z = z_glob = [1, 1]) with z_prev = [0, 1] ≠ z_glob, ∂ℓ_con/∂z =
+    # σ(neg − pos)/τ ∇cos(z, z_prev) ∝ [−1, 1] ⇒ ε = [−1, 1] (ρ = √2); z = [0, 2], p0 = σ(−2).
+    "moon_at_anchor": ("moon", {"mu": 1.0, "tau": 0.5}, math.sqrt(2.0), [1.0, 1.0], [1.0, 1.0],
+                       lambda w: {"prev": w([0.0, 1.0])["model"]}, [-0.8807971, 0.8807971]),
+    # Previous model = global (round 1): ℓ_con = log 2 for every w ⇒ ε = 0 although
+    # w ≠ w_g; z = [1, 0], p0 = σ(1).
+    "moon_first_round": ("moon", {"mu": 1.0, "tau": 0.5}, 1.0, [1.0, 0.0], [1.0, 1.0],
+                         lambda w: {"prev": w([1.0, 1.0])["model"]}, [-0.2689414, 0.2689414]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SOURCE_CASES))
+def test_proximal_source_drives_the_perturbation_hand_computed(case):
+  source, settings, rho, local_w, global_w, client_state, want = SOURCE_CASES[case]
+  got = source_step(source, settings, rho, local_w, global_w, client_state)
+  np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -219,3 +292,58 @@ def test_softened_kl_gradient_is_exact_and_zero_at_equal_logits():
 
   np.testing.assert_allclose(jax.grad(lambda a: softened_kl(a, z, 3.0).sum())(z_k),
                              jax.grad(plain)(z_k), atol=1e-6)
+
+
+# FedSoL's proximal source -> the algorithm whose round a one-step FedSoL round
+# must reproduce: on the first local step of round 1 every source's gradient
+# vanishes (w = w_g; FedDyn's ∇L_i = 0; MOON's previous model is the global one),
+# so ε = 0 and both take one plain step; the base keeps its own server rule.
+SOURCE_BASE = {"kl": "fedavg", "fedprox": "fedprox", "feddyn": "feddyn", "moon": "moon"}
+
+
+def registry_algorithm(name, **fedsol_settings):
+  c = default_config()
+  c.fl.algorithm, c.fl.num_clients = name, len(UNEVEN_SIZES)
+  c.fl.fedprox.mu, c.fl.feddyn.alpha, c.fl.moon.mu = 0.1, 0.1, 1.0
+  for key, value in fedsol_settings.items():
+    c.fl.fedsol[key] = value
+  return make_algorithm(c)
+
+
+
+def one_jitted_round(alg, *, isr, model="lenet5"):
+  """``(w_0, w_1)`` of one jitted one-step ``fl_round`` on a real model."""
+  data = uneven_clients()
+  state, fns, _ = small_setup(isr=isr, algorithm=alg, data=data, model=model)
+  step = jax.jit(functools.partial(fl_round, fns=fns,
+                                   spec=FLSpec(clients_per_round=3, local_steps=1)))
+  return state.params, step(state, data)[0].params
+
+
+def assert_same_round(got, want, start):
+  """``got == want`` to 1e-6, and the round moved the model well beyond that."""
+  moved = max(float(jnp.abs(a - b).max())
+              for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(start), strict=True))
+  assert moved > 1e-3, moved
+  assert_trees_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("isr", [False, True])
+def test_jitted_first_step_of_fedsol_is_fedavg_on_lenet(isr):
+  # Fixed radius ρ = 2: under jit the local and global logits round differently,
+  # and the perturbation must still be exactly zero on the first local step.
+  start, want = one_jitted_round(fedavg(), isr=isr)
+  _, got = one_jitted_round(fedsol(rho=2.0), isr=isr)
+  assert_same_round(got, want, start)
+
+
+def test_every_proximal_source_declares_its_stationary_points():
+  # A new source must say where its gradient vanishes by construction (or None).
+  assert set(PROXIMAL_STATIONARY) == set(PROXIMAL_SOURCES) == set(SOURCE_BASE)
+
+
+@pytest.mark.parametrize("source", ["fedprox", "feddyn", "moon"])
+def test_jitted_first_step_of_every_proximal_source_is_its_base(source):
+  start, want = one_jitted_round(registry_algorithm(SOURCE_BASE[source]), isr=True)
+  _, got = one_jitted_round(registry_algorithm("fedsol", rho=2.0, proximal=source), isr=True)
+  assert_same_round(got, want, start)

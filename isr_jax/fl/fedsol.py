@@ -14,6 +14,17 @@
 A *proximal loss* is ``(params, anchor, ctx, batch, problem, key) -> scalar``:
 ``anchor`` is the global model ``w_g`` of the round and ``ctx`` the base
 algorithm's own client context (FedDyn's ``h_i``, MOON's previous model).
+
+A proximal loss may come with a *stationarity predicate*
+``(params, anchor, ctx) -> bool``: True where its gradient is zero by
+construction (the KL at ``w_k = w_g``: every round's first local step). There ``g_p``
+is set to exactly 0, so ``ε = 0``. The computed gradient is *not* exactly zero
+there under ``jax.jit``: ``z_k`` and ``z_g`` come from two separately compiled
+forward passes and differ by rounding (~1e-9 in ``g_p`` on LeNet-5), and
+normalising that noise would give a full ρ-sized step in a random direction
+(SPEC §4: no perturbation on the first step). A tolerance on ``‖g_p‖`` could not
+tell noise from a genuinely small gradient for every model and scale; the
+predicate compares parameters bit for bit, which rounding cannot fool.
 """
 
 from __future__ import annotations
@@ -31,6 +42,26 @@ from isr_jax.sam import perturbation, perturbed_gradient
 
 PERTURB_TARGETS = ("all", "head", "body")
 ProximalLoss = Callable[..., jax.Array]
+Stationary = Callable[[Any, Any, Any], jax.Array]  # (params, anchor, ctx) -> bool scalar
+
+
+def trees_equal(a: Any, b: Any) -> jax.Array:
+  """Whether two pytrees are equal leaf by leaf, bit for bit, as a traced bool."""
+  same = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.all(x == y), a, b))
+  return functools.reduce(jnp.logical_and, same, jnp.asarray(True))
+
+
+def model_at_anchor(params: Any, anchor: Any, ctx: Any = None) -> jax.Array:
+  """Stationarity of a loss that depends on the model part only, such as the KL
+  (its gradient ``(p_k − p_g)/τ`` in ``z_k`` vanishes when ``w_k = w_g``)."""
+  del ctx
+  return trees_equal(params["model"], anchor["model"])
+
+
+def params_at_anchor(params: Any, anchor: Any, ctx: Any = None) -> jax.Array:
+  """Stationarity of a loss of every parameter, such as FedProx's ``μ/2 ‖w − w_g‖²``."""
+  del ctx
+  return trees_equal(params, anchor)
 
 
 def head_body_mask(params: Any, target: str) -> Any:
@@ -54,7 +85,9 @@ def softened_kl(z_k: jax.Array, z_g: jax.Array, tau: float) -> jax.Array:
   exactly zero when ``z_k == z_g``. Autodiff of the same expression gives
   ``(p_k Σp_g − p_g)/τ`` with ``Σp_g = 1`` only up to rounding: ~1e-8 of noise
   that the SAM normalisation would blow up into a full ρ-sized perturbation in
-  a random direction on FedSoL's first local step, where ``w_k = w_g``.
+  a random direction on FedSoL's first local step, where ``w_k = w_g``. That
+  covers bit-equal logits only: under ``jax.jit`` the two forward passes give
+  ``z_k ≠ z_g`` by rounding, which :func:`model_at_anchor` takes care of.
   """
   log_p_k = jax.nn.log_softmax(z_k / tau, axis=-1)
   log_p_g = jax.nn.log_softmax(z_g / tau, axis=-1)
@@ -116,6 +149,7 @@ def sharpness_aware(
     *,
     rho: float,
     proximal_loss: ProximalLoss | None = None,
+    stationary: Stationary | None = None,
     adaptive_radius: bool = False,
     asam_eta: float | None = None,
     perturb: str = "all",
@@ -128,6 +162,9 @@ def sharpness_aware(
     rho: radius ρ ≥ 0; ρ = 0 is exactly ``∇L_local`` at ``w`` (the base step
       without its own gradient modification).
     proximal_loss: loss A; ``None`` for A = B = the client objective (SAM).
+    stationary: where loss A's gradient vanishes by construction (see the
+      module docstring); ``None`` when it has no such points, or when its
+      gradient is computed exactly zero there anyway.
     adaptive_radius: FedSoL's Λ (anchor: the global model).
     asam_eta: ASAM's η, or ``None``.
     perturb: ``all``, ``head`` or ``body``.
@@ -143,6 +180,10 @@ def sharpness_aware(
       grad_a, aux = grad_b(params)
     else:
       grad_a = jax.grad(proximal_loss)(params, ctx["global"], ctx["base"], batch, problem, key)
+      if stationary is not None:
+        # Rounding noise, not a direction: zero it so that ε = 0 exactly.
+        still = stationary(params, ctx["global"], ctx["base"])
+        grad_a = jax.tree.map(lambda g: jnp.where(still, jnp.zeros_like(g), g), grad_a)
       aux = None
     grads, aux_b, _ = perturbed_gradient(tx, tx.init(ctx["global"]), params, grad_a, grad_b)
     # Report the objective at w (A = B) or at w + ε (FedSoL, where w is not evaluated).
@@ -164,11 +205,17 @@ def fedasam(rho: float = 0.5, *, eta: float = 0.01, perturb: str = "all") -> FLA
   return sharpness_aware("fedasam", fedavg(), rho=rho, asam_eta=eta, perturb=perturb)
 
 
-def fedsol(rho: float = 2.0, *, adaptive: bool = False, tau: float = 3.0,
+def fedsol(rho: float = 0.1, *, adaptive: bool = False, tau: float = 3.0,
            perturb: str = "all", base: FLAlgorithm | None = None,
-           proximal_loss: ProximalLoss | None = None) -> FLAlgorithm:
-  """FedSoL; ``base``/``proximal_loss`` default to FedAvg with the KL proximal loss."""
+           proximal_loss: ProximalLoss | None = None,
+           stationary: Stationary | None = None) -> FLAlgorithm:
+  """FedSoL; ``base``/``proximal_loss`` default to FedAvg with the KL proximal loss
+  (and ``stationary`` then to :func:`model_at_anchor`). A custom ``proximal_loss``
+  brings its own ``stationary``. ``rho`` defaults to 0.1, not the paper's 2.0
+  (App. C.5), which does not train this library's small models; see the
+  registry's entry."""
+  if proximal_loss is None:
+    proximal_loss, stationary = kl_proximal_loss(tau), stationary or model_at_anchor
   return sharpness_aware(
-      "fedsol", base or fedavg(), rho=rho,
-      proximal_loss=proximal_loss or kl_proximal_loss(tau),
-      adaptive_radius=adaptive, perturb=perturb)
+      "fedsol", base or fedavg(), rho=rho, proximal_loss=proximal_loss,
+      stationary=stationary, adaptive_radius=adaptive, perturb=perturb)
