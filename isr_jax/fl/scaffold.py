@@ -18,13 +18,18 @@ averages uniformly over ``S``). The server sends ``x`` and ``c`` down, twice
 FedAvg's downlink.
 
 Assumptions where the paper is silent: option II's ``(x − y_i)/(K η_l)`` is
-the mean corrected gradient only for plain local SGD. With heavy-ball momentum
-``β`` the displacement is ``η_l Σ_k a_k g_k`` with ``‖a‖₁ = [K − β(1 − β^K)/(1 − β)]
-/ (1 − β)`` (FedNova, Wang et al. 2020, Eq. 9's ``a_i``), so dividing by
-``‖a‖₁ η_l`` keeps ``c_i⁺`` a mean gradient; dividing by ``K η_l`` instead
-overstates it up to ``1/(1 − β)``-fold, and the control variates then diverge
-(measured: every digits run with β = 0.9, lr 0.05). Weight decay is used as
-is. A client that took no step (``K = 0``) keeps its ``c_i``.
+the mean corrected gradient only for local SGD, so any other client optimizer
+(Adam, ...) is rejected by the config (:mod:`isr_jax.fl.registry`): an Adam
+step is no fixed linear combination of the gradients, and ``c_i⁺`` would not be
+a gradient at all. With heavy-ball momentum ``β`` the displacement is
+``η_l Σ_k a_k g_k`` with ``‖a‖₁ = [K − β(1 − β^K)/(1 − β)] / (1 − β)``
+(FedNova's ``a_i``, Wang et al. 2020), so dividing by ``‖a‖₁ η_l`` keeps ``c_i⁺``
+an (``a``-weighted) mean gradient; dividing by ``K η_l`` instead overstates it up
+to ``1/(1 − β)``-fold, and the control variates then diverge (measured: every
+digits run with β = 0.9, lr 0.05). SGD's weight decay ``λ`` is L2 added to the
+gradient before momentum (``isr_jax.optim``), so ``c_i⁺`` is the mean gradient of
+``L_i + (λ/2)‖θ‖²``, the objective the clients actually descend; no correction
+is needed. A client that took no step (``K = 0``) keeps its ``c_i``.
 With personal ISR adapters the adapters' control variates still follow the
 same rule (their ``x`` is the client's own adapters).
 """
