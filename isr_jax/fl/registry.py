@@ -138,7 +138,7 @@ ALGORITHMS: dict[str, Entry] = {
     # other local optimizers are rejected (_local_sgd).
     "scaffold": Entry({}, lambda config: scaffold(
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)),
-        **_local_sgd(config, "scaffold"))),
+        personal_adapters=not config.isr.aggregate_adapters, **_local_sgd(config, "scaffold"))),
     "fednova": Entry({}, lambda config: fednova(**_local_sgd(config, "fednova"))),
     "fedir": Entry({}, lambda config: fedir()),
     "fedavgm": Entry(dict(beta=0.9, server_lr=1.0), lambda config: fedavgm(
