@@ -5,9 +5,37 @@ Both sides are expressed as parameter displacements from ``θ_t``:
 batches; with one plain-SGD step of rate η_t this is ``η_t g_CL``) and
 ``Δ_FL = θ_t − θ̃_{t+1}`` (the FL algorithm's pseudo-gradient, ``η_t g_FL``).
 The server optimizer is fed ``α_t Δ_CL + (1 − α_t) Δ_FL``; with SGD at rate 1
-this is exactly Eq. 9, ``θ_{t+1} = θ_t − η_t(α_t g_CL + (1 − α_t) g_FL)``, and
-α = 1 is one CL step, α = 0 exactly the FL round. Adapters are mixed the same
-way (they are part of ``params``).
+this is exactly Eq. 9, ``θ_{t+1} = θ_t − η_t(α_t g_CL + (1 − α_t) g_FL)``.
+Adapters are mixed the same way (they are part of ``params``).
+
+The identities of SPEC §2 hold on the whole :class:`TrainState`, not only on
+the parameters:
+
+* ``α_t = 0``: exactly the FL algorithm's round (params, server optimizer
+  state, the algorithm's server and client state, rng, round; ``alpha`` is
+  unchanged as in FL). The cloud step still runs — it is ``cloud_steps`` steps
+  on one batch, carries no state (its optimizer state is fresh every round) and
+  keeps ``cloud/*`` and ``hybrid/cos_cl_fl`` measured — but its zero weight is
+  applied by selection, so not even a diverged (NaN) cloud step leaks in.
+* ``α_t = 1``: one CL step. The federated step has weight 0, so none of its
+  state may persist either: SCAFFOLD's ``c``/``c_i`` and FedDyn's ``h``/``∇L_i``
+  keep their old values (otherwise FedDyn's ``θ = avg − h/α`` breaks). Where
+  ``α_t = 1`` does not need ``cos(g_CL, g_FL)`` — ``alternating`` (even rounds),
+  ``fixed`` (α = 1), and ``adaptive`` with the ``paper`` rule, for which α = 1 is
+  absorbing (``α + β(1 − s) ≥ α`` for every ``s ≤ 1``) — a ``lax.cond`` skips the
+  clients entirely: no local training, nothing communicated (half the cost of
+  ``alternating``). The ``signed`` rule needs ``s`` at α = 1 (``1 − βs`` may
+  leave 1), so there the clients do run, as a probe: their messages travel and
+  are counted, ``s`` is measured, and their state changes are dropped.
+
+Metrics of a round whose clients were skipped (``α_t = 1`` above): nothing
+trained or travelled, so ``comm/*``, ``fl/client_drift``, ``fl/local_steps`` and
+``fl/heterogeneity`` are 0 (sums over an empty set of clients), ``Δ_FL = 0``
+gives ``hybrid/cos_cl_fl = hybrid/inner_cl_fl = 0`` (the :func:`cosine`
+convention), and ``train/<term>`` is the cloud's ``cloud/<term>`` — the only
+training that ran — so that ``train/loss`` stays the round's training loss and
+:mod:`isr_jax.train`'s NaN guard still stops a diverging cloud step. Terms only
+the FL algorithm has (FedProx's ``prox``, ...) read 0.
 """
 
 from __future__ import annotations
@@ -68,10 +96,29 @@ def next_alpha(spec: HybridSpec, alpha: jax.Array, cos: jax.Array) -> jax.Array:
   return jnp.clip(proposed, spec.alpha_min, 1.0).astype(jnp.float32)
 
 
+def skips_clients_at_alpha_one(spec: HybridSpec) -> bool:
+  """Whether a round with α_t = 1 can skip the clients (it needs no ``cos``)."""
+  return spec.schedule != "adaptive" or spec.adaptive_rule == "paper"
+
+
 def cosine(a, b) -> jax.Array:
   """cos(a, b) over whole pytrees; 0 when either is zero."""
   denom = otu.tree_norm(a) * otu.tree_norm(b)
   return jnp.where(denom > 0, otu.tree_vdot(a, b) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def mix(alpha: jax.Array, delta_cl, delta_fl):
+  """``α Δ_CL + (1 − α) Δ_FL`` (Eq. 9), the zero-weight side dropped exactly at α ∈ {0, 1}.
+
+  Selection, not multiplication, at the ends: ``0 · NaN`` is NaN, so a diverged
+  side would otherwise break the identities α = 0 ⇒ FL and α = 1 ⇒ CL.
+  """
+
+  def one(c, f):
+    mixed = alpha * c + (1.0 - alpha) * f
+    return jnp.where(alpha == 1, c, jnp.where(alpha == 0, f, mixed))
+
+  return jax.tree.map(one, delta_cl, delta_fl)
 
 
 def cloud_update(state: TrainState, cloud: ClientData, fns: RoundFns, spec: HybridSpec,
@@ -93,15 +140,46 @@ def cloud_update(state: TrainState, cloud: ClientData, fns: RoundFns, spec: Hybr
   return otu.tree_sub(state.params, params), metrics
 
 
+def _no_clients(state: TrainState, shapes, cloud_metrics):
+  """``federated_update``'s outputs for a round whose clients did not run.
+
+  ``Δ_FL = 0``, the algorithm's state as it was, and the metrics described in
+  the module docstring (``train/<term>`` from the cloud, everything else 0).
+  """
+  delta_shapes, _, _, metric_shapes = shapes
+  zero = lambda s: jnp.zeros(s.shape, s.dtype)
+
+  def metric(name, s):
+    if name.startswith("train/"):
+      cloud = cloud_metrics.get("cloud/" + name.removeprefix("train/"))
+      if cloud is not None:
+        return jnp.asarray(cloud, s.dtype).reshape(s.shape)
+    return zero(s)
+
+  metrics = {name: metric(name, s) for name, s in metric_shapes.items()}
+  return jax.tree.map(zero, delta_shapes), state.alg_state, state.client_states, metrics
+
+
 def hybrid_round(state: TrainState, data: ClientData, cloud: ClientData, *,
                  fns: RoundFns, spec: FLSpec, hybrid: HybridSpec):
   """One hybrid round (Eq. 9): ``state -> (state, metrics)``; jit with donation."""
-  delta_fl, alg_state, client_states, metrics = federated_update(state, data, fns, spec)
+  alpha = mixing_weight(hybrid, state.alpha, state.round)
   _, _, k_cloud = round_keys(state)
   delta_cl, cloud_metrics = cloud_update(state, cloud, fns, hybrid, k_cloud, spec.unroll)
-  alpha = mixing_weight(hybrid, state.alpha, state.round)
-  mixed = jax.tree.map(lambda c, f: alpha * c + (1.0 - alpha) * f, delta_cl, delta_fl)
-  params, opt_state = apply_server_step(state, mixed, fns.server_optimizer)
+  federated = lambda: federated_update(state, data, fns, spec)
+  if skips_clients_at_alpha_one(hybrid):
+    shapes = jax.eval_shape(federated)
+    delta_fl, alg_state, client_states, metrics = jax.lax.cond(
+        alpha == 1, lambda: _no_clients(state, shapes, cloud_metrics), federated)
+  else:
+    # Signed adaptive rule: at α = 1 the clients run only to measure cos; their
+    # step has weight 0, so their state changes are dropped.
+    delta_fl, alg_state, client_states, metrics = federated()
+    keep = alpha == 1
+    alg_state = otu.tree_where(keep, state.alg_state, alg_state)
+    client_states = otu.tree_where(keep, state.client_states, client_states)
+  params, opt_state = apply_server_step(state, mix(alpha, delta_cl, delta_fl),
+                                        fns.server_optimizer)
   cos = cosine(delta_cl, delta_fl)
   lr = fns.local_lr(state.round)
   metrics.update(cloud_metrics)
@@ -109,8 +187,10 @@ def hybrid_round(state: TrainState, data: ClientData, cloud: ClientData, *,
   metrics["hybrid/cos_cl_fl"] = cos
   # Lemma 5's ⟨g_CL, g_FL⟩ with g = Δ / η_t.
   metrics["hybrid/inner_cl_fl"] = otu.tree_vdot(delta_cl, delta_fl) / (lr * lr)
+  # Only the adaptive schedule carries α; the others leave it as it was (so the
+  # state after an α_t = 0 round is the FL round's state, alpha included).
   new_state = state._replace(
       params=params, opt_state=opt_state, alg_state=alg_state, client_states=client_states,
-      round=state.round + 1, alpha=next_alpha(hybrid, alpha, cos),
+      round=state.round + 1, alpha=next_alpha(hybrid, state.alpha, cos),
   )
   return new_state, metrics

@@ -8,6 +8,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -268,6 +269,29 @@ def test_scaffold_option_two_is_the_mean_gradient_under_momentum(nesterov):
   np.testing.assert_allclose(model_w(new_state["c"]), g, rtol=1e-5)
   with pytest.raises(ValueError, match="momentum=1.0"):
     scaffold(num_clients=4, momentum=1.0)
+
+
+def test_scaffold_option_two_with_weight_decay_is_the_mean_regularised_gradient():
+  # Our SGD adds λθ to the gradient before momentum, so K steps on a constant corrected
+  # gradient g̃ = g + c − c_i move x − y = η Σ_j a_j (g̃ + λ y_j), a_j = (1 − β^{K−j})/(1 − β),
+  # and option II gives c_i⁺ = g + λ Σ_j a_j y_j / ‖a‖₁: the a-weighted mean gradient of
+  # L_i + (λ/2)‖θ‖², the objective the clients descend.
+  beta, lr, wd, k = 0.9, 0.05, 0.1, 5
+  g, c, c_i = np.array([0.4, -1.2]), np.array([0.1, -0.2]), np.array([0.3, 0.1])
+  opt = make_optimizer(ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=lr, momentum=beta, nesterov=False, weight_decay=wd)))
+  y = two([0.5, 1.0])
+  opt_state, ys = opt.init(y), []
+  for _ in range(k):
+    ys.append(model_w(y))
+    updates, opt_state = opt.update(two(g + c - c_i), opt_state, y)
+    y = optax.apply_updates(y, updates)
+  a = (1 - beta ** (k - np.arange(k))) / (1 - beta)
+  want = g + wd * (a[:, None] * np.asarray(ys)).sum(axis=0) / a.sum()
+  alg = scaffold(num_clients=4, momentum=beta)
+  b = broadcast([0.5, 1.0], {"c": two(c)}, lr=lr)
+  _, new_state = alg.client_final(b, None, y, jnp.int32(k), {"c": two(c_i)})
+  np.testing.assert_allclose(model_w(new_state["c"]), want, rtol=1e-5)
 
 
 def test_fednova_step_weights_by_hand_and_against_optax():
@@ -584,6 +608,23 @@ def test_bad_hyper_parameter_is_a_one_line_config_error(algorithm, setting, valu
   with pytest.raises(ConfigError) as e:
     validate(c)
   assert f"fl.{algorithm}.{setting}" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adagrad", "rmsprop"])
+@pytest.mark.parametrize("algorithm", ["scaffold", "fednova"])
+def test_local_sgd_algorithms_reject_other_client_optimizers(algorithm, optimizer):
+  # SCAFFOLD's option II and FedNova's ‖a_i‖₁ are defined for local SGD only: any other
+  # client optimizer used to run and silently compute something that is no gradient.
+  c = default_config()
+  c.fl.algorithm, c.client_optimizer.name = algorithm, optimizer
+  with pytest.raises(ConfigError, match=(
+      rf"^fl\.algorithm='{algorithm}' needs client_optimizer\.name='sgd' "
+      rf"\(got '{optimizer}'\): .*\(Karimireddy|Wang et al\. 2020")) as e:
+    validate(c)
+  assert "\n" not in str(e.value)
+  # SGD with momentum, Nesterov and weight decay stays valid.
+  c.client_optimizer.update(name="sgd", momentum=0.9, nesterov=True, weight_decay=1e-4)
+  validate(c)
 
 
 def test_bad_proximal_weight_through_fedsol_names_its_setting():

@@ -15,13 +15,20 @@ from support import (
     small_setup,
     uneven_clients,
 )
+from test_algorithms import LENET5_ADAPTERS, LENET5_DIGITS
 
+from isr_jax.config import default_config
 from isr_jax.fl.client import batch_schedule, run_local_steps
+from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
 
 
 def reference_fedavg_round(state, data, fns, spec: FLSpec, lr):
-  """FedAvg written out: sample, loop over clients, loop over steps, weighted mean."""
+  """FedAvg written out: sample, loop over clients, loop over steps, weighted mean.
+
+  Returns the new params, the sampled clients and Lemma 2's client drift
+  ``Σ_n w_n ‖θ_n − θ_t‖²`` over the model (not the adapters).
+  """
   k_sample, k_clients, _ = round_keys(state)
   sampled = np.asarray(sample_clients(k_sample, data.num_clients, spec.clients_per_round))
   deltas, sizes = [], []
@@ -36,7 +43,9 @@ def reference_fedavg_round(state, data, fns, spec: FLSpec, lr):
     sizes.append(int(data.num_examples[c]))
   w = np.asarray(sizes, np.float64) / sum(sizes)
   mean_delta = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d, strict=True)), *deltas)
-  return jax.tree.map(lambda p, d: np.asarray(p) + d, state.params, mean_delta), sampled
+  drift = sum(wi * sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(d["model"]))
+              for wi, d in zip(w, deltas, strict=True))
+  return jax.tree.map(lambda p, d: np.asarray(p) + d, state.params, mean_delta), sampled, drift
 
 
 @pytest.mark.parametrize("local_epochs,local_steps", [(2, 0), (1, 5)])
@@ -44,12 +53,16 @@ def test_vmapped_round_equals_per_client_loop(local_epochs, local_steps):
   data = uneven_clients()
   state, fns, _ = small_setup(isr=True)
   spec = FLSpec(clients_per_round=4, local_epochs=local_epochs, local_steps=local_steps)
-  want, sampled = reference_fedavg_round(state, data, fns, spec, lr=0.1)
+  want, sampled, drift = reference_fedavg_round(state, data, fns, spec, lr=0.1)
   assert len(set(UNEVEN_SIZES[i] for i in sampled)) > 1  # uneven clients are in the round
   new_state, metrics = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
   assert_trees_close(new_state.params, want, atol=2e-5)
   assert int(new_state.round) == 1
-  assert np.isfinite(float(metrics["train/loss"]))
+  assert float(metrics["fl/client_drift"]) == pytest.approx(drift, rel=1e-4)
+  # 4 clients, each the model and both adapters (float32) up and down.
+  assert float(metrics["comm/up_bytes"]) == float(metrics["comm/down_bytes"]) == (
+      4 * 4 * (LENET5_DIGITS + LENET5_ADAPTERS))
+  assert 0 < float(metrics["train/loss"]) < 10
 
 
 def test_client_parallelism_strategies_agree():
@@ -140,7 +153,9 @@ def test_personal_adapters_stay_per_client():
   spec = FLSpec(clients_per_round=2, local_epochs=1, aggregate_adapters=False)
   k_sample, _, _ = round_keys(state)
   sampled = np.asarray(sample_clients(k_sample, 6, 2))
-  new_state, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
+  new_state, m = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
+  # Only the model travels: 2 clients × the model's float32s, up and down.
+  assert float(m["comm/up_bytes"]) == float(m["comm/down_bytes"]) == 2 * 4 * LENET5_DIGITS
   # The global adapters do not move; the sampled clients' own adapters do.
   chex.assert_trees_all_equal(new_state.params["adapters"], state.params["adapters"])
   before = state.client_states["adapters"]
@@ -152,3 +167,24 @@ def test_personal_adapters_stay_per_client():
   # The model itself is still aggregated.
   assert not np.array_equal(jax.tree.leaves(new_state.params["model"])[0],
                             jax.tree.leaves(state.params["model"])[0])
+
+
+def test_scaffold_with_personal_adapters_moves_and_corrects_only_the_model():
+  # Personal adapters never travel: SCAFFOLD's uplink is Δy and Δc of the model (2× FedAvg's
+  # model-only uplink), its downlink x and c of the model; the adapters get no control
+  # variate (there is no global adapter to drift from), on the server or on any client.
+  config = default_config()
+  config.fl.algorithm, config.fl.num_clients, config.isr.aggregate_adapters = "scaffold", 6, False
+  data = uneven_clients()
+  state, fns, _ = small_setup(isr=True, algorithm=make_algorithm(config),
+                              aggregate_adapters=False)
+  spec = FLSpec(clients_per_round=3, local_epochs=1, aggregate_adapters=False)
+  new, m = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
+  assert float(m["comm/up_bytes"]) == float(m["comm/down_bytes"]) == 3 * 2 * 4 * LENET5_DIGITS
+  for tree in (new.alg_state["c"]["adapters"], new.client_states["alg"]["c"]["adapters"]):
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(tree))
+  assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(new.alg_state["c"]["model"]))
+  # The adapters still train, per client.
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(new.client_states["adapters"]),
+      jax.tree.leaves(state.client_states["adapters"]), strict=True))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_algorithms import TEST_SETTINGS, algorithm_config
+from test_algorithms import TEST_SETTINGS, algorithm_config, per_client_bytes
 
 from experiments.configs.segmentation import MODELS, get_config
 from isr_jax.data import load_dataset, pack_clients, partition
@@ -142,7 +142,8 @@ def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
   m = jax.device_get(m)
   assert np.isfinite(m["train/loss"]) and np.isfinite(m["train/ce"]), m
   assert any(k.startswith("train/mi/") for k in m) and any(k.startswith("train/ne/") for k in m)
-  assert m["comm/up_bytes"] > 0 and m["comm/down_bytes"] > 0
+  up, down = per_client_bytes(algorithm, state.params)
+  assert (m["comm/up_bytes"], m["comm/down_bytes"]) == (2 * up, 2 * down)
   for leaf in jax.tree.leaves(state.params):
     assert bool(jnp.all(jnp.isfinite(leaf)))
 

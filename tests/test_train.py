@@ -6,8 +6,10 @@ import os
 import shutil
 
 import chex
+import jax
 import numpy as np
 import pytest
+from test_algorithms import LENET5_DIGITS, per_client_bytes
 
 from experiments.configs.digits import get_config
 from isr_jax.config import validate
@@ -37,21 +39,30 @@ def tiny(run_mode="fl", isr=False, **overrides):
 @pytest.mark.parametrize("mode", ["cl", "fl", "hybrid"])
 @pytest.mark.parametrize("isr", [False, True])
 def test_one_run_per_mode(tmp_path, mode, isr):
-  result = train_and_evaluate(tiny(mode, isr), str(tmp_path))
-  m = result["metrics"]
-  assert 0.1 < m["test/accuracy"] <= 1.0
-  assert math.isfinite(m["train/loss"])
+  # Long enough to learn (8 rounds; FL/hybrid: 3 clients × 20 local steps, CL: 8 epochs;
+  # measured test accuracy 0.74 FL, 0.81 hybrid, 0.95 CL), still seconds after compiling.
+  config = tiny(mode, isr, num_rounds=8, eval_every=4, checkpoint_every=4,
+                **{"fl.local_steps": 20})
+  result = train_and_evaluate(config, str(tmp_path))
+  m, history = result["metrics"], result["history"]
+  assert m["test/accuracy"] > 0.5  # chance: 0.1
+  assert history[-1]["train/loss"] < 0.5 * history[0]["train/loss"]
   assert any(k.startswith("train/mi/") for k in m) == isr
+  params = result["state"].params
+  assert sum(x.size for x in jax.tree.leaves(params["model"])) == LENET5_DIGITS
   if mode == "hybrid":
     assert m["hybrid/alpha"] == pytest.approx(0.5)
     assert -1.0 <= m["hybrid/cos_cl_fl"] <= 1.0
   if mode != "cl":
-    assert m["fl/client_drift"] > 0
+    # Every sampled client ran its 20 steps; 3 clients × the model (+ adapters) each way.
+    assert m["fl/local_steps"] == 20
+    up, down = per_client_bytes("fedavg", params)
+    assert (m["comm/up_bytes"], m["comm/down_bytes"]) == (3 * up, 3 * down)
   records = read_metrics(str(tmp_path))
-  assert [r["round"] for r in records] == [1, 2]
-  assert os.path.exists(tmp_path / "checkpoints" / "2")
+  assert [r["round"] for r in records] == list(range(1, 9))
+  assert os.path.exists(tmp_path / "checkpoints" / "8")
   with open(tmp_path / "summary.json") as f:
-    assert json.load(f)["round"] == 2
+    assert json.load(f)["round"] == 8
 
 
 def test_resume_is_exact(tmp_path):

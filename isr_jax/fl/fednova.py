@@ -16,10 +16,12 @@ SGD momentum:
   update ``g + ρ v``): ``τ_i + ρ ‖a_i‖₁^{heavy-ball}``.
 
 ``p_i`` are the round's ``|D_n|`` weights. With equal ``τ_i`` the update is
-FedAvg's (up to rounding). Assumptions: weight decay is part of the gradient
-(it does not change ``a_i``); for local optimizers other than SGD (Adam, ...)
-``a_i = τ_i``, i.e. each step is counted once; a client that took no step has
-``a_i = 0`` and contributes nothing.
+FedAvg's (up to rounding). Assumptions: SGD's weight decay is L2 added to the
+gradient before momentum (``isr_jax.optim``), so it is part of ``G_i`` and does
+not change ``a_i``; local optimizers other than SGD (Adam, ...) have no such
+``a_i`` (their step is no fixed linear combination of the gradients) and are
+rejected by the config (:mod:`isr_jax.fl.registry`); a client that took no step
+has ``a_i = 0`` and contributes nothing.
 """
 
 from __future__ import annotations

@@ -58,6 +58,26 @@ def _rho(config, name):
   return check_number(config.fl[name].rho, f"fl.{name}.rho", low=0)
 
 
+# Why an algorithm needs plain local SGD (with momentum, Nesterov and weight decay,
+# which optim._sgd adds to the gradient). Adam-like steps are no fixed linear
+# combination of the gradients, so neither quantity below exists for them.
+_NEEDS_LOCAL_SGD = {
+    "scaffold": "its control variates c_i⁺ = c_i − c + (x − y_i)/(K η) are mean gradients "
+                "only under local SGD (Karimireddy et al. 2020, Eq. 4 option II)",
+    "fednova": "its normalizer ‖a_i‖₁ is the sum of local SGD(-momentum) step weights "
+               "(Wang et al. 2020)",
+}
+
+
+def _local_sgd(config, algorithm: str) -> dict[str, Any]:
+  """The clients' SGD ``{momentum, nesterov}``; a ConfigError for any other optimizer."""
+  name = config.client_optimizer.name
+  if name != "sgd":
+    raise ConfigError(f"fl.algorithm={algorithm!r} needs client_optimizer.name='sgd' "
+                      f"(got {name!r}): {_NEEDS_LOCAL_SGD[algorithm]}")
+  return dict(momentum=_local_momentum(config), nesterov=_local_nesterov(config))
+
+
 def _local_momentum(config) -> float:
   """The clients' heavy-ball momentum: SGD's ``momentum``, 0 for other optimizers."""
   if config.client_optimizer.name != "sgd":
@@ -154,13 +174,12 @@ ALGORITHMS: dict[str, Entry] = {
     "feddyn": Entry(dict(alpha=0.01), lambda config: feddyn(
         check_number(config.fl.feddyn.alpha, "fl.feddyn.alpha", low=0),
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)))),
-    # SCAFFOLD's option II and FedNova's a_i follow the local optimizer: SGD
-    # momentum ρ, else plain steps.
+    # SCAFFOLD's option II and FedNova's a_i follow the clients' SGD momentum ρ;
+    # other local optimizers are rejected (_local_sgd).
     "scaffold": Entry({}, lambda config: scaffold(
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)),
-        momentum=_local_momentum(config), nesterov=_local_nesterov(config))),
-    "fednova": Entry({}, lambda config: fednova(
-        _local_momentum(config), nesterov=_local_nesterov(config))),
+        personal_adapters=not config.isr.aggregate_adapters, **_local_sgd(config, "scaffold"))),
+    "fednova": Entry({}, lambda config: fednova(**_local_sgd(config, "fednova"))),
     "fedir": Entry({}, lambda config: fedir()),
     "fedavgm": Entry(dict(beta=0.9, server_lr=1.0), lambda config: fedavgm(
         check_number(config.fl.fedavgm.beta, "fl.fedavgm.beta", low=0, high=1, high_open=True),

@@ -10,6 +10,7 @@ clients or steps and no host transfer inside it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,7 +27,6 @@ from isr_jax.fl.algorithm import (
     LocalProblem,
     ServerBroadcast,
     loss_grad,
-    tree_bytes,
     weighted_sum,
 )
 from isr_jax.fl.client import batch_schedule, map_clients, run_local_steps
@@ -85,6 +85,40 @@ def round_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sampling, clients, cloud) keys of the current round, derived from ``state.rng``."""
   key = jax.random.fold_in(state.rng, state.round)
   return tuple(jax.random.split(key, 3))  # type: ignore[return-value]
+
+
+def _is_personal(path, aggregate_adapters: bool) -> bool:
+  """Whether a leaf (by its key path) is part of the personal ISR adapters.
+
+  Every params-shaped tree is ``{"model", "adapters"}``, so a message, a downlink
+  or a state that holds one (SCAFFOLD's ``{"delta", "delta_c"}``, its
+  ``{"params", "c"}``) has an ``adapters`` key above each adapter leaf.
+  """
+  return not aggregate_adapters and any(
+      isinstance(k, jax.tree_util.DictKey) and k.key == "adapters" for k in path)
+
+
+def travelling_bytes(tree, aggregate_adapters: bool) -> int:
+  """Bytes of the leaves of ``tree`` that cross the network (static: shapes and dtypes).
+
+  Personal adapters (``aggregate_adapters=False``) never leave their client, in
+  either direction.
+  """
+  return sum(math.prod(x.shape) * x.dtype.itemsize
+             for path, x in jax.tree_util.tree_leaves_with_path(tree)
+             if not _is_personal(path, aggregate_adapters))
+
+
+def _as_received(messages, aggregate_adapters: bool):
+  """The messages as the server receives them: what stays on the clients is zero.
+
+  The server's rule then cannot use what never travelled (SCAFFOLD's ``c`` and
+  FedDyn's ``h`` would otherwise accumulate the personal adapters' updates).
+  """
+  if aggregate_adapters:
+    return messages
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if _is_personal(path, False) else x, messages)
 
 
 def _client_start(params, client_state, aggregate_adapters: bool):
@@ -154,7 +188,8 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
   )
   n = client_data.num_examples.astype(jnp.float32)
   weights = n / jnp.maximum(jnp.sum(n), 1.0)
-  pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, messages, weights)
+  received = _as_received(messages, spec.aggregate_adapters)
+  pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, received, weights)
   if not spec.aggregate_adapters:
     # Personal adapters never move the global ones through the federated path.
     pseudo_grad = {**pseudo_grad, "adapters": otu.tree_zeros_like(pseudo_grad["adapters"])}
@@ -172,10 +207,14 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
     mean = weighted_sum(grads, weights)
     metrics["fl/heterogeneity"] = jnp.sum(weights * sq) - otu.tree_norm(mean, squared=True)
   metrics["fl/local_steps"] = jnp.sum(num_steps) / jnp.maximum(jnp.sum(real), 1)
-  # Communication: the uplink is the message as built; shapes are static.
+  # Communication per real sampled client: the message up, the algorithm's
+  # downlink down, less the personal adapters; shapes are static.
   num_real = jnp.sum(client_data.num_examples > 0).astype(jnp.float32)
-  down = tree_bytes(alg.downlink(ServerBroadcast(state.params, state.alg_state, state.round, lr)))
-  metrics["comm/up_bytes"] = num_real * (tree_bytes(messages) / ids.shape[0])
+  one_message = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape[1:], m.dtype), messages)
+  broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
+  up = travelling_bytes(one_message, spec.aggregate_adapters)
+  down = travelling_bytes(alg.downlink(broadcast), spec.aggregate_adapters)
+  metrics["comm/up_bytes"] = num_real * up
   metrics["comm/down_bytes"] = num_real * down
   return pseudo_grad, alg_state, client_states, metrics
 

@@ -18,15 +18,25 @@ averages uniformly over ``S``). The server sends ``x`` and ``c`` down, twice
 FedAvg's downlink.
 
 Assumptions where the paper is silent: option II's ``(x − y_i)/(K η_l)`` is
-the mean corrected gradient only for plain local SGD. With heavy-ball momentum
-``β`` the displacement is ``η_l Σ_k a_k g_k`` with ``‖a‖₁ = [K − β(1 − β^K)/(1 − β)]
-/ (1 − β)`` (FedNova, Wang et al. 2020, Eq. 9's ``a_i``), so dividing by
-``‖a‖₁ η_l`` keeps ``c_i⁺`` a mean gradient; dividing by ``K η_l`` instead
-overstates it up to ``1/(1 − β)``-fold, and the control variates then diverge
-(measured: every digits run with β = 0.9, lr 0.05). Weight decay is used as
-is. A client that took no step (``K = 0``) keeps its ``c_i``.
-With personal ISR adapters the adapters' control variates still follow the
-same rule (their ``x`` is the client's own adapters).
+the mean corrected gradient only for local SGD, so any other client optimizer
+(Adam, ...) is rejected by the config (:mod:`isr_jax.fl.registry`): an Adam
+step is no fixed linear combination of the gradients, and ``c_i⁺`` would not be
+a gradient at all. With heavy-ball momentum ``β`` the displacement is
+``η_l Σ_k a_k g_k`` with ``‖a‖₁ = [K − β(1 − β^K)/(1 − β)] / (1 − β)``
+(FedNova's ``a_i``, Wang et al. 2020), so dividing by ``‖a‖₁ η_l`` keeps ``c_i⁺``
+an (``a``-weighted) mean gradient; dividing by ``K η_l`` instead overstates it up
+to ``1/(1 − β)``-fold, and the control variates then diverge (measured: every
+digits run with β = 0.9, lr 0.05). SGD's weight decay ``λ`` is L2 added to the
+gradient before momentum (``isr_jax.optim``), so ``c_i⁺`` is the mean gradient of
+``L_i + (λ/2)‖θ‖²``, the objective the clients actually descend; no correction
+is needed. A client that took no step (``K = 0``) keeps its ``c_i``.
+
+Personal ISR adapters (``isr.aggregate_adapters=False``, built with
+``personal_adapters=True``) get no control variate: their ``c_i`` stays 0 and
+so does the server's ``c`` for them (the round zeroes what never travels before
+the server sees it), so their correction ``c − c_i`` is 0. There is no global
+adapter for them to drift from; with ``c`` = 0 but ``c_i`` updated, option II
+would instead subtract last round's mean adapter gradient on every step.
 """
 
 from __future__ import annotations
@@ -61,8 +71,12 @@ def client_grad(params, ctx, batch, problem, key):
   return otu.tree_add(grads, ctx["correction"]), aux
 
 
-def make_client_final(momentum: float = 0.0, nesterov: bool = False):
-  """``client_final`` for local SGD with heavy-ball (or Nesterov) ``momentum``."""
+def make_client_final(momentum: float = 0.0, nesterov: bool = False,
+                      personal_adapters: bool = False):
+  """``client_final`` for local SGD with heavy-ball (or Nesterov) ``momentum``.
+
+  ``personal_adapters``: the adapters' ``c_i`` is kept (0), see the module docstring.
+  """
 
   def client_final(broadcast, ctx, local_params, num_steps, client_state):
     """``c_i⁺`` (option II) and the message ``(Δy_i, Δc_i)``."""
@@ -74,6 +88,8 @@ def make_client_final(momentum: float = 0.0, nesterov: bool = False):
     new_c_i = jax.tree.map(lambda ci, cs, a, b: ci - cs + scale * (a - b),
                            c_i, c, x, local_params)
     new_c_i = otu.tree_where(took_steps, new_c_i, c_i)
+    if personal_adapters:
+      new_c_i = {**new_c_i, "adapters": c_i["adapters"]}
     message = {"delta": otu.tree_sub(local_params, x), "delta_c": otu.tree_sub(new_c_i, c_i)}
     return message, {"c": new_c_i}
 
@@ -84,11 +100,13 @@ def downlink(broadcast):
   return {"params": broadcast.params, "c": broadcast.alg_state["c"]}
 
 
-def scaffold(*, num_clients: int, momentum: float = 0.0, nesterov: bool = False
-             ) -> FLAlgorithm:
+def scaffold(*, num_clients: int, momentum: float = 0.0, nesterov: bool = False,
+             personal_adapters: bool = False) -> FLAlgorithm:
   """SCAFFOLD over ``num_clients`` clients (``N`` in the ``c`` update).
 
   ``momentum``, ``nesterov``: the clients' SGD momentum ``β`` (0 for plain SGD).
+  ``personal_adapters``: the ISR adapters stay on the clients
+  (``isr.aggregate_adapters=False``) and get no control variate.
   """
   if num_clients < 1:
     raise ValueError(f"num_clients={num_clients} must be >= 1")
@@ -110,7 +128,7 @@ def scaffold(*, num_clients: int, momentum: float = 0.0, nesterov: bool = False
       init_client_state=init_client_state,
       client_init=client_init,
       client_grad=client_grad,
-      client_final=make_client_final(momentum, nesterov),
+      client_final=make_client_final(momentum, nesterov, personal_adapters),
       server_update=server_update,
       downlink=downlink,
   )
