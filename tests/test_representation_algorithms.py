@@ -18,7 +18,7 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
 from isr_jax.fl.balancefl import balancefl, feature_noise
 from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.fedgau import fedgau
+from isr_jax.fl.fedgau import aggregation_weights, fedgau
 from isr_jax.fl.fedntd import fedntd, ntd_loss
 from isr_jax.fl.moon import moon, moon_proximal_loss
 from isr_jax.fl.registry import make_algorithm
@@ -55,13 +55,14 @@ def balanced_clients(num_clients=3, per_class=2):
 
 
 # Each reduces to FedAvg: μ = 0 (no contrastive term), β = 0 (no distillation),
-# γ = 0 (S_n = |D_n|), and BalanceFL on clients holding every class equally often
-# (P = all classes, M = ∅, w = 1, augmentation probability 0).
+# and BalanceFL on clients holding every class equally often (P = all classes,
+# M = ∅, w = 1, augmentation probability 0). FedGau's γ = 0 is FedAvg by
+# construction (S_n = |D_n| without a D_B in sight), so it is no test; FedGau's
+# weights are checked against an independent computation below.
 REDUCTIONS = {
     "fedavg": (fedavg, "uneven"),
     "moon": (lambda: moon(mu=0.0), "uneven"),
     "fedntd": (lambda: fedntd(beta=0.0), "uneven"),
-    "fedgau": (lambda: fedgau(gamma=0.0), "uneven"),
     "fedavg_balanced": (fedavg, "balanced"),
     "balancefl": (lambda: balancefl(lam=1.0, temperature=2.0), "balanced"),
 }
@@ -73,7 +74,7 @@ def two_rounds(name):
   return run_rounds(make(), uneven() if data == "uneven" else balanced_clients())
 
 
-@pytest.mark.parametrize("name", ["moon", "fedntd", "fedgau", "balancefl"])
+@pytest.mark.parametrize("name", ["moon", "fedntd", "balancefl"])
 def test_reduces_to_fedavg(name):
   reference = "fedavg" if REDUCTIONS[name][1] == "uneven" else "fedavg_balanced"
   assert_trees_close(two_rounds(name)[-1].params, two_rounds(reference)[-1].params,
@@ -355,7 +356,8 @@ def test_fedgau_gaussians_scores_and_server_step():
   # Global Gaussian of the images a, b, a: μ = 5/3, σ² = (2 + 10 + 2)/3 − μ² = 17/9.
   # D_B(N(m, v), N(μ, σ²)) = (m − μ)²/(4(v + σ²)) + ½ ln((v + σ²)/(2√(v σ²))):
   # D_B(a) = 0.0633267, D_B(b) = 0.1787114 ⇒ S_0 = e^{−0.0633267} + e^{−0.1787114}
-  # = 1.7749840, S_1 = 0.9386367.
+  # = 1.7749840, S_1 = 0.9386367; with γ = 2: S_0 = e^{−0.1266534} + e^{−0.3574228}
+  # = 1.5805157, S_1 = 0.8810390.
   a, b = [[0.0], [2.0]], [[2.0], [4.0]]
   x = jnp.array([[[a, b]], [[a, [[0.0], [0.0]]]]])
   mask = jnp.array([[[True, True]], [[True, False]]])
@@ -365,11 +367,13 @@ def test_fedgau_gaussians_scores_and_server_step():
   np.testing.assert_allclose(g["mean"], [5 / 3], rtol=1e-6)
   np.testing.assert_allclose(g["var"], [17 / 9], rtol=1e-5)
   broadcast = broadcast_of(w_params([0.0, 0.0]), g)
-  scores = [alg.client_init(broadcast, {}, jax.tree.map(lambda t, c=c: t[c], data))["score"]
-            for c in range(2)]
-  np.testing.assert_allclose(scores, [1.7749840, 0.9386367], atol=1e-5)
-  message, _ = alg.client_final(broadcast, {"score": scores[0]}, w_params([1.0, 0.0]),
-                                jnp.int32(1), {})
+  client = lambda c: jax.tree.map(lambda t: t[c], data)
+  for gamma, want in ((1.0, [1.7749840, 0.9386367]), (2.0, [1.5805157, 0.8810390])):
+    init = jax.jit(fedgau(gamma=gamma).client_init)
+    scores = [init(broadcast, {}, client(c))["score"] for c in range(2)]
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+  message, _ = alg.client_final(broadcast, {"score": jnp.float32(1.7749840)},
+                                w_params([1.0, 0.0]), jnp.int32(1), {})
   assert set(message) == {"delta", "score"}
   # Server: w = S / ΣS over the real clients = [0.6541017, 0.3458983]; the padding
   # row (round weight 0) stays out whatever its score and delta.
@@ -377,6 +381,61 @@ def test_fedgau_gaussians_scores_and_server_step():
               "score": jnp.array([1.7749840, 0.9386367, 5.0])}
   pseudo_grad, _ = alg.server_update(None, g, messages, jnp.array([0.6, 0.4, 0.0]))
   np.testing.assert_allclose(pseudo_grad["model"]["w"], [-0.6541017, -0.3458983], atol=1e-6)
+
+
+def numpy_fedgau_scores(data: ClientData, gamma: float) -> np.ndarray:
+  """``S_n`` of every client, from the real images' pixels, in float64 NumPy.
+
+  Written from the module docstring's formulas, independently of fedgau.py:
+  per-image Gaussians, their moment-matched global Gaussian, the
+  Bhattacharyya distance of diagonal Gaussians (with the same +1e-6 on variances).
+  """
+  x = np.asarray(data.x, np.float64)  # [C, S, B, H, W, ch]
+  mask = np.asarray(data.mask).reshape(x.shape[0], -1)
+  pixels = x.reshape(*mask.shape, -1, x.shape[-1])  # [C, S·B, H·W, ch]
+  m, v = pixels.mean(axis=2), pixels.var(axis=2)  # [C, S·B, ch]
+  real_m, real_v = m[mask], v[mask]
+  mu = real_m.mean(axis=0)
+  var = (real_v + real_m ** 2).mean(axis=0) - mu ** 2
+  v1, v2 = v + 1e-6, var + 1e-6
+  distance = np.sum((m - mu) ** 2 / (4 * (v1 + v2))
+                    + 0.5 * np.log((v1 + v2) / (2 * np.sqrt(v1 * v2))), axis=-1)
+  return np.sum(np.where(mask, np.exp(-gamma * distance), 0.0), axis=1)
+
+
+def test_fedgau_round_weights_match_an_independent_computation():
+  # One jitted round on digits (ConvNet-3, uneven clients, 3 of 6 sampled): the
+  # scores the clients upload and the server's weights S_n / ΣS equal the NumPy
+  # computation for the sampled clients. Digits images all have nearly the same
+  # pixel statistics (there S_n / ΣS is within 2e-4 of |D_n| / Σ|D|), so each
+  # client's images are scaled by its own brightness factor to make the weights
+  # differ from FedAvg's.
+  data = uneven()
+  brightness = jnp.linspace(0.4, 1.6, len(SIZES)).reshape(-1, 1, 1, 1, 1, 1)
+  data = data._replace(x=data.x * brightness)
+  alg = fedgau(gamma=1.0)
+
+  def server_update(params, alg_state, messages, weights):
+    pseudo_grad, state = alg.server_update(params, alg_state, messages, weights)
+    return pseudo_grad, {**state, "score": messages["score"], "round_weights": weights,
+                         "weights": aggregation_weights(messages["score"], weights)}
+
+  probe = alg._replace(server_update=server_update)
+  state, fns, _ = small_setup(isr=False, algorithm=probe, data=data, model="convnet3")
+  new_state, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=SPEC))(state, data)
+  sampled = np.asarray(sample_clients(round_keys(state)[0], len(SIZES), SPEC.clients_per_round))
+  want = numpy_fedgau_scores(data, 1.0)[sampled]
+  got = new_state.alg_state
+  np.testing.assert_allclose(got["score"], want, rtol=1e-4)
+  np.testing.assert_allclose(got["weights"], want / want.sum(), rtol=1e-4)
+  sizes = np.asarray(SIZES, np.float64)[sampled]
+  np.testing.assert_allclose(got["round_weights"], sizes / sizes.sum(), rtol=1e-6)
+  assert np.abs(np.asarray(got["weights"]) - sizes / sizes.sum()).max() > 0.02
+  # The global Gaussian is that of every client's real pixels.
+  x = np.asarray(data.x, np.float64)
+  real = x.reshape(-1, *x.shape[3:])[np.asarray(data.mask).reshape(-1)]
+  np.testing.assert_allclose(state.alg_state["mean"], real.mean(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(state.alg_state["var"], real.var(axis=(0, 1, 2)), rtol=1e-4)
 
 
 # ---------------------------------------------------------------- configuration
