@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from support import assert_trees_close, digits, small_setup, uneven_clients
 
 from isr_jax.config import default_config, validate
@@ -24,6 +25,9 @@ from isr_jax.fl.moon import moon, moon_proximal_loss
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
 from isr_jax.losses import cross_entropy
+from isr_jax.models import create_model
+from isr_jax.objective import init_params, make_problem, split_model
+from isr_jax.taps import make_isr_spec
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 SIZES = (7, 12, 9, 10, 6, 8)
@@ -165,6 +169,59 @@ def test_moon_drives_fedsol():
                                jax.random.PRNGKey(0))
   chex.assert_tree_all_finite((grads, aux))
   assert set(ctx["base"]) == {"global", "prev"}
+
+
+def test_moon_contrasts_the_projection_head_of_a_real_model_with_isr():
+  # LeNet-5 with MOON's projection head (output 16) and ISR on conv1 and conv2: the
+  # model's last tap is the projection, so ℓ_con is Eq. 3 on it — recomputed here in
+  # float64 NumPy from the three models' projections — while the ISR terms sit on
+  # the encoder's taps. Jitted, on a real digits batch.
+  train, _, info = digits()
+  net = create_model("lenet5", num_classes=10, input_shape=info.input_shape,
+                     rngs=nnx.Rngs(0), projection_dim=16)
+  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, spacing=2, alpha=0.5,
+                       lam=0.05)
+  graphdef, model_params = split_model(net)
+  start = init_params(graphdef, model_params, spec, num_classes=10,
+                      input_shape=info.input_shape, key=jax.random.PRNGKey(1))
+  problem = make_problem(graphdef, spec, representation=net.tap_names[-1])
+  assert problem.representation == "projection" and spec.tap_names == ("conv1", "conv2")
+
+  def moved(params, seed, scale):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape)
+                                     for a, k in zip(leaves, keys, strict=True)])
+
+  glob, prev, local = start, moved(start, 2, 0.2), moved(start, 3, 0.1)
+  batch = Batch(jnp.asarray(train.x[:8]), jnp.asarray(train.y[:8]),
+                jnp.array([True] * 7 + [False]))
+  key = jax.random.PRNGKey(0)
+  step = jax.jit(lambda mu, p: moon(mu=mu, tau=0.5).client_grad(
+      p, {"global": glob, "prev": prev["model"]}, batch, problem, key), static_argnums=0)
+  grads, aux = step(1.0, local)
+
+  def projection(params):
+    return np.asarray(problem.apply(params["model"], batch.x)[1]["projection"], np.float64)
+
+  def cosine(a, b):
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+  z = projection(local)
+  pos, neg = cosine(z, projection(glob)) / 0.5, cosine(z, projection(prev)) / 0.5
+  want = np.mean((np.logaddexp(pos, neg) - pos)[:7])  # the padding example is left out
+  np.testing.assert_allclose(aux["con"], want, rtol=1e-5)
+  assert {"ce", "mi/conv1", "mi/conv2", "ne/conv1", "ne/conv2"} <= set(aux)
+  # ∇(L_T + μ ℓ_con) is affine in μ, and the contrastive part reaches the projection
+  # head and the encoder but not the output layer or the ISR adapters.
+  g0, _ = step(0.0, local)
+  g2, _ = step(2.0, local)
+  con_grad = jax.tree.map(lambda a, b: a - b, grads, g0)
+  assert_trees_close(jax.tree.map(lambda a, b: a - b, g2, grads), con_grad, atol=1e-5,
+                     rtol=1e-4)
+  norm = lambda t: float(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(t)))
+  assert norm(con_grad["model"]["projection"]) > 0 and norm(con_grad["model"]["conv1"]) > 0
+  assert norm(con_grad["model"]["head"]) == 0 and norm(con_grad["adapters"]) == 0
 
 
 # ---------------------------------------------------------------- FedNTD

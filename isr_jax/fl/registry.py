@@ -145,7 +145,12 @@ ALGORITHMS: dict[str, Entry] = {
         b2=check_number(config.fl.fedyogi.b2, "fl.fedyogi.b2", low=0, high=1, high_open=True),
         tau=check_number(config.fl.fedyogi.tau, "fl.fedyogi.tau", low=0, low_open=True))),
     # -- entries: representation, distillation and imbalance algorithms --
-    "moon": Entry(dict(mu=5.0, tau=0.5), lambda config: moon(
+    # MOON (Li, He, Song, CVPR 2021, §4.1): τ = 0.5; μ = 1, the paper's pick for
+    # CIFAR-100 and Tiny-ImageNet from {0.1, 1, 5, 10} (5 for CIFAR-10, in a regime
+    # of 10 local epochs per round) and its code's default (QinbinLi/MOON main.py);
+    # also FedAIMS's (papers/fedaims.txt §5.1). The paper's projection head (output
+    # 256) is part of the network: model.options.projection_dim = 256.
+    "moon": Entry(dict(mu=1.0, tau=0.5), lambda config: moon(
         check_number(config.fl.moon.mu, "fl.moon.mu", low=0),
         check_number(config.fl.moon.tau, "fl.moon.tau", low=0, low_open=True))),
     "fedntd": Entry(dict(beta=1.0, tau=1.0), lambda config: fedntd(
