@@ -59,8 +59,9 @@ def balanced_clients(num_clients=3, per_class=2):
 
 
 # Each reduces to FedAvg: μ = 0 (no contrastive term), β = 0 (no distillation),
-# and BalanceFL on clients holding every class equally often (P = all classes,
-# M = ∅, w = 1, augmentation probability 0). FedGau's γ = 0 is FedAvg by
+# and BalanceFL balancing by weights on clients holding every class equally often
+# (P = all classes, M = ∅, w = 1, augmentation probability 0; its class-balanced
+# draws are random, so they are checked by their distribution below). FedGau's γ = 0 is FedAvg by
 # construction (S_n = |D_n| without a D_B in sight), so it is no test; FedGau's
 # weights are checked against an independent computation below.
 REDUCTIONS = {
@@ -68,7 +69,7 @@ REDUCTIONS = {
     "moon": (lambda: moon(mu=0.0), "uneven"),
     "fedntd": (lambda: fedntd(beta=0.0), "uneven"),
     "fedavg_balanced": (fedavg, "balanced"),
-    "balancefl": (lambda: balancefl(lam=1.0, temperature=2.0), "balanced"),
+    "balancefl": (lambda: balancefl(lam=1.0, temperature=2.0, resample=False), "balanced"),
 }
 
 
@@ -306,7 +307,7 @@ def test_balancefl_hand_computed_step():
   #   CE = (2·¾·ln 1.5 + 3/2·ln 3)/3 = 0.7520387.
   # KD over M at T = 2: q_l = softmax([ln 3, 0]) = [¾, ¼], q_g = [½, ½]:
   #   KL = ½ ln(4/3) = 0.1438410, ∂/∂z_M = (q_l − q_g)/T = [1/8, −1/8], weights average 1.
-  alg = balancefl(lam=1.0, temperature=2.0, feature_aug=False)
+  alg = balancefl(lam=1.0, temperature=2.0, resample=False, feature_aug=False)
   data = one_client([1.0, 1.0, 1.0], [0, 0, 1])
   ctx = alg.client_init(broadcast_of(head_params([0.0] * 4)), {}, data)
   np.testing.assert_array_equal(ctx["present"], [True, True, False, False])
@@ -320,6 +321,48 @@ def test_balancefl_hand_computed_step():
   np.testing.assert_allclose(aux["ce"], 0.7520387, atol=1e-6)
   np.testing.assert_allclose(aux["kd"], 0.1438410, atol=1e-6)
   np.testing.assert_allclose(aux["total"], 0.8958797, atol=1e-6)
+
+
+def id_problem():
+  """:func:`head_problem` whose aux also counts the examples of the batch by id (x = id)."""
+  base = head_problem()
+
+  def objective(logits, taps, adapters, batch):
+    value, aux = base.objective(logits, taps, adapters, batch)
+    ids = jax.nn.one_hot(batch.x[:, 0].astype(jnp.int32), 8) * batch.mask[:, None]
+    return value, {**aux, "ids": jnp.sum(ids, axis=0)}
+
+  return base._replace(objective=objective)
+
+
+def test_balancefl_draws_class_balanced_batches():
+  # Client: examples with ids 0..4 and labels [0, 0, 0, 1, 2], then a padding slot
+  # (id 5). P = {0, 1, 2}, n = [3, 1, 1]: a draw picks each present class with
+  # probability 1/3 and an example uniformly within it — 1/9 for ids 0-2, 1/3 for
+  # ids 3 and 4, never the padding slot. The scheduled batch has 3 real slots of 4.
+  ids = jnp.arange(6.0)
+  data = ClientData(ids[None, :, None], jnp.array([[0, 0, 0, 1, 2, 0]]),
+                    jnp.array([[True] * 5 + [False]]), jnp.int32(5))
+  alg = balancefl(lam=1.0, temperature=2.0, feature_aug=False)
+  ctx = alg.client_init(broadcast_of(head_params([0.0] * 4)), {}, data)
+  batch = Batch(data.x[0, :4], data.y[0, :4], jnp.array([True, True, True, False]))
+  params = head_params([0.3, -0.2, 0.1, 0.4])
+  step = jax.jit(lambda k: alg.client_grad(params, ctx, batch, id_problem(), k))
+  keys = jax.random.split(jax.random.PRNGKey(5), 3000)
+  counts = np.asarray(jax.jit(jax.vmap(lambda k: step(k)[1]["ids"]))(keys))
+  np.testing.assert_array_equal(counts.sum(axis=1), 3)  # the schedule's real slots
+  np.testing.assert_allclose(counts.sum(axis=0)[:6] / counts.sum(),
+                             [1 / 9, 1 / 9, 1 / 9, 1 / 3, 1 / 3, 0.0], atol=0.015)
+  # A step is the plain, unweighted step on the drawn examples (the loss is a mean
+  # over slots, so the multiset of drawn ids determines it).
+  grads, aux = step(keys[0])
+  drawn = np.repeat(np.arange(8), np.asarray(aux["ids"]).astype(int))
+  plain = balancefl(lam=1.0, temperature=2.0, balanced=False, feature_aug=False)
+  plain_ctx = plain.client_init(broadcast_of(head_params([0.0] * 4)), {}, data)
+  drawn_batch = Batch(data.x[0, drawn], data.y[0, drawn], jnp.ones(3, bool))
+  want, want_aux = plain.client_grad(params, plain_ctx, drawn_batch, id_problem(), None)
+  assert_trees_close(grads, want, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(aux["total"], want_aux["total"], rtol=1e-6)
 
 
 def test_balancefl_feature_noise_has_the_pooled_class_covariance():

@@ -156,14 +156,19 @@ ALGORITHMS: dict[str, Entry] = {
     "fedntd": Entry(dict(beta=1.0, tau=1.0), lambda config: fedntd(
         check_number(config.fl.fedntd.beta, "fl.fedntd.beta", low=0),
         check_number(config.fl.fedntd.tau, "fl.fedntd.tau", low=0, low_open=True))),
+    # BalanceFL (Shuai et al., IPSN 2022): λ = 1, T = 2, class-balanced sampler and
+    # feature augmentation on — the authors' CIFAR-10 config (sxontheway/BalanceFL,
+    # CIFAR10/config/fedlt.yaml: lamda 1, Temp 2, balanced_loader, feat_aug).
     "balancefl": Entry(
-        dict(lam=1.0, temperature=2.0, balanced=True, feature_aug=True),
+        dict(lam=1.0, temperature=2.0, balanced=True, resample=True, feature_aug=True),
         lambda config: balancefl(
             check_number(config.fl.balancefl.lam, "fl.balancefl.lam", low=0),
             check_number(config.fl.balancefl.temperature, "fl.balancefl.temperature", low=0,
                          low_open=True),
             balanced=_one_of(config.fl.balancefl.balanced, (False, True),
                              "fl.balancefl.balanced"),
+            resample=_one_of(config.fl.balancefl.resample, (False, True),
+                             "fl.balancefl.resample"),
             feature_aug=_one_of(config.fl.balancefl.feature_aug, (False, True),
                                 "fl.balancefl.feature_aug"))),
     "fedgau": Entry(dict(gamma=1.0), lambda config: fedgau(
