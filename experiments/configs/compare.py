@@ -30,6 +30,9 @@ def get_config(arg: str = "digits"):
   c.isr.placement = "input"
   c.isr.alpha = 0.1
   c.isr.lam = 0.01
+  # MOON's projection head (Li et al. 2021: output 256, on every algorithm's network
+  # alike); 0 keeps the models as drawn. Declared so that the command line can set it.
+  c.model.options.projection_dim = 0
   # Radii for a small model (the paper's ρ = 2 is for VGG/ResNet with lr 0.01).
   c.fl.fedsol.rho = 0.1
   c.fl.fedsam.rho = 0.05
