@@ -345,6 +345,46 @@ def test_fedavg_cnn_parameter_count():
   assert num_params(model) == 832 + 51_264 + 1_606_144 + 5_130 == 1_663_370
 
 
+def test_lenet5_parameter_counts():
+  # 28x28x1 (conv1 padded by 2, conv2 VALID: 5x5x16 = 400 features into fc1):
+  # conv1 5*5*1*6+6 = 156; conv2 5*5*6*16+16 = 2,416; fc1 400*120+120 = 48,120;
+  # fc2 120*84+84 = 10,164; head 84*10+10 = 850.
+  count = num_params(abstract_model("lenet5", (28, 28, 1)))
+  assert count == 156 + 2_416 + 48_120 + 10_164 + 850 == 61_706
+  # 8x8x1 (conv2 SAME, maps 8 -> 4 -> 2: 2*2*16 = 64 features into fc1):
+  # conv1 156; conv2 2,416; fc1 64*120+120 = 7,800; fc2 10,164; head 850.
+  count = num_params(abstract_model("lenet5", (8, 8, 1)))
+  assert count == 156 + 2_416 + 7_800 + 10_164 + 850 == 21_386
+
+
+def test_moon_cifar10_network_parameter_count():
+  # MOON's CIFAR-10 network (Li et al. 2021 §4.1): LeNet-5 at 32x32x3 (VALID convs),
+  # projection head 84 -> 84 -> 256, output layer 256 -> 10.
+  # conv1 5*5*3*6+6 = 456; conv2 2,416; fc1 48,120; fc2 10,164;
+  # projection fc1 84*84+84 = 7,140, fc2 84*256+256 = 21,760; head 256*10+10 = 2,570.
+  model = abstract_model("lenet5", (32, 32, 3), projection_dim=256)
+  expected = 456 + 2_416 + 48_120 + 10_164 + 7_140 + 21_760 + 2_570
+  assert expected == 92_626
+  assert num_params(model) == expected
+  projection = nnx.state(model, nnx.Param)["projection"]
+  assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(projection)) == 7_140 + 21_760
+  # Without the head: the output layer takes the 84 features (84*10+10 = 850).
+  plain = num_params(abstract_model("lenet5", (32, 32, 3)))
+  assert plain == 456 + 2_416 + 48_120 + 10_164 + 850 == 62_006
+
+
+def test_convnet_parameter_counts():
+  # A block: conv 3x3 with bias (3*3*C_in*64+64) and GroupNorm scale+bias (2*64 = 128).
+  # convnet4 at 32x32x3 (FedBABU's 4convNet): block1 3*3*3*64+64+128 = 1,920;
+  # blocks 2-4 3*3*64*64+64+128 = 37,056 each; head 2*2*64 = 256 features, 256*10+10 = 2,570.
+  count = num_params(abstract_model("convnet4", (32, 32, 3)))
+  assert count == 1_920 + 3 * 37_056 + 2_570 == 115_658
+  # convnet3 at 28x28x1: block1 3*3*1*64+64+128 = 768; blocks 2-3 37,056 each;
+  # head 3*3*64 = 576 features, 576*10+10 = 5,770.
+  count = num_params(abstract_model("convnet3", (28, 28, 1)))
+  assert count == 768 + 2 * 37_056 + 5_770 == 80_650
+
+
 def test_resnet18_parameter_count():
   # Convs are bias-free; each GroupNorm has a scale and a bias (2 * channels).
   # stem: 3*3*3*64 + GN 128                                   =     1,856
@@ -383,6 +423,46 @@ def test_options_reach_the_model():
   chex.assert_shape(taps["features"], (B, 32))
   assert "width" in model_options("convnet3")
   assert set(model_options("resnet18")) >= {"stem", "width_multiplier"}
+
+
+@pytest.mark.parametrize("name,options", [
+    ("lenet5", {}), ("fedavg_cnn", {"hidden_units": 32}), ("convnet3", {"width": 8}),
+    ("resnet18", {"width_multiplier": 0.25}),
+])
+def test_projection_head_by_hand(name, options):
+  # MOON's network: features h -> z = relu(h W1 + b1) W2 + b2 -> logits = z W + b.
+  input_shape, dim = (8, 8, 1), 6
+  plain = build(name, input_shape, conv_impl="xla", **options)
+  model = build(name, input_shape, conv_impl="xla", projection_dim=dim, **options)
+  assert model.tap_names == (*plain.tap_names, "projection")  # the head's input is last
+  x, _ = random_batch(input_shape, seed=3)
+
+  def run(m):
+    graphdef, params = nnx.split(m, nnx.Param)
+    return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x)
+
+  logits, taps = run(model)
+  p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  f64 = lambda a: np.asarray(a, np.float64)
+  dense = lambda a, layer: a @ f64(layer["kernel"]) + f64(layer["bias"])
+  z = dense(np.maximum(dense(f64(taps["features"]), p["projection"]["fc1"]), 0.0),
+            p["projection"]["fc2"])
+  chex.assert_shape(taps["projection"], (B, dim))
+  np.testing.assert_allclose(taps["projection"], z, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, dense(z, p["head"]), rtol=1e-4, atol=1e-5)
+  assert model.head.in_features == dim
+  # The encoder is built first from the same key stream: same parameters, same taps.
+  _, plain_taps = run(plain)
+  chex.assert_trees_all_close(plain_taps, {k: v for k, v in taps.items() if k != "projection"},
+                              atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_bad_projection_dim(value):
+  with pytest.raises(ConfigError, match="model.projection_dim") as err:
+    create_model("lenet5", num_classes=K, input_shape=(8, 8, 1), rngs=nnx.Rngs(0),
+                 projection_dim=value)
+  assert "\n" not in str(err.value)
 
 
 def test_unknown_model_name():

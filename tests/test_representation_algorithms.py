@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from support import assert_trees_close, digits, small_setup, uneven_clients
 
 from isr_jax.config import default_config, validate
@@ -18,12 +19,15 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
 from isr_jax.fl.balancefl import balancefl, feature_noise
 from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.fedgau import fedgau
+from isr_jax.fl.fedgau import aggregation_weights, fedgau
 from isr_jax.fl.fedntd import fedntd, ntd_loss
 from isr_jax.fl.moon import moon, moon_proximal_loss
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
 from isr_jax.losses import cross_entropy
+from isr_jax.models import create_model
+from isr_jax.objective import init_params, make_problem, split_model
+from isr_jax.taps import make_isr_spec
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 SIZES = (7, 12, 9, 10, 6, 8)
@@ -55,15 +59,17 @@ def balanced_clients(num_clients=3, per_class=2):
 
 
 # Each reduces to FedAvg: μ = 0 (no contrastive term), β = 0 (no distillation),
-# γ = 0 (S_n = |D_n|), and BalanceFL on clients holding every class equally often
-# (P = all classes, M = ∅, w = 1, augmentation probability 0).
+# and BalanceFL balancing by weights on clients holding every class equally often
+# (P = all classes, M = ∅, w = 1, augmentation probability 0; its class-balanced
+# draws are random, so they are checked by their distribution below). FedGau's γ = 0 is FedAvg by
+# construction (S_n = |D_n| without a D_B in sight), so it is no test; FedGau's
+# weights are checked against an independent computation below.
 REDUCTIONS = {
     "fedavg": (fedavg, "uneven"),
     "moon": (lambda: moon(mu=0.0), "uneven"),
     "fedntd": (lambda: fedntd(beta=0.0), "uneven"),
-    "fedgau": (lambda: fedgau(gamma=0.0), "uneven"),
     "fedavg_balanced": (fedavg, "balanced"),
-    "balancefl": (lambda: balancefl(lam=1.0, temperature=2.0), "balanced"),
+    "balancefl": (lambda: balancefl(lam=1.0, temperature=2.0, resample=False), "balanced"),
 }
 
 
@@ -73,7 +79,7 @@ def two_rounds(name):
   return run_rounds(make(), uneven() if data == "uneven" else balanced_clients())
 
 
-@pytest.mark.parametrize("name", ["moon", "fedntd", "fedgau", "balancefl"])
+@pytest.mark.parametrize("name", ["moon", "fedntd", "balancefl"])
 def test_reduces_to_fedavg(name):
   reference = "fedavg" if REDUCTIONS[name][1] == "uneven" else "fedavg_balanced"
   assert_trees_close(two_rounds(name)[-1].params, two_rounds(reference)[-1].params,
@@ -166,6 +172,59 @@ def test_moon_drives_fedsol():
   assert set(ctx["base"]) == {"global", "prev"}
 
 
+def test_moon_contrasts_the_projection_head_of_a_real_model_with_isr():
+  # LeNet-5 with MOON's projection head (output 16) and ISR on conv1 and conv2: the
+  # model's last tap is the projection, so ℓ_con is Eq. 3 on it — recomputed here in
+  # float64 NumPy from the three models' projections — while the ISR terms sit on
+  # the encoder's taps. Jitted, on a real digits batch.
+  train, _, info = digits()
+  net = create_model("lenet5", num_classes=10, input_shape=info.input_shape,
+                     rngs=nnx.Rngs(0), projection_dim=16)
+  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, spacing=2, alpha=0.5,
+                       lam=0.05)
+  graphdef, model_params = split_model(net)
+  start = init_params(graphdef, model_params, spec, num_classes=10,
+                      input_shape=info.input_shape, key=jax.random.PRNGKey(1))
+  problem = make_problem(graphdef, spec, representation=net.tap_names[-1])
+  assert problem.representation == "projection" and spec.tap_names == ("conv1", "conv2")
+
+  def moved(params, seed, scale):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape)
+                                     for a, k in zip(leaves, keys, strict=True)])
+
+  glob, prev, local = start, moved(start, 2, 0.2), moved(start, 3, 0.1)
+  batch = Batch(jnp.asarray(train.x[:8]), jnp.asarray(train.y[:8]),
+                jnp.array([True] * 7 + [False]))
+  key = jax.random.PRNGKey(0)
+  step = jax.jit(lambda mu, p: moon(mu=mu, tau=0.5).client_grad(
+      p, {"global": glob, "prev": prev["model"]}, batch, problem, key), static_argnums=0)
+  grads, aux = step(1.0, local)
+
+  def projection(params):
+    return np.asarray(problem.apply(params["model"], batch.x)[1]["projection"], np.float64)
+
+  def cosine(a, b):
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+  z = projection(local)
+  pos, neg = cosine(z, projection(glob)) / 0.5, cosine(z, projection(prev)) / 0.5
+  want = np.mean((np.logaddexp(pos, neg) - pos)[:7])  # the padding example is left out
+  np.testing.assert_allclose(aux["con"], want, rtol=1e-5)
+  assert {"ce", "mi/conv1", "mi/conv2", "ne/conv1", "ne/conv2"} <= set(aux)
+  # ∇(L_T + μ ℓ_con) is affine in μ, and the contrastive part reaches the projection
+  # head and the encoder but not the output layer or the ISR adapters.
+  g0, _ = step(0.0, local)
+  g2, _ = step(2.0, local)
+  con_grad = jax.tree.map(lambda a, b: a - b, grads, g0)
+  assert_trees_close(jax.tree.map(lambda a, b: a - b, g2, grads), con_grad, atol=1e-5,
+                     rtol=1e-4)
+  norm = lambda t: float(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(t)))
+  assert norm(con_grad["model"]["projection"]) > 0 and norm(con_grad["model"]["conv1"]) > 0
+  assert norm(con_grad["model"]["head"]) == 0 and norm(con_grad["adapters"]) == 0
+
+
 # ---------------------------------------------------------------- FedNTD
 
 
@@ -248,7 +307,7 @@ def test_balancefl_hand_computed_step():
   #   CE = (2·¾·ln 1.5 + 3/2·ln 3)/3 = 0.7520387.
   # KD over M at T = 2: q_l = softmax([ln 3, 0]) = [¾, ¼], q_g = [½, ½]:
   #   KL = ½ ln(4/3) = 0.1438410, ∂/∂z_M = (q_l − q_g)/T = [1/8, −1/8], weights average 1.
-  alg = balancefl(lam=1.0, temperature=2.0, feature_aug=False)
+  alg = balancefl(lam=1.0, temperature=2.0, resample=False, feature_aug=False)
   data = one_client([1.0, 1.0, 1.0], [0, 0, 1])
   ctx = alg.client_init(broadcast_of(head_params([0.0] * 4)), {}, data)
   np.testing.assert_array_equal(ctx["present"], [True, True, False, False])
@@ -262,6 +321,48 @@ def test_balancefl_hand_computed_step():
   np.testing.assert_allclose(aux["ce"], 0.7520387, atol=1e-6)
   np.testing.assert_allclose(aux["kd"], 0.1438410, atol=1e-6)
   np.testing.assert_allclose(aux["total"], 0.8958797, atol=1e-6)
+
+
+def id_problem():
+  """:func:`head_problem` whose aux also counts the examples of the batch by id (x = id)."""
+  base = head_problem()
+
+  def objective(logits, taps, adapters, batch):
+    value, aux = base.objective(logits, taps, adapters, batch)
+    ids = jax.nn.one_hot(batch.x[:, 0].astype(jnp.int32), 8) * batch.mask[:, None]
+    return value, {**aux, "ids": jnp.sum(ids, axis=0)}
+
+  return base._replace(objective=objective)
+
+
+def test_balancefl_draws_class_balanced_batches():
+  # Client: examples with ids 0..4 and labels [0, 0, 0, 1, 2], then a padding slot
+  # (id 5). P = {0, 1, 2}, n = [3, 1, 1]: a draw picks each present class with
+  # probability 1/3 and an example uniformly within it — 1/9 for ids 0-2, 1/3 for
+  # ids 3 and 4, never the padding slot. The scheduled batch has 3 real slots of 4.
+  ids = jnp.arange(6.0)
+  data = ClientData(ids[None, :, None], jnp.array([[0, 0, 0, 1, 2, 0]]),
+                    jnp.array([[True] * 5 + [False]]), jnp.int32(5))
+  alg = balancefl(lam=1.0, temperature=2.0, feature_aug=False)
+  ctx = alg.client_init(broadcast_of(head_params([0.0] * 4)), {}, data)
+  batch = Batch(data.x[0, :4], data.y[0, :4], jnp.array([True, True, True, False]))
+  params = head_params([0.3, -0.2, 0.1, 0.4])
+  step = jax.jit(lambda k: alg.client_grad(params, ctx, batch, id_problem(), k))
+  keys = jax.random.split(jax.random.PRNGKey(5), 3000)
+  counts = np.asarray(jax.jit(jax.vmap(lambda k: step(k)[1]["ids"]))(keys))
+  np.testing.assert_array_equal(counts.sum(axis=1), 3)  # the schedule's real slots
+  np.testing.assert_allclose(counts.sum(axis=0)[:6] / counts.sum(),
+                             [1 / 9, 1 / 9, 1 / 9, 1 / 3, 1 / 3, 0.0], atol=0.015)
+  # A step is the plain, unweighted step on the drawn examples (the loss is a mean
+  # over slots, so the multiset of drawn ids determines it).
+  grads, aux = step(keys[0])
+  drawn = np.repeat(np.arange(8), np.asarray(aux["ids"]).astype(int))
+  plain = balancefl(lam=1.0, temperature=2.0, balanced=False, feature_aug=False)
+  plain_ctx = plain.client_init(broadcast_of(head_params([0.0] * 4)), {}, data)
+  drawn_batch = Batch(data.x[0, drawn], data.y[0, drawn], jnp.ones(3, bool))
+  want, want_aux = plain.client_grad(params, plain_ctx, drawn_batch, id_problem(), None)
+  assert_trees_close(grads, want, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(aux["total"], want_aux["total"], rtol=1e-6)
 
 
 def test_balancefl_feature_noise_has_the_pooled_class_covariance():
@@ -355,7 +456,8 @@ def test_fedgau_gaussians_scores_and_server_step():
   # Global Gaussian of the images a, b, a: μ = 5/3, σ² = (2 + 10 + 2)/3 − μ² = 17/9.
   # D_B(N(m, v), N(μ, σ²)) = (m − μ)²/(4(v + σ²)) + ½ ln((v + σ²)/(2√(v σ²))):
   # D_B(a) = 0.0633267, D_B(b) = 0.1787114 ⇒ S_0 = e^{−0.0633267} + e^{−0.1787114}
-  # = 1.7749840, S_1 = 0.9386367.
+  # = 1.7749840, S_1 = 0.9386367; with γ = 2: S_0 = e^{−0.1266534} + e^{−0.3574228}
+  # = 1.5805157, S_1 = 0.8810390.
   a, b = [[0.0], [2.0]], [[2.0], [4.0]]
   x = jnp.array([[[a, b]], [[a, [[0.0], [0.0]]]]])
   mask = jnp.array([[[True, True]], [[True, False]]])
@@ -365,11 +467,13 @@ def test_fedgau_gaussians_scores_and_server_step():
   np.testing.assert_allclose(g["mean"], [5 / 3], rtol=1e-6)
   np.testing.assert_allclose(g["var"], [17 / 9], rtol=1e-5)
   broadcast = broadcast_of(w_params([0.0, 0.0]), g)
-  scores = [alg.client_init(broadcast, {}, jax.tree.map(lambda t, c=c: t[c], data))["score"]
-            for c in range(2)]
-  np.testing.assert_allclose(scores, [1.7749840, 0.9386367], atol=1e-5)
-  message, _ = alg.client_final(broadcast, {"score": scores[0]}, w_params([1.0, 0.0]),
-                                jnp.int32(1), {})
+  client = lambda c: jax.tree.map(lambda t: t[c], data)
+  for gamma, want in ((1.0, [1.7749840, 0.9386367]), (2.0, [1.5805157, 0.8810390])):
+    init = jax.jit(fedgau(gamma=gamma).client_init)
+    scores = [init(broadcast, {}, client(c))["score"] for c in range(2)]
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+  message, _ = alg.client_final(broadcast, {"score": jnp.float32(1.7749840)},
+                                w_params([1.0, 0.0]), jnp.int32(1), {})
   assert set(message) == {"delta", "score"}
   # Server: w = S / ΣS over the real clients = [0.6541017, 0.3458983]; the padding
   # row (round weight 0) stays out whatever its score and delta.
@@ -377,6 +481,61 @@ def test_fedgau_gaussians_scores_and_server_step():
               "score": jnp.array([1.7749840, 0.9386367, 5.0])}
   pseudo_grad, _ = alg.server_update(None, g, messages, jnp.array([0.6, 0.4, 0.0]))
   np.testing.assert_allclose(pseudo_grad["model"]["w"], [-0.6541017, -0.3458983], atol=1e-6)
+
+
+def numpy_fedgau_scores(data: ClientData, gamma: float) -> np.ndarray:
+  """``S_n`` of every client, from the real images' pixels, in float64 NumPy.
+
+  Written from the module docstring's formulas, independently of fedgau.py:
+  per-image Gaussians, their moment-matched global Gaussian, the
+  Bhattacharyya distance of diagonal Gaussians (with the same +1e-6 on variances).
+  """
+  x = np.asarray(data.x, np.float64)  # [C, S, B, H, W, ch]
+  mask = np.asarray(data.mask).reshape(x.shape[0], -1)
+  pixels = x.reshape(*mask.shape, -1, x.shape[-1])  # [C, S·B, H·W, ch]
+  m, v = pixels.mean(axis=2), pixels.var(axis=2)  # [C, S·B, ch]
+  real_m, real_v = m[mask], v[mask]
+  mu = real_m.mean(axis=0)
+  var = (real_v + real_m ** 2).mean(axis=0) - mu ** 2
+  v1, v2 = v + 1e-6, var + 1e-6
+  distance = np.sum((m - mu) ** 2 / (4 * (v1 + v2))
+                    + 0.5 * np.log((v1 + v2) / (2 * np.sqrt(v1 * v2))), axis=-1)
+  return np.sum(np.where(mask, np.exp(-gamma * distance), 0.0), axis=1)
+
+
+def test_fedgau_round_weights_match_an_independent_computation():
+  # One jitted round on digits (ConvNet-3, uneven clients, 3 of 6 sampled): the
+  # scores the clients upload and the server's weights S_n / ΣS equal the NumPy
+  # computation for the sampled clients. Digits images all have nearly the same
+  # pixel statistics (there S_n / ΣS is within 2e-4 of |D_n| / Σ|D|), so each
+  # client's images are scaled by its own brightness factor to make the weights
+  # differ from FedAvg's.
+  data = uneven()
+  brightness = jnp.linspace(0.4, 1.6, len(SIZES)).reshape(-1, 1, 1, 1, 1, 1)
+  data = data._replace(x=data.x * brightness)
+  alg = fedgau(gamma=1.0)
+
+  def server_update(params, alg_state, messages, weights):
+    pseudo_grad, state = alg.server_update(params, alg_state, messages, weights)
+    return pseudo_grad, {**state, "score": messages["score"], "round_weights": weights,
+                         "weights": aggregation_weights(messages["score"], weights)}
+
+  probe = alg._replace(server_update=server_update)
+  state, fns, _ = small_setup(isr=False, algorithm=probe, data=data, model="convnet3")
+  new_state, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=SPEC))(state, data)
+  sampled = np.asarray(sample_clients(round_keys(state)[0], len(SIZES), SPEC.clients_per_round))
+  want = numpy_fedgau_scores(data, 1.0)[sampled]
+  got = new_state.alg_state
+  np.testing.assert_allclose(got["score"], want, rtol=1e-4)
+  np.testing.assert_allclose(got["weights"], want / want.sum(), rtol=1e-4)
+  sizes = np.asarray(SIZES, np.float64)[sampled]
+  np.testing.assert_allclose(got["round_weights"], sizes / sizes.sum(), rtol=1e-6)
+  assert np.abs(np.asarray(got["weights"]) - sizes / sizes.sum()).max() > 0.02
+  # The global Gaussian is that of every client's real pixels.
+  x = np.asarray(data.x, np.float64)
+  real = x.reshape(-1, *x.shape[3:])[np.asarray(data.mask).reshape(-1)]
+  np.testing.assert_allclose(state.alg_state["mean"], real.mean(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(state.alg_state["var"], real.var(axis=(0, 1, 2)), rtol=1e-4)
 
 
 # ---------------------------------------------------------------- configuration

@@ -14,11 +14,18 @@ classes present in the client's data and ``M`` the missing ones:
 
 **Inter-class balancing** (imbalance among the present classes):
 
-* class-balanced local sampling, expressed as per-example importance weights
-  ``w_i = |D_n| / (|P| · n_{y_i})`` through ``batch.weight`` (every term of the
-  local loss, KD included, is weighted; the weights average 1 over the client's
-  data). In expectation over a uniformly shuffled epoch this is the loss of a
-  sampler that draws each present class equally often;
+* class-balanced local sampling (classification): every local step draws its
+  minibatch with replacement from the client's data, each present class equally
+  likely and uniformly within a class (probability ``1 / (|P| · n_{y_i})`` per
+  example), as the authors' code does (a weighted random sampler). The number
+  of steps and of real examples per step are the round's schedule's; only which
+  examples fill the slots changes. ``resample=False`` instead weights the
+  scheduled (uniformly shuffled) batch by ``w_i = |D_n| / (|P| · n_{y_i})``
+  through ``batch.weight`` (every term of the local loss, KD included; the
+  weights average 1 over the client's data): the same expected loss, but not
+  the same steps — on a small skewed client one example of a rare class carries
+  a weight of many batch sizes (up to 25 in the digits comparison, batch 16),
+  and those steps made local training erratic (experiments/RESULTS.md);
 * feature-level augmentation: the feature ``f_i`` (the representation tap) of an
   example of class ``c`` is replaced, with probability ``1 − n_c / max_c' n_c'``
   (rare classes more often), by ``f_i + δ_i``, ``δ_i ~ N(0, Σ)``, where ``Σ``
@@ -28,10 +35,11 @@ classes present in the client's data and ``M`` the missing ones:
   on the clean ones. The output layer is linear, so the augmented logits are
   ``z_i + δ_i W`` with ``W = params["model"]["head"]["kernel"]``.
 
-Local objective: ``CE_P(z_aug) (+ ISR terms) + λ L_KD``, everything weighted by
-``w``. Defaults from the authors' code (sxontheway/BalanceFL,
-``CIFAR10/config/fedlt.yaml``, ``loss/LwFloss.py``): ``λ = 1``, ``T = 2``,
-balanced sampling and feature augmentation on.
+Local objective: ``CE_P(z_aug) (+ ISR terms) + λ L_KD`` on the balanced draw
+(everything weighted by ``w`` with ``resample=False``). Defaults from the
+authors' code (sxontheway/BalanceFL, ``CIFAR10/config/fedlt.yaml``,
+``loss/LwFloss.py``): ``λ = 1``, ``T = 2``, balanced sampling
+(``balanced_loader: true``) and feature augmentation on.
 
 Read from the authors' code (the paper's text was not available to us), and
 what differs here:
@@ -39,9 +47,11 @@ what differs here:
 * ``P``/``M`` come from the client's label histogram (``client_init``); the
   code takes them from the labels of each minibatch, which under its balanced
   sampler are nearly always all of ``P``.
-* The code samples with replacement by class-balanced probabilities; here the
-  same expected loss comes from importance weights (a functional, fixed-shape
-  data schedule cannot resample).
+* The balanced draws happen inside the algorithm's local gradient
+  (``client_init`` keeps the client's data and the draw's log-probabilities),
+  since the round's data schedule is shared by every algorithm; the sampler's
+  epoch length is the schedule's (``⌈|D_n| / B⌉`` steps per epoch), as the
+  code's sampler draws ``|D_n|`` examples per epoch.
 * ``Σ`` is estimated on each minibatch (global-model features, ``δ`` drawn as
   a random combination of the centred features, whose covariance is exactly the
   estimator above), not once per round over the whole local set: the
@@ -58,7 +68,9 @@ is the pixel. A valid pixel belongs to a real example and has a label in
 ``[0, K)`` (the ignore label 255 is not valid).
 
 * ``P``/``M`` and ``n_c`` come from the client's pixel histogram (valid pixels).
-* Class-balanced weights per pixel, ``w_p = |D| / (|P| · n_{y_p})`` with
+* Class-balanced weights per pixel (an image holds many classes, so there is
+  no class-balanced draw of images; ``resample`` is ignored),
+  ``w_p = |D| / (|P| · n_{y_p})`` with
   ``|D|`` the client's number of valid pixels (0 at invalid pixels), passed as
   a weight with the labels' shape (:mod:`isr_jax.losses` weights the CE and MI
   terms per pixel and uses each image's mean weight for terms at another
@@ -150,13 +162,16 @@ def feature_noise(key: jax.Array, features: jax.Array, labels: jax.Array, valid:
 
 
 def balancefl(lam: float = 1.0, temperature: float = 2.0, *, balanced: bool = True,
-              feature_aug: bool = True) -> FLAlgorithm:
+              resample: bool = True, feature_aug: bool = True) -> FLAlgorithm:
   """BalanceFL.
 
   Args:
     lam: weight λ ≥ 0 of the distillation on the missing classes.
     temperature: its temperature T > 0.
-    balanced: class-balanced weighting of the local loss.
+    balanced: class-balanced local training.
+    resample: balance by drawing class-balanced minibatches (the paper's
+      sampler); ``False``: by importance weights on the scheduled batches
+      (always so for dense labels). See the module docstring.
     feature_aug: feature-level augmentation of the rarer classes (classification
       only: ignored for dense labels, see the module docstring).
   """
@@ -166,17 +181,34 @@ def balancefl(lam: float = 1.0, temperature: float = 2.0, *, balanced: bool = Tr
     raise ValueError(f"temperature={temperature} must be > 0")
 
   def client_init(broadcast, client_state, client_data):
-    """The client's label histogram ⇒ ``P``, balancing weights, augmentation probabilities."""
+    """The client's label histogram ⇒ ``P``, balancing weights, augmentation probabilities.
+
+    With class-balanced draws, also the client's examples and each one's
+    log-probability ``−log(|P| n_{y_i})`` (``−∞`` for padding slots).
+    """
     del client_state
     num_classes = head_kernel(broadcast.params["model"]).shape[-1]
     counts = label_histogram(client_data.y, client_data.mask, num_classes)
-    return {"global": broadcast.params, **class_statistics(counts, balanced)}
+    ctx = {"global": broadcast.params, **class_statistics(counts, balanced)}
+    if balanced and resample and client_data.y.ndim == client_data.mask.ndim:
+      y, real = client_data.y.reshape(-1), client_data.mask.reshape(-1)
+      # class_weight ∝ 1 / n_c over P, so its log is the draw's logit up to a constant.
+      logits = jnp.log(jnp.where(real, ctx["class_weight"][y], 1.0))
+      ctx.update(pool_x=client_data.x.reshape((-1,) + client_data.x.shape[2:]), pool_y=y,
+                 pool_logits=jnp.where(real, logits, -jnp.inf))
+    return ctx
 
   def client_grad(params, ctx, batch, problem, key):
     present = ctx["present"]
     dense = batch.y.ndim > batch.mask.ndim
     augment = feature_aug and not dense  # see the module docstring
-    weight = position_weights(ctx["class_weight"], batch.y, batch.mask)
+    if "pool_y" in ctx:  # class-balanced draw into the scheduled slots, unweighted loss
+      key, k_draw = jax.random.split(key)
+      idx = jax.random.categorical(k_draw, ctx["pool_logits"], shape=batch.mask.shape)
+      batch = batch._replace(x=ctx["pool_x"][idx], y=ctx["pool_y"][idx])
+      weight = jnp.ones(batch.mask.shape, jnp.float32)
+    else:
+      weight = position_weights(ctx["class_weight"], batch.y, batch.mask)
     if batch.weight is not None:
       other = batch.weight
       if other.ndim < weight.ndim:  # per-example weights over dense labels

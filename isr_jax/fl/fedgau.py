@@ -1,7 +1,12 @@
-"""FedGau (Kou, Lin, Tang, Ye, Wang, Zhu, Wu, IEEE T-ITS 2025): Gaussian aggregation weights.
+"""FedGau (reconstructed from the abstract): Gaussian aggregation weights.
 
-"Fast-Convergent and Communication-Alleviated Heterogeneous Hierarchical
-Federated Learning in Autonomous Driving" (arXiv 2409.19560; papers/omniisr.txt
+**Reconstructed from the abstract only**: the rule below is our reading of the
+paper's abstract, not the paper's algorithm, so whatever it measures is a
+measurement of this reconstruction; every table and list that shows it says so.
+
+Kou, Lin, Tang, Ye, Wang, Zhu, Wu, IEEE T-ITS 2025, "Fast-Convergent and
+Communication-Alleviated Heterogeneous Hierarchical Federated Learning in
+Autonomous Driving" (arXiv 2409.19560; papers/omniisr.txt
 ref. [33], the OmniISR authors' prior AD-oriented variant). What the paper
 states (abstract): each RGB image and each client's RGB dataset are modelled as
 Gaussian distributions, and the aggregation weights are designed from them — so
@@ -100,7 +105,10 @@ def server_update(params, alg_state, messages, weights):
 
 
 def fedgau(gamma: float = 1.0) -> FLAlgorithm:
-  """FedGau with Bhattacharyya-distance scale ``gamma`` (γ ≥ 0; see the module docstring)."""
+  """FedGau (reconstructed from the abstract) with Bhattacharyya-distance scale ``gamma``.
+
+  ``gamma`` (γ ≥ 0) is our addition; see the module docstring.
+  """
   if gamma < 0:
     raise ValueError(f"gamma={gamma} must be >= 0")
 

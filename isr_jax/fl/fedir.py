@@ -21,6 +21,13 @@ with any other label (the ignore label 255) counts in no distribution and gets
 weight 0 (the objective leaves it out anyway). The expected weighted pixel loss
 is then the pixel loss under ``p``.
 
+The weights are unbounded: a class with one example on a client whose other
+examples are mostly another class weighs ``p(y)·|D_k|`` — up to 18 on the
+digits comparison (20 clients, Dirichlet 0.3, batch 16), a single example
+outweighing the rest of its batch. The expected loss is the intended one, but
+single steps get a high variance; experiments/RESULTS.md measures what that
+costs.
+
 Assumptions: ``p`` is computed once by the server from every client's labels
 (the paper assumes the population distribution is known or shared);
 ``num_classes`` is read from the output layer, the last axis of

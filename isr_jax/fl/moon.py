@@ -15,19 +15,32 @@ client (per-client state, gathered and scattered by the round).
 
 Choices where the paper leaves room:
 
-* Representation: the tap that feeds the output head (``problem.representation``:
-  ``features`` for the classifiers, ``decoder`` for the segmentation models). MOON's
-  networks add a 2-layer projection head (output 256) between the base encoder
-  and the classifier and contrast its output; that head is architecture-specific
-  (it would change every model of :mod:`isr_jax.models` and the classifier's
-  input), so it is not added here. Dense representations are flattened per
-  example before the cosine similarity.
+* Representation: the model's last tap, ``problem.representation`` — the tap
+  that feeds the output layer. MOON's network (§3.1, §4.1) is a base encoder, a
+  projection head (a 2-layer MLP, output dimension 256) and an output layer fed
+  by the projection; ``ℓ_con`` compares the projection's output. That head is
+  part of the model, not of the algorithm (the output layer consumes it), so it
+  is the model option ``model.options.projection_dim`` (256 for the paper's
+  network; :mod:`isr_jax.models.projection`): with it, the last tap is
+  ``projection`` and MOON contrasts exactly what the paper contrasts. Without
+  it (every model's default) MOON contrasts the output layer's input —
+  ``features`` for the classifiers, ``decoder`` for the segmentation models.
+  Like the paper, which runs every baseline on the same network with the
+  head, an experiment chooses the network once for all algorithms. ISR is
+  unaffected either way: its taps and adapters are the encoder's. Dense
+  representations are flattened per example before the cosine similarity.
 * ``z_prev``: the model part only (ISR adapters are not part of a
   representation). It starts as the initial global model, as the authors' code
   does before a client's first participation, so in the first round
-  ``sim(z, z_glob) = sim(z, z_prev)``.
-* Defaults: ``μ = 5`` (the paper's value for CIFAR-10; it uses ``μ = 1`` for
-  CIFAR-100 and Tiny-ImageNet) and ``τ = 0.5``. ``μ = 0`` is FedAvg exactly.
+  ``sim(z, z_glob) = sim(z, z_prev)`` and ``ℓ_con`` has zero gradient.
+* Defaults: ``μ = 1`` and ``τ = 0.5``. The paper tunes μ over
+  {0.1, 1, 5, 10} per dataset and picks 5 for CIFAR-10, 1 for CIFAR-100 and
+  Tiny-ImageNet (§4.1); 1 is also its code's default and FedAIMS's setting
+  (papers/fedaims.txt §5.1). μ = 5 belongs to its CIFAR-10 regime of 10 local
+  epochs (hundreds of local steps) per round: with one short local epoch, as in
+  the digits comparison, the contrastive term outweighs the supervised loss for
+  the first rounds and training starts late (experiments/RESULTS.md).
+  ``μ = 0`` is FedAvg exactly.
 * One negative (the previous model), the paper's default buffer size of 1.
 
 ``moon_proximal_loss`` is ``μ ℓ_con`` with the proximal-loss signature, for
@@ -108,7 +121,7 @@ def client_final(broadcast, ctx, local_params, num_steps, client_state):
   return message, {"prev": local_params["model"]}
 
 
-def moon(mu: float = 5.0, tau: float = 0.5) -> FLAlgorithm:
+def moon(mu: float = 1.0, tau: float = 0.5) -> FLAlgorithm:
   """MOON with contrastive weight ``mu`` (μ ≥ 0) and temperature ``tau`` (τ > 0)."""
   if mu < 0:
     raise ValueError(f"mu={mu} must be >= 0")

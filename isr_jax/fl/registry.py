@@ -169,8 +169,15 @@ ALGORITHMS: dict[str, Entry] = {
     "fedsol": Entry(dict(rho=0.1, adaptive=False, tau=3.0, perturb="all", proximal="kl"),
                     _build_fedsol),
     # -- entries: drift-correction and server-optimizer algorithms --
-    "fedprox": Entry(dict(mu=0.01), lambda config: fedprox(
+    # FedProx (Li et al., MLSys 2020): μ = 1, the paper's value for its image
+    # tasks (MNIST, FEMNIST; Fig. 1, the authors' plot_final_e20.py), picked from
+    # {0.001, 0.01, 0.1, 0.5, 1}; its README warns that no μ suits every setting.
+    # FedSoL (papers/fedsol.txt, App. C) also picks μ = 1 from {0.1, 0.5, 1, 2}.
+    "fedprox": Entry(dict(mu=1.0), lambda config: fedprox(
         check_number(config.fl.fedprox.mu, "fl.fedprox.mu", low=0))),
+    # FedDyn (Acar et al., ICLR 2021): α = 0.01, the authors' CIFAR-10 example
+    # (alpemreacar/FedDyn, example_cifar_10.py, alpha_coef = 1e-2); OmniISR
+    # Table VII runs 0.005 and 0.01.
     "feddyn": Entry(dict(alpha=0.01), lambda config: feddyn(
         check_number(config.fl.feddyn.alpha, "fl.feddyn.alpha", low=0),
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)))),
@@ -180,11 +187,20 @@ ALGORITHMS: dict[str, Entry] = {
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)),
         personal_adapters=not config.isr.aggregate_adapters, **_local_sgd(config, "scaffold"))),
     "fednova": Entry({}, lambda config: fednova(**_local_sgd(config, "fednova"))),
+    # FedIR (Hsu, Qi, Brown, ECCV 2020): no hyper-parameter (weights p(y)/q_n(y)).
     "fedir": Entry({}, lambda config: fedir()),
+    # FedAvgM (Hsu, Qi, Brown, arXiv:1909.06335): server momentum β = 0.9 at
+    # server learning rate 1, as the FedAvgM of Reddi et al. 2021 (their
+    # google-research/federated optimization README); OmniISR Table VII runs 0.7, 0.9.
     "fedavgm": Entry(dict(beta=0.9, server_lr=1.0), lambda config: fedavgm(
         check_number(config.fl.fedavgm.beta, "fl.fedavgm.beta", low=0, high=1, high_open=True),
         check_number(config.fl.fedavgm.server_lr, "fl.fedavgm.server_lr", low=0,
                      low_open=True))),
+    # FedAdagrad / FedAdam / FedYogi (Reddi et al., ICLR 2021, Algorithm 2, §5):
+    # β1 = 0.9, β2 = 0.99, τ = 1e-3 (their README: τ "at least 0.001"); the server
+    # rate η is tuned per task on a half-decade grid, 10^-1 (FedAdagrad) and 10^-2
+    # (FedAdam, FedYogi) the values picked most often. FedAdagrad's β1 = 0: their
+    # experiments ran a Keras Adagrad on the server (README), which has no momentum.
     "fedadagrad": Entry(dict(learning_rate=0.1, b1=0.0, tau=1e-3), lambda config: fedadagrad(
         check_number(config.fl.fedadagrad.learning_rate, "fl.fedadagrad.learning_rate", low=0,
                      low_open=True),
@@ -204,22 +220,38 @@ ALGORITHMS: dict[str, Entry] = {
         b2=check_number(config.fl.fedyogi.b2, "fl.fedyogi.b2", low=0, high=1, high_open=True),
         tau=check_number(config.fl.fedyogi.tau, "fl.fedyogi.tau", low=0, low_open=True))),
     # -- entries: representation, distillation and imbalance algorithms --
-    "moon": Entry(dict(mu=5.0, tau=0.5), lambda config: moon(
+    # MOON (Li, He, Song, CVPR 2021, §4.1): τ = 0.5; μ = 1, the paper's pick for
+    # CIFAR-100 and Tiny-ImageNet from {0.1, 1, 5, 10} (5 for CIFAR-10, in a regime
+    # of 10 local epochs per round) and its code's default (QinbinLi/MOON main.py);
+    # also FedAIMS's (papers/fedaims.txt §5.1). The paper's projection head (output
+    # 256) is part of the network: model.options.projection_dim = 256.
+    "moon": Entry(dict(mu=1.0, tau=0.5), lambda config: moon(
         check_number(config.fl.moon.mu, "fl.moon.mu", low=0),
         check_number(config.fl.moon.tau, "fl.moon.tau", low=0, low_open=True))),
+    # FedNTD (Lee et al., NeurIPS 2022): β = 1, τ = 1, the authors' code
+    # (Lee-Gihun/FedNTD config/fedntd.json) and FedSoL's pick from
+    # β ∈ {0.5, 1}, τ ∈ {1, 3} (papers/fedsol.txt, App. C).
     "fedntd": Entry(dict(beta=1.0, tau=1.0), lambda config: fedntd(
         check_number(config.fl.fedntd.beta, "fl.fedntd.beta", low=0),
         check_number(config.fl.fedntd.tau, "fl.fedntd.tau", low=0, low_open=True))),
+    # BalanceFL (Shuai et al., IPSN 2022): λ = 1, T = 2, class-balanced sampler and
+    # feature augmentation on — the authors' CIFAR-10 config (sxontheway/BalanceFL,
+    # CIFAR10/config/fedlt.yaml: lamda 1, Temp 2, balanced_loader, feat_aug).
     "balancefl": Entry(
-        dict(lam=1.0, temperature=2.0, balanced=True, feature_aug=True),
+        dict(lam=1.0, temperature=2.0, balanced=True, resample=True, feature_aug=True),
         lambda config: balancefl(
             check_number(config.fl.balancefl.lam, "fl.balancefl.lam", low=0),
             check_number(config.fl.balancefl.temperature, "fl.balancefl.temperature", low=0,
                          low_open=True),
             balanced=_one_of(config.fl.balancefl.balanced, (False, True),
                              "fl.balancefl.balanced"),
+            resample=_one_of(config.fl.balancefl.resample, (False, True),
+                             "fl.balancefl.resample"),
             feature_aug=_one_of(config.fl.balancefl.feature_aug, (False, True),
                                 "fl.balancefl.feature_aug"))),
+    # FedGau (reconstructed from the abstract; Kou et al., T-ITS 2025): the paper's
+    # rule is not available to us; γ = 1 (the plain Bhattacharyya coefficient) is
+    # our reconstruction's own parameter, see isr_jax/fl/fedgau.py.
     "fedgau": Entry(dict(gamma=1.0), lambda config: fedgau(
         check_number(config.fl.fedgau.gamma, "fl.fedgau.gamma", low=0))),
 }

@@ -3,9 +3,11 @@
 Every model maps an NHWC float32 batch to ``(logits, taps)``, lists its tap names
 (input side first) in ``tap_names`` and keeps its output layer in ``self.head``.
 Classification models (``task = "classification"``) end their taps with
-``"features"``; segmentation models (``task = "segmentation"``: DeepLabv3+,
-TopFormer, SeaFormer) return logits ``[B, H, W, K]`` at the input resolution and
-end their taps with ``"decoder"``, the classifier's input map.
+``"features"``, or with ``"projection"`` when built with MOON's projection head
+(``projection_dim > 0``, :mod:`isr_jax.models.projection`); segmentation models
+(``task = "segmentation"``: DeepLabv3+, TopFormer, SeaFormer) return logits
+``[B, H, W, K]`` at the input resolution and end their taps with ``"decoder"``,
+the classifier's input map.
 """
 
 from __future__ import annotations

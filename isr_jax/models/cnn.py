@@ -2,8 +2,10 @@
 
 Every model maps an NHWC float32 batch to ``(logits, taps)``: ``taps`` holds the
 named intermediate features listed, input side first, in ``tap_names``; the last
-one, ``"features"``, is the ``[B, D]`` input of the output layer ``self.head``.
-Parameters under ``"head"`` are the head, everything else is the body.
+one is the ``[B, D]`` input of the output layer ``self.head``: ``"features"``
+(the encoder's output), or ``"projection"`` with MOON's projection head
+(``projection_dim > 0``, :mod:`isr_jax.models.projection`). Parameters under
+``"head"`` are the head, everything else (the projection head too) is the body.
 
 Convolutions and pooling come from :mod:`isr_jax.models.layers` (see there for
 why); normalisation is GroupNorm, so a model is exactly one ``nnx.Param`` tree.
@@ -24,6 +26,12 @@ from flax import nnx
 
 from isr_jax.errors import ConfigError
 from isr_jax.models.layers import Conv, group_norm, linear, max_pool
+from isr_jax.models.projection import (
+    PROJECTION_TAP,
+    check_projection_dim,
+    make_projection,
+    project,
+)
 
 
 def check_input_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
@@ -80,18 +88,20 @@ class FedAvgCNN(nnx.Module):
   a pool is skipped once the map is smaller than 2x2.
 
   Taps: ``conv1`` (after ReLU, before pooling), ``pool1``, ``conv2``, ``pool2``
-  and ``features`` (the 512-unit layer after ReLU).
+  and ``features`` (the 512-unit layer after ReLU), then ``projection`` with a
+  projection head.
 
   Args:
     num_classes: number of output logits K.
     input_shape: ``(H, W, C)`` of one example.
     hidden_units: width of the fully connected layer (512 in the paper).
+    projection_dim: MOON's projection head between ``features`` and the output
+      layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
     conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
     rngs: initialisation randomness.
   """
 
   task = "classification"
-  tap_names = ("conv1", "pool1", "conv2", "pool2", "features")
 
   def __init__(
       self,
@@ -99,17 +109,22 @@ class FedAvgCNN(nnx.Module):
       input_shape: Sequence[int],
       *,
       hidden_units: int = 512,
+      projection_dim: int = 0,
       conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     h, w, c = check_input_shape(input_shape, "fedavg_cnn")
+    projection_dim = check_projection_dim(projection_dim, "fedavg_cnn")
     self.input_shape = (h, w, c)
     self.num_classes = int(num_classes)
     self.conv1 = Conv(c, 32, 5, padding="SAME", impl=conv_impl, rngs=rngs)
     self.conv2 = Conv(32, 64, 5, padding="SAME", impl=conv_impl, rngs=rngs)
     h, w = _pool_size(*_pool_size(h, w))
     self.fc1 = linear(h * w * 64, hidden_units, rngs=rngs)
-    self.head = linear(hidden_units, self.num_classes, rngs=rngs)
+    self.projection, head_in = make_projection(hidden_units, projection_dim, rngs=rngs)
+    self.head = linear(head_in, self.num_classes, rngs=rngs)
+    self.tap_names = ("conv1", "pool1", "conv2", "pool2", "features",
+                      *((PROJECTION_TAP,) if projection_dim else ()))
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
@@ -119,7 +134,7 @@ class FedAvgCNN(nnx.Module):
     x = taps["conv2"] = nnx.relu(self.conv2(x))
     x = taps["pool2"] = _pool2(x)
     x = taps["features"] = nnx.relu(self.fc1(_flatten(x)))
-    return self.head(x), taps
+    return self.head(project(self.projection, x, taps)), taps
 
 
 class LeNet5(nnx.Module):
@@ -140,27 +155,32 @@ class LeNet5(nnx.Module):
 
   Taps: ``conv1``, ``conv2`` (after ReLU, before pooling), ``pool1``,
   ``pool2``, ``fc1`` (120 units after ReLU) and ``features`` (84 units after
-  ReLU).
+  ReLU), then ``projection`` with a projection head. With
+  ``projection_dim=256`` this is MOON's CIFAR-10 network (Li et al. 2021, §4.1:
+  this encoder, a 2-layer MLP projection head of output 256, the output layer).
 
   Args:
     num_classes: number of output logits K.
     input_shape: ``(H, W, C)`` of one example.
+    projection_dim: MOON's projection head between ``features`` and the output
+      layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
     conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
     rngs: initialisation randomness.
   """
 
   task = "classification"
-  tap_names = ("conv1", "pool1", "conv2", "pool2", "fc1", "features")
 
   def __init__(
       self,
       num_classes: int,
       input_shape: Sequence[int],
       *,
+      projection_dim: int = 0,
       conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     h, w, c = check_input_shape(input_shape, "lenet5")
+    projection_dim = check_projection_dim(projection_dim, "lenet5")
     self.input_shape = (h, w, c)
     self.num_classes = int(num_classes)
     pad1 = 2 if min(h, w) < 32 else "VALID"
@@ -175,7 +195,10 @@ class LeNet5(nnx.Module):
     h, w = _pool_size(h, w)
     self.fc1 = linear(h * w * 16, 120, rngs=rngs)
     self.fc2 = linear(120, 84, rngs=rngs)
-    self.head = linear(84, self.num_classes, rngs=rngs)
+    self.projection, head_in = make_projection(84, projection_dim, rngs=rngs)
+    self.head = linear(head_in, self.num_classes, rngs=rngs)
+    self.tap_names = ("conv1", "pool1", "conv2", "pool2", "fc1", "features",
+                      *((PROJECTION_TAP,) if projection_dim else ()))
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
@@ -186,7 +209,7 @@ class LeNet5(nnx.Module):
     x = taps["pool2"] = _pool2(x)
     x = taps["fc1"] = nnx.relu(self.fc1(_flatten(x)))
     x = taps["features"] = nnx.relu(self.fc2(x))
-    return self.head(x), taps
+    return self.head(project(self.projection, x, taps)), taps
 
 
 class ConvBlock(nnx.Module):
@@ -217,13 +240,16 @@ class ConvNet(nnx.Module):
   maps are 8 -> 4 -> 2 -> 1 (-> 1). At 28x28: 14, 7, 3 (-> 1).
 
   Taps: ``block1`` ... ``blockN`` (each block's pooled output) and ``features``
-  (the flattened last block, the classifier's input).
+  (the flattened last block, the classifier's input), then ``projection``
+  (the classifier's input instead) with a projection head.
 
   Args:
     num_classes: number of output logits K.
     input_shape: ``(H, W, C)`` of one example.
     depth: number of conv blocks N.
     width: channels of every block (64 in the papers).
+    projection_dim: MOON's projection head between ``features`` and the output
+      layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
     conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
     rngs: initialisation randomness.
   """
@@ -237,11 +263,13 @@ class ConvNet(nnx.Module):
       *,
       depth: int,
       width: int = 64,
+      projection_dim: int = 0,
       conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     name = f"convnet{depth}"
     h, w, c = check_input_shape(input_shape, name)
+    projection_dim = check_projection_dim(projection_dim, name)
     if int(depth) < 1:
       raise ConfigError(f"model.depth={depth!r} for ConvNet must be >= 1")
     if int(width) < 1:
@@ -250,13 +278,15 @@ class ConvNet(nnx.Module):
     self.num_classes = int(num_classes)
     self.depth = int(depth)
     self.width = int(width)
-    self.tap_names = (*(f"block{i}" for i in range(1, self.depth + 1)), "features")
+    self.tap_names = (*(f"block{i}" for i in range(1, self.depth + 1)), "features",
+                      *((PROJECTION_TAP,) if projection_dim else ()))
     in_ch = c
     for i in range(1, self.depth + 1):
       setattr(self, f"block{i}", ConvBlock(in_ch, self.width, conv_impl=conv_impl, rngs=rngs))
       in_ch = self.width
       h, w = _pool_size(h, w)
-    self.head = linear(h * w * self.width, self.num_classes, rngs=rngs)
+    self.projection, head_in = make_projection(h * w * self.width, projection_dim, rngs=rngs)
+    self.head = linear(head_in, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
@@ -264,7 +294,7 @@ class ConvNet(nnx.Module):
     for i in range(1, self.depth + 1):
       x = taps[f"block{i}"] = getattr(self, f"block{i}")(x)
     x = taps["features"] = _flatten(x)
-    return self.head(x), taps
+    return self.head(project(self.projection, x, taps)), taps
 
 
 class ConvNet3(ConvNet):
@@ -276,12 +306,12 @@ class ConvNet3(ConvNet):
       input_shape: Sequence[int],
       *,
       width: int = 64,
+      projection_dim: int = 0,
       conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
-    super().__init__(
-        num_classes, input_shape, depth=3, width=width, conv_impl=conv_impl, rngs=rngs
-    )
+    super().__init__(num_classes, input_shape, depth=3, width=width,
+                     projection_dim=projection_dim, conv_impl=conv_impl, rngs=rngs)
 
 
 class ConvNet4(ConvNet):
@@ -293,9 +323,9 @@ class ConvNet4(ConvNet):
       input_shape: Sequence[int],
       *,
       width: int = 64,
+      projection_dim: int = 0,
       conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
-    super().__init__(
-        num_classes, input_shape, depth=4, width=width, conv_impl=conv_impl, rngs=rngs
-    )
+    super().__init__(num_classes, input_shape, depth=4, width=width,
+                     projection_dim=projection_dim, conv_impl=conv_impl, rngs=rngs)

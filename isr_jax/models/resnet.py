@@ -23,6 +23,12 @@ from flax import nnx
 from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import check_input_shape
 from isr_jax.models.layers import Conv, global_avg_pool, group_norm, linear, max_pool
+from isr_jax.models.projection import (
+    PROJECTION_TAP,
+    check_projection_dim,
+    make_projection,
+    project,
+)
 
 STEMS = ("cifar", "imagenet")
 STAGE_CHANNELS = (64, 128, 256, 512)
@@ -222,7 +228,8 @@ class ResNet18(nnx.Module):
   has as many parameters as BatchNorm).
 
   Taps: ``stem``, ``layer1_0`` ... ``layer4_1`` and ``features`` (the pooled
-  ``[B, 512 * width_multiplier]`` vector).
+  ``[B, 512 * width_multiplier]`` vector), then ``projection`` (the head's
+  input instead) with a projection head.
 
   Args:
     num_classes: number of output logits K.
@@ -232,6 +239,8 @@ class ResNet18(nnx.Module):
     width_multiplier: scales every stage's channels.
     replace_stride_with_dilation: see :class:`ResNetBackbone`.
     zero_init_residual: see :class:`BasicBlock`.
+    projection_dim: MOON's projection head between ``features`` and the output
+      layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
     conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
     rngs: initialisation randomness.
   """
@@ -247,10 +256,12 @@ class ResNet18(nnx.Module):
       width_multiplier: float = 1.0,
       replace_stride_with_dilation: Sequence[bool] = (False, False, False),
       zero_init_residual: bool = False,
+      projection_dim: int = 0,
       conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     self.input_shape = check_input_shape(input_shape, "resnet18")
+    projection_dim = check_projection_dim(projection_dim, "resnet18")
     self.num_classes = int(num_classes)
     self.backbone = ResNetBackbone(
         input_shape, stem=stem, width_multiplier=width_multiplier,
@@ -258,11 +269,14 @@ class ResNet18(nnx.Module):
         blocks_per_stage=(2, 2, 2, 2), zero_init_residual=zero_init_residual,
         conv_impl=conv_impl, rngs=rngs,
     )
-    self.tap_names = (*self.backbone.tap_names, "features")
-    self.head = linear(self.backbone.out_channels, self.num_classes, rngs=rngs)
+    self.tap_names = (*self.backbone.tap_names, "features",
+                      *((PROJECTION_TAP,) if projection_dim else ()))
+    self.projection, head_in = make_projection(self.backbone.out_channels, projection_dim,
+                                               rngs=rngs)
+    self.head = linear(head_in, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
     x, taps = self.backbone(x)
     x = taps["features"] = global_avg_pool(x)
-    return self.head(x), taps
+    return self.head(project(self.projection, x, taps)), taps
