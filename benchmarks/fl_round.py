@@ -45,8 +45,8 @@ from flax import nnx
 
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import Batch
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.client import resolve_parallelism
-from isr_jax.fl.fedavg import fedavg
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.models import create_model
 from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options

@@ -43,15 +43,18 @@ def _broadcast_weight(weight: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return _example_mask(weight, shape)
 
 
-def _masked_mean(values: jax.Array, valid: jax.Array | None,
-                 weight: jax.Array | None = None) -> jax.Array:
-  """``Σ w·v / #valid``: importance weights scale terms but not the count (FedIR)."""
+def masked_mean(values: jax.Array, valid: jax.Array | None,
+                weight: jax.Array | None = None) -> jax.Array:
+  """``Σ w·v / #valid``: importance weights scale terms but not the count (FedIR).
+
+  ``valid`` has the shape of ``values``; 0 when nothing is valid.
+  """
   if weight is not None:
     values = values * _broadcast_weight(weight, values.shape)
   if valid is None:
     return jnp.mean(values)
-  valid = valid.astype(values.dtype)
-  return jnp.sum(values * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  count = jnp.sum(valid.astype(values.dtype))
+  return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.maximum(count, 1.0)
 
 
 def cross_entropy(
@@ -83,7 +86,7 @@ def cross_entropy(
     labels = jnp.where(keep, labels, 0)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return _masked_mean(nll, valid, weight)
+  return masked_mean(nll, valid, weight)
 
 
 def mi_loss(
@@ -149,7 +152,7 @@ def negative_entropy(
   ne = _entropy_per_position(z)
   if normalize:
     ne = ne / jnp.log(z.shape[-1])
-  return _masked_mean(ne, _example_mask(mask, ne.shape), weight)
+  return masked_mean(ne, _example_mask(mask, ne.shape), weight)
 
 
 def isr_loss(

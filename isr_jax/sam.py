@@ -27,7 +27,7 @@ and the normalisation is safe.
 The normalisation cannot tell rounding noise from a direction: a gradient that
 vanishes only mathematically (FedSoL's KL at ``w_k = w_g``, computed under jit
 as ~1e-9 of noise) becomes a full ρ-sized ``ε``. Such zeros are known where
-loss A is defined, and :mod:`isr_jax.fl.fedsol` makes them exact before this
+loss A is defined, and :mod:`isr_jax.fl.algorithms.fedsol` makes them exact before this
 chain sees them.
 """
 

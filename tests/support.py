@@ -13,7 +13,7 @@ from flax import nnx
 
 from isr_jax.data import load_dataset, pack_clients
 from isr_jax.fl.algorithm import Batch
-from isr_jax.fl.fedavg import fedavg
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.round import RoundFns, init_client_states
 from isr_jax.models import create_model
 from isr_jax.objective import init_params, make_problem, split_model

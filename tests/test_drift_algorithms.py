@@ -19,23 +19,23 @@ from isr_jax.data import pack_clients
 from isr_jax.data.packing import ClientData
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
-from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.fedavgm import fedavgm
-from isr_jax.fl.feddyn import feddyn
-from isr_jax.fl.fedir import fedir
-from isr_jax.fl.fednova import fednova, step_weight_sum
-from isr_jax.fl.fedopt import adaptive_server_optimizer
-from isr_jax.fl.fedprox import fedprox
+from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.algorithms.fedavgm import fedavgm
+from isr_jax.fl.algorithms.feddyn import feddyn
+from isr_jax.fl.algorithms.fedir import fedir
+from isr_jax.fl.algorithms.fednova import fednova, step_weight_sum
+from isr_jax.fl.algorithms.fedopt import adaptive_server_optimizer
+from isr_jax.fl.algorithms.fedprox import fedprox
+from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import (
-    FLSpec,
-    RoundFns,
-    fl_round,
-    init_client_states,
-    round_keys,
-    sample_clients,
+  FLSpec,
+  RoundFns,
+  fl_round,
+  init_client_states,
+  round_keys,
+  sample_clients,
 )
-from isr_jax.fl.scaffold import scaffold
 from isr_jax.losses import cross_entropy
 from isr_jax.optim import learning_rate_at, make_optimizer
 from isr_jax.state import TrainState

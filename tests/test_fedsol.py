@@ -14,8 +14,8 @@ from support import UNEVEN_SIZES, assert_trees_close, small_setup, uneven_client
 from isr_jax.config import default_config, validate
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
-from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.fedsol import fedasam, fedsam, fedsol, head_body_mask, kl_proximal_loss
+from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.algorithms.fedsol import fedasam, fedsam, fedsol, head_body_mask, kl_proximal_loss
 from isr_jax.fl.registry import PROXIMAL_SOURCES, PROXIMAL_STATIONARY, make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round
 from isr_jax.losses import cross_entropy
@@ -279,7 +279,7 @@ def test_head_body_mask_partitions_the_model():
 
 
 def test_softened_kl_gradient_is_exact_and_zero_at_equal_logits():
-  from isr_jax.fl.fedsol import softened_kl
+  from isr_jax.fl.algorithms.fedsol import softened_kl
 
   z = jnp.array([[0.3, -1.2, 2.0], [1.0, 1.0, -0.5]])
   assert float(jnp.abs(jax.grad(lambda a: softened_kl(a, z, 3.0).sum())(z)).max()) == 0.0

@@ -14,11 +14,11 @@ from test_algorithms import per_client_bytes
 from isr_jax.centralized import cl_step
 from isr_jax.data import pack_clients
 from isr_jax.fl.algorithm import Batch
+from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.algorithms.feddyn import feddyn
+from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.fl.client import batch_schedule
-from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.feddyn import feddyn
 from isr_jax.fl.round import FLSpec, fl_round, round_keys
-from isr_jax.fl.scaffold import scaffold
 from isr_jax.hybrid import HybridSpec, cosine, hybrid_round, mixing_weight, next_alpha
 
 

@@ -13,8 +13,8 @@ from support import digits, sgd_config, uneven_clients
 from isr_jax.centralized import cl_round
 from isr_jax.data import pack_clients
 from isr_jax.fl.algorithm import LocalProblem
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.client import batch_schedule
-from isr_jax.fl.fedavg import fedavg
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.losses import cross_entropy
 from isr_jax.models import create_model

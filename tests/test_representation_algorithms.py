@@ -17,11 +17,11 @@ from isr_jax.data import pack_clients
 from isr_jax.data.packing import ClientData
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
-from isr_jax.fl.balancefl import balancefl, feature_noise
-from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.fedgau import aggregation_weights, fedgau
-from isr_jax.fl.fedntd import fedntd, ntd_loss
-from isr_jax.fl.moon import moon, moon_proximal_loss
+from isr_jax.fl.algorithms.balancefl import balancefl, feature_noise
+from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.algorithms.fedgau import aggregation_weights, fedgau
+from isr_jax.fl.algorithms.fedntd import fedntd, ntd_loss
+from isr_jax.fl.algorithms.moon import moon, moon_proximal_loss
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
 from isr_jax.losses import cross_entropy

@@ -16,17 +16,17 @@ import ml_collections
 
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import FLAlgorithm
-from isr_jax.fl.balancefl import balancefl
-from isr_jax.fl.fedavg import fedavg
-from isr_jax.fl.fedavgm import fedavgm
-from isr_jax.fl.feddyn import feddyn, feddyn_proximal_loss
-from isr_jax.fl.fedgau import fedgau
-from isr_jax.fl.fedir import fedir
-from isr_jax.fl.fednova import fednova
-from isr_jax.fl.fedntd import fedntd
-from isr_jax.fl.fedopt import fedadagrad, fedadam, fedyogi
-from isr_jax.fl.fedprox import fedprox, fedprox_proximal_loss
-from isr_jax.fl.fedsol import (
+from isr_jax.fl.algorithms.balancefl import balancefl
+from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.algorithms.fedavgm import fedavgm
+from isr_jax.fl.algorithms.feddyn import feddyn, feddyn_proximal_loss
+from isr_jax.fl.algorithms.fedgau import fedgau
+from isr_jax.fl.algorithms.fedir import fedir
+from isr_jax.fl.algorithms.fednova import fednova
+from isr_jax.fl.algorithms.fedntd import fedntd
+from isr_jax.fl.algorithms.fedopt import fedadagrad, fedadam, fedyogi
+from isr_jax.fl.algorithms.fedprox import fedprox, fedprox_proximal_loss
+from isr_jax.fl.algorithms.fedsol import (
     PERTURB_TARGETS,
     fedasam,
     fedsam,
@@ -36,8 +36,8 @@ from isr_jax.fl.fedsol import (
     params_at_anchor,
     trees_equal,
 )
-from isr_jax.fl.moon import moon, moon_proximal_loss
-from isr_jax.fl.scaffold import scaffold
+from isr_jax.fl.algorithms.moon import moon, moon_proximal_loss
+from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.optim import check_number
 
 
@@ -126,7 +126,7 @@ def _moon_stationary(params, anchor, ctx):
 
 # Where each source's gradient vanishes by construction (the KL at w = w_g, ...):
 # there FedSoL sets it to exactly 0 instead of normalising rounding noise into a
-# ρ-sized perturbation (see isr_jax.fl.fedsol). Every source is listed (a test
+# ρ-sized perturbation (see isr_jax.fl.algorithms.fedsol). Every source is listed (a test
 # checks it), None where there is no such point: FedDyn's gradient at w = w_g is
 # −∇L_i(θ_i^{t−1}), genuine, and computed exactly 0 when that is 0.
 PROXIMAL_STATIONARY = {"kl": model_at_anchor, "fedprox": params_at_anchor, "feddyn": None,
@@ -251,7 +251,7 @@ ALGORITHMS: dict[str, Entry] = {
                                 "fl.balancefl.feature_aug"))),
     # FedGau (reconstructed from the abstract; Kou et al., T-ITS 2025): the paper's
     # rule is not available to us; γ = 1 (the plain Bhattacharyya coefficient) is
-    # our reconstruction's own parameter, see isr_jax/fl/fedgau.py.
+    # our reconstruction's own parameter, see isr_jax/fl/algorithms/fedgau.py.
     "fedgau": Entry(dict(gamma=1.0), lambda config: fedgau(
         check_number(config.fl.fedgau.gamma, "fl.fedgau.gamma", low=0))),
 }

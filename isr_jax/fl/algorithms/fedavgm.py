@@ -14,7 +14,7 @@ from __future__ import annotations
 import optax
 
 from isr_jax.fl.algorithm import FLAlgorithm
-from isr_jax.fl.fedavg import fedavg
+from isr_jax.fl.algorithms.fedavg import fedavg
 
 
 def fedavgm(beta: float = 0.9, server_lr: float = 1.0) -> FLAlgorithm:

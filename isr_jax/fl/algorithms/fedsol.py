@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, loss_grad
-from isr_jax.fl.fedavg import fedavg
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.sam import perturbation, perturbed_gradient
 
 PERTURB_TARGETS = ("all", "head", "body")

@@ -38,36 +38,11 @@ in that client's batches).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, no_state
-from isr_jax.fl.fedavg import client_final, server_update
-
-
-def valid_positions(labels, mask, num_classes: int):
-  """Positions that count: real examples (``mask``, over the leading axes of
-  ``labels``) whose label lies in ``[0, K)``; for dense labels every pixel."""
-  mask = mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim))
-  return mask & (labels >= 0) & (labels < num_classes)
-
-
-def label_counts(labels, mask, num_classes: int):
-  """Examples (or pixels, for dense labels) per class among the valid positions.
-
-  Counted per example in int32, then summed over examples in float32: a float32
-  running count would stop growing at 2^24 pixels, a data set's total can
-  exceed int32. The counts are exact integers up to 2^24 per class.
-  """
-  valid = valid_positions(labels, mask, num_classes)
-  per_example = (mask.size, -1)
-
-  def one(example_labels, example_valid):
-    return jnp.zeros((num_classes,), jnp.int32).at[example_labels].add(
-        example_valid.astype(jnp.int32), mode="drop")
-
-  counts = jax.vmap(one)(labels.reshape(per_example), valid.reshape(per_example))
-  return jnp.sum(counts.astype(jnp.float32), axis=0)
+from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.fl.algorithms.shared import label_counts, position_weights
 
 
 def num_classes_of(params) -> int:
@@ -87,18 +62,6 @@ def client_init(broadcast, client_state, client_data):
   counts = label_counts(client_data.y, client_data.mask, p.shape[0])
   q = counts / jnp.maximum(jnp.sum(counts), 1.0)
   return {"class_weight": jnp.where(q > 0, p / jnp.where(q > 0, q, 1.0), 0.0)}
-
-
-def position_weights(class_weight, labels, mask):
-  """``p(y)/q_k(y)`` at every position of ``labels`` (``[B]`` or ``[B, H, W]``).
-
-  Dense labels: 0 where the label is outside ``[0, K)`` (an index lookup would
-  clamp 255 to the last class).
-  """
-  weight = class_weight[labels]
-  if labels.ndim > mask.ndim:
-    weight = jnp.where(valid_positions(labels, mask, class_weight.shape[0]), weight, 0.0)
-  return weight
 
 
 def client_grad(params, ctx, batch, problem, key):

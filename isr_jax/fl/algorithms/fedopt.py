@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from isr_jax.fl.algorithm import FLAlgorithm
-from isr_jax.fl.fedavg import fedavg
+from isr_jax.fl.algorithms.fedavg import fedavg
 
 RULES = ("adagrad", "adam", "yogi")
 

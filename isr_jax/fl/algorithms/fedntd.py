@@ -31,47 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
-from isr_jax.fl.fedavg import client_final, server_update
-
-
-def restricted_log_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
-  """``log softmax`` over the classes where ``keep`` (last axis); 0 elsewhere.
-
-  Finite everywhere and in every gradient, also when ``keep`` is all False
-  (then it is 0): the left-out classes never enter an ``exp`` or a ``log``.
-  """
-  any_keep = jnp.any(keep, axis=-1, keepdims=True)
-  top = jnp.max(jnp.where(keep, logits, -jnp.inf), axis=-1, keepdims=True)
-  top = jax.lax.stop_gradient(jnp.where(any_keep, top, 0.0))
-  shifted = jnp.where(keep, logits - top, 0.0)
-  total = jnp.sum(jnp.where(keep, jnp.exp(shifted), 0.0), axis=-1, keepdims=True)
-  return jnp.where(keep, shifted - jnp.log(jnp.where(any_keep, total, 1.0)), 0.0)
-
-
-def restricted_kl(student: jax.Array, teacher: jax.Array, keep: jax.Array,
-                  tau: float) -> jax.Array:
-  """``KL(softmax(z_t/τ) ‖ softmax(z_s/τ))`` over the classes where ``keep``, per position.
-
-  The teacher logits get no gradient; 0 where no class is kept.
-  """
-  log_p_s = restricted_log_softmax(student / tau, keep)
-  log_p_t = restricted_log_softmax(jax.lax.stop_gradient(teacher) / tau, keep)
-  return jnp.sum(jnp.where(keep, jnp.exp(log_p_t) * (log_p_t - log_p_s), 0.0), axis=-1)
-
-
-def position_mean(values: jax.Array, valid: jax.Array, mask: jax.Array,
-                  weight: jax.Array | None = None) -> jax.Array:
-  """``Σ w·v / #valid`` over positions ``[B, ...]`` that are ``valid`` and whose example is real.
-
-  Normalised like :mod:`isr_jax.losses`: importance weights scale the terms,
-  not the count (FedIR); 0 when nothing is valid.
-  """
-  expand = lambda a: a.reshape(a.shape + (1,) * (values.ndim - 1))
-  valid = valid & expand(mask)
-  if weight is not None:
-    values = values * expand(weight)
-  count = jnp.sum(valid.astype(values.dtype))
-  return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.maximum(count, 1.0)
+from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.fl.algorithms.shared import position_mean, restricted_kl
 
 
 def not_true_kl(local_logits: jax.Array, global_logits: jax.Array, labels: jax.Array,

@@ -31,18 +31,8 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from isr_jax.fl.algorithm import FLAlgorithm, no_context, no_state, weighted_sum
-from isr_jax.fl.fedavg import client_grad
-
-
-def step_weight_sum(num_steps: jax.Array, momentum: float = 0.0,
-                    nesterov: bool = False) -> jax.Array:
-  """``‖a_i‖₁`` after ``num_steps`` local steps of SGD with ``momentum``."""
-  tau = jnp.asarray(num_steps, jnp.float32)
-  if momentum == 0:
-    return tau
-  rho = momentum
-  heavy_ball = (tau - rho * (1.0 - rho**tau) / (1.0 - rho)) / (1.0 - rho)
-  return tau + rho * heavy_ball if nesterov else heavy_ball
+from isr_jax.fl.algorithms.fedavg import client_grad
+from isr_jax.fl.algorithms.shared import step_weight_sum
 
 
 def fednova(momentum: float = 0.0, *, nesterov: bool = False) -> FLAlgorithm:

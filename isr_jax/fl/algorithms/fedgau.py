@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, no_state, weighted_sum
-from isr_jax.fl.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.fedavg import client_grad
+from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
+from isr_jax.fl.algorithms.fedavg import client_grad
 
 VAR_EPS = 1e-6
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import optax.tree_utils as otu
 
-from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
-from isr_jax.fl.fedavg import client_final, server_update
+from isr_jax.fl.algorithm import FLAlgorithm, no_state
+from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.fl.algorithms.shared import with_proximal_term
 
 
 def fedprox_proximal_loss(mu: float):
@@ -32,20 +33,6 @@ def fedprox_proximal_loss(mu: float):
     return 0.5 * mu * otu.tree_norm(otu.tree_sub(params, anchor), squared=True)
 
   return loss
-
-
-def with_proximal_term(prox):
-  """The local gradient of ``L_T + prox`` by autodiff of the sum (one forward pass).
-
-  The proximal term reads the round's global model ``ctx["global"]`` as its
-  anchor; its value is reported as ``prox`` and included in ``total``.
-  """
-
-  def client_grad(params, ctx, batch, problem, key):
-    return grad_with_terms(params, batch, problem, lambda p, logits, taps: {
-        "prox": (1.0, prox(p, ctx["global"], ctx, batch, problem, key))})
-
-  return client_grad
 
 
 def client_init(broadcast, client_state, client_data):

@@ -97,9 +97,14 @@ import jax
 import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, no_state
-from isr_jax.fl.fedavg import client_final, server_update
-from isr_jax.fl.fedir import label_counts, position_weights, valid_positions
-from isr_jax.fl.fedntd import position_mean, restricted_kl
+from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.fl.algorithms.shared import (
+    label_counts,
+    position_mean,
+    position_weights,
+    restricted_kl,
+    valid_positions,
+)
 
 # Logit given to absent classes in CE_P; finite, so a padded example whose
 # (dummy) label is an absent class gives a finite term that its mask then zeroes.

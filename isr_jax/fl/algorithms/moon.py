@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
-from isr_jax.fl.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.fedavg import server_update
-from isr_jax.fl.fedntd import position_mean
+from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
+from isr_jax.fl.algorithms.fedavg import server_update
+from isr_jax.fl.algorithms.shared import position_mean
 
 COSINE_EPS = 1e-8  # as torch.nn.CosineSimilarity, which the authors' code uses
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from isr_jax.fl.algorithm import FLAlgorithm, weighted_sum
-from isr_jax.fl.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.fedprox import with_proximal_term
+from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
+from isr_jax.fl.algorithms.shared import with_proximal_term
 
 
 def feddyn_proximal_loss(alpha: float):

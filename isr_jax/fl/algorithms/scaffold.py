@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, weighted_sum
-from isr_jax.fl.fednova import step_weight_sum
+from isr_jax.fl.algorithms.shared import step_weight_sum
 
 
 def init_server_state(params, data=None):
