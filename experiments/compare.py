@@ -129,7 +129,8 @@ def main(argv):
         f"{base.dataset.name}, {base.num_rounds} rounds each")
   rows = summarize(run_all(base, workdir, algorithms, seeds))
   title = (f"{base.dataset.name}, {base.model.name}, {base.fl.num_clients} clients "
-           f"({base.fl.partition.method} {base.fl.partition.alpha}), {base.num_rounds} rounds")
+           f"({base.fl.partition.method} {base.fl.partition.dirichlet_alpha}), "
+           f"{base.num_rounds} rounds")
   markdown = format_markdown(rows, title)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(markdown)

@@ -57,8 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.isr.num_taps = 0  # 0 = default M = O(log depth)
   c.isr.spacing = 1
   c.isr.placement = "input"
-  c.isr.alpha = 0.1  # MI weight α_m: one value or one per tap
-  c.isr.lam = 0.01  # NE weight λ_m: one value or one per tap
+  c.isr.mi_weight = 0.1  # MI weight α_m: one value or one per tap
+  c.isr.ne_weight = 0.01  # NE weight λ_m: one value or one per tap
   c.isr.ne_normalize = False
   c.isr.aggregate_adapters = True
 
@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.measure_heterogeneity = False  # log H_t (OmniISR Eq. 13): one extra grad per client
   c.fl.unroll = 1
   c.fl.partition = ml_collections.ConfigDict(
-      dict(method="dirichlet", alpha=0.3, shards_per_client=2, classes_per_client=2))
+      dict(method="dirichlet", dirichlet_alpha=0.3, shards_per_client=2, classes_per_client=2))
   # Each algorithm's hyper-parameters: config.fl.<name>.<setting>.
   for name, defaults in algorithm_defaults().items():
     c.fl[name] = defaults
@@ -93,9 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.hybrid = ml_collections.ConfigDict()
   c.hybrid.schedule = "fixed"
-  c.hybrid.alpha = 0.5  # α_0
+  c.hybrid.mix_weight = 0.5  # α_0 of OmniISR Eq. 9: the cloud gradient's weight
   c.hybrid.beta = 0.1
-  c.hybrid.alpha_min = 0.05
+  c.hybrid.mix_weight_min = 0.05
   c.hybrid.adaptive_rule = "paper"
   c.hybrid.cloud_steps = 1
   c.hybrid.cloud_fraction = 0.1
@@ -132,7 +132,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(isr.placement, PLACEMENTS, "isr.placement")
   _positive_int(isr.spacing, "isr.spacing")
   _positive_int(isr.num_taps, "isr.num_taps", minimum=0)
-  for name in ("alpha", "lam"):
+  for name in ("mi_weight", "ne_weight"):
     values = isr[name] if isinstance(isr[name], (tuple, list)) else (isr[name],)
     for v in values:
       check_number(v, f"isr.{name}", low=0)
@@ -161,18 +161,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("fl.chunk_size=0: set a chunk size >= 1 for fl.client_parallelism='chunked'")
   _positive_int(fl.unroll, "fl.unroll")
   _one_of(fl.partition.method, PARTITION_METHODS, "fl.partition.method")
-  check_number(fl.partition.alpha, "fl.partition.alpha", low=0, low_open=True)
+  check_number(fl.partition.dirichlet_alpha, "fl.partition.dirichlet_alpha", low=0, low_open=True)
 
   hy = config.hybrid
   _one_of(hy.schedule, SCHEDULES, "hybrid.schedule")
   _one_of(hy.adaptive_rule, ADAPTIVE_RULES, "hybrid.adaptive_rule")
-  check_number(hy.alpha, "hybrid.alpha", low=0, high=1)
-  check_number(hy.alpha_min, "hybrid.alpha_min", low=0, high=1)
+  check_number(hy.mix_weight, "hybrid.mix_weight", low=0, high=1)
+  check_number(hy.mix_weight_min, "hybrid.mix_weight_min", low=0, high=1)
   check_number(hy.beta, "hybrid.beta", low=0)
   _positive_int(hy.cloud_steps, "hybrid.cloud_steps")
   if config.mode == "hybrid":
     check_number(hy.cloud_fraction, "hybrid.cloud_fraction", low=0, high=1, low_open=True,
                  high_open=True)
-    if hy.alpha < hy.alpha_min and hy.schedule == "adaptive":
+    if hy.mix_weight < hy.mix_weight_min and hy.schedule == "adaptive":
       raise ConfigError(
-          f"hybrid.alpha={hy.alpha} is below hybrid.alpha_min={hy.alpha_min}")
+          f"hybrid.mix_weight={hy.mix_weight} is below hybrid.mix_weight_min={hy.mix_weight_min}")

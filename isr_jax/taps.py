@@ -132,7 +132,7 @@ def make_isr_spec(
     return None
   chosen = select_taps(tap_names, names=taps, count=num_taps, spacing=spacing,
                        placement=placement)
-  alphas = _per_tap(alpha, chosen, "isr.alpha")
-  lams = _per_tap(lam, chosen, "isr.lam")
+  alphas = _per_tap(alpha, chosen, "isr.mi_weight")
+  lams = _per_tap(lam, chosen, "isr.ne_weight")
   terms = tuple(TapTerm(n, a, m) for n, a, m in zip(chosen, alphas, lams, strict=True))
   return ISRSpec(terms=terms, ne_normalize=bool(ne_normalize))

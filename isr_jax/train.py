@@ -110,7 +110,7 @@ def _pack_fl(config, train, info: DatasetInfo, indices) -> ClientData:
   labels = y if y.ndim == 1 else dominant_class(y, info.ignore_index)
   groups = None if train.groups is None else train.groups[indices]
   clients = partition(
-      labels, config.fl.num_clients, part.method, seed=config.seed, alpha=part.alpha,
+      labels, config.fl.num_clients, part.method, seed=config.seed, alpha=part.dirichlet_alpha,
       shards_per_client=part.shards_per_client, classes_per_client=part.classes_per_client,
       groups=groups,
   )
@@ -137,7 +137,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   isr = config.isr
   spec = make_isr_spec(
       tap_names, enabled=isr.enabled, taps=tuple(isr.taps), num_taps=isr.num_taps,
-      spacing=isr.spacing, placement=isr.placement, alpha=isr.alpha, lam=isr.lam,
+      spacing=isr.spacing, placement=isr.placement, alpha=isr.mi_weight, lam=isr.ne_weight,
       ne_normalize=isr.ne_normalize,
   )
   graphdef, model_params = split_model(model)
@@ -154,7 +154,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                     compiler_options=xla_compiler_options())
   state = TrainState(params=params, opt_state=None, alg_state={}, client_states={},
                      rng=key_run, round=jnp.zeros((), jnp.int32),
-                     alpha=jnp.asarray(config.hybrid.alpha, jnp.float32))
+                     alpha=jnp.asarray(config.hybrid.mix_weight, jnp.float32))
 
   if config.mode == "cl":
     optimizer = make_optimizer(config.cl_optimizer, setting="cl_optimizer")
@@ -189,7 +189,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       cloud_idx, rest = split_cloud(len(train.y), hy.cloud_fraction, seed=config.seed)
       clients = _pack_fl(config, train, info, rest)
       cloud = put_replicated(pack_clients(train.x, train.y, [cloud_idx], ds.batch_size), mesh)
-      hybrid = HybridSpec(schedule=hy.schedule, beta=hy.beta, alpha_min=hy.alpha_min,
+      hybrid = HybridSpec(schedule=hy.schedule, beta=hy.beta, alpha_min=hy.mix_weight_min,
                           adaptive_rule=hy.adaptive_rule, cloud_steps=hy.cloud_steps)
       round_fn = functools.partial(hybrid_round, fns=fns, spec=fl_spec, hybrid=hybrid)
     clients = put_clients(pad_clients(clients, rows), mesh)

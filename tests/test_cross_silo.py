@@ -27,7 +27,7 @@ def test_preset_is_the_literature_setting():
   assert (c.dataset.batch_size, c.dataset.standardize) == (64, False)
   opt = c.client_optimizer
   assert (opt.name, opt.learning_rate, opt.momentum, opt.weight_decay) == ("sgd", 0.01, 0.9, 1e-5)
-  assert (c.fl.partition.method, c.fl.partition.alpha) == ("dirichlet", 0.5)
+  assert (c.fl.partition.method, c.fl.partition.dirichlet_alpha) == ("dirichlet", 0.5)
   c2 = cross_silo.get_config("classes2")
   assert (c2.fl.partition.method, c2.fl.partition.classes_per_client) == ("pathological", 2)
   with pytest.raises(ValueError, match="dirichlet"):

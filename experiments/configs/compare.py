@@ -23,13 +23,13 @@ def get_config(arg: str = "digits"):
   c.mode = "fl"
   c.dataset.name = dataset
   c.fl.partition.method = "dirichlet"
-  c.fl.partition.alpha = 0.3
+  c.fl.partition.dirichlet_alpha = 0.3
   c.client_optimizer.momentum = 0.9
   c.isr.num_taps = 2
   c.isr.spacing = 2
   c.isr.placement = "input"
-  c.isr.alpha = 0.1
-  c.isr.lam = 0.01
+  c.isr.mi_weight = 0.1
+  c.isr.ne_weight = 0.01
   # MOON's projection head (Li et al. 2021: output 256, on every algorithm's network
   # alike); 0 keeps the models as drawn. Declared so that the command line can set it.
   c.model.options.projection_dim = 0

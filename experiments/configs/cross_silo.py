@@ -44,7 +44,7 @@ def get_config(arg: str = "dirichlet"):
   c.fl.local_epochs = 10
   if skews.pop() == "dirichlet":
     c.fl.partition.method = "dirichlet"
-    c.fl.partition.alpha = 0.5
+    c.fl.partition.dirichlet_alpha = 0.5
   else:
     c.fl.partition.method = "pathological"
     c.fl.partition.classes_per_client = 2

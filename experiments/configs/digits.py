@@ -30,13 +30,13 @@ def get_config(arg: str = "fl"):
   c.fl.clients_per_round = 10
   c.fl.local_epochs = 1
   c.fl.partition.method = "dirichlet"
-  c.fl.partition.alpha = 0.3
+  c.fl.partition.dirichlet_alpha = 0.3
   c.client_optimizer.learning_rate = 0.05
   c.client_optimizer.momentum = 0.9
   c.cl_optimizer.learning_rate = 1e-3
 
   c.hybrid.schedule = "fixed"
-  c.hybrid.alpha = 0.5
+  c.hybrid.mix_weight = 0.5
   c.hybrid.cloud_fraction = 0.1
   c.hybrid.cloud_steps = 5
 
@@ -44,8 +44,8 @@ def get_config(arg: str = "fl"):
   c.isr.num_taps = 2
   c.isr.spacing = 2
   c.isr.placement = "input"
-  c.isr.alpha = 0.1
-  c.isr.lam = 0.01
+  c.isr.mi_weight = 0.1
+  c.isr.ne_weight = 0.01
   if "local" in words:
     c.num_rounds = 4
     c.eval_every = 2

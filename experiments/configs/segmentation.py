@@ -59,8 +59,8 @@ def get_config(arg: str = "deeplabv3plus,fl"):
   c.isr.num_taps = 2
   c.isr.spacing = 2
   c.isr.placement = "input"
-  c.isr.alpha = 0.1
-  c.isr.lam = 0.01
+  c.isr.mi_weight = 0.1
+  c.isr.ne_weight = 0.01
   if "local" in words:
     c.num_rounds = 2
     c.eval_every = 1

@@ -307,7 +307,7 @@ def _dirichlet_owner(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
 ) -> np.ndarray:
   if not alpha > 0:  # Also rejects NaN.
-    raise ConfigError(f"fl.partition.alpha={alpha} must be > 0")
+    raise ConfigError(f"fl.partition.dirichlet_alpha={alpha} must be > 0")
   owner = np.empty(len(labels), np.int64)
   concentration = np.full(num_clients, float(alpha))
   for idx in _class_indices(labels):
