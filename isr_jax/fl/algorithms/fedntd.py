@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
 from isr_jax.fl.algorithms.fedavg import client_final, server_update
-from isr_jax.fl.algorithms.shared import position_mean, restricted_kl
+from isr_jax.fl.algorithms.shared import global_anchor, position_mean, restricted_kl
 
 
 def not_true_kl(local_logits: jax.Array, global_logits: jax.Array, labels: jax.Array,
@@ -49,11 +49,6 @@ def ntd_loss(local_logits, global_logits, labels, *, tau: float, mask,
   """``L_NTD`` averaged over the valid positions of a batch (logits ``[B, ..., K]``)."""
   kl, has_label = not_true_kl(local_logits, global_logits, labels, tau)
   return position_mean(kl, has_label, mask, weight)
-
-
-def client_init(broadcast, client_state, client_data):
-  del client_state, client_data
-  return {"global": broadcast.params}
 
 
 def fedntd(beta: float = 1.0, tau: float = 1.0) -> FLAlgorithm:
@@ -75,7 +70,7 @@ def fedntd(beta: float = 1.0, tau: float = 1.0) -> FLAlgorithm:
       name="fedntd",
       init_server_state=no_state,
       init_client_state=no_state,
-      client_init=client_init,
+      client_init=global_anchor,
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,

@@ -22,7 +22,7 @@ import optax.tree_utils as otu
 
 from isr_jax.fl.algorithm import FLAlgorithm, no_state
 from isr_jax.fl.algorithms.fedavg import client_final, server_update
-from isr_jax.fl.algorithms.shared import with_proximal_term
+from isr_jax.fl.algorithms.shared import global_anchor, with_proximal_term
 
 
 def fedprox_proximal_loss(mu: float):
@@ -35,11 +35,6 @@ def fedprox_proximal_loss(mu: float):
   return loss
 
 
-def client_init(broadcast, client_state, client_data):
-  del client_state, client_data
-  return {"global": broadcast.params}
-
-
 def fedprox(mu: float = 0.01) -> FLAlgorithm:
   """FedProx with proximal weight ``mu`` (μ ≥ 0)."""
   if mu < 0:
@@ -48,7 +43,7 @@ def fedprox(mu: float = 0.01) -> FLAlgorithm:
       name="fedprox",
       init_server_state=no_state,
       init_client_state=no_state,
-      client_init=client_init,
+      client_init=global_anchor,
       client_grad=with_proximal_term(fedprox_proximal_loss(mu)),  # ∇F_k(w) + μ(w − w^t)
       client_final=client_final,
       server_update=server_update,

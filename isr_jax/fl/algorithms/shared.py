@@ -115,6 +115,12 @@ def step_weight_sum(num_steps: jax.Array, momentum: float = 0.0,
 # -- proximal terms (FedProx, FedDyn) --
 
 
+def global_anchor(broadcast, client_state, client_data):
+  """The client context of algorithms that only need the round's global model."""
+  del client_state, client_data
+  return {"global": broadcast.params}
+
+
 def with_proximal_term(prox):
   """The local gradient of ``L_T + prox`` by autodiff of the sum (one forward pass).
 
