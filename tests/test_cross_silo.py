@@ -10,10 +10,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import app
 from flax import nnx
 
-from experiments import cross_silo as driver
+from experiments import cross_silo_table as driver
 from experiments.configs import cross_silo
 from isr_jax.data import partition
 from isr_jax.models import create_model
@@ -56,7 +55,7 @@ def test_two_classes_per_party_split_evenly_among_holders():
 def test_run_entries_are_checked():
   assert driver.parse_run("classes2:fedprox:3") == ("classes2", "fedprox", 3)
   for bad in ("dirichlet:fedavg", "iid:fedavg:0", "dirichlet:fedfoo:0", "dirichlet:fedavg:-1"):
-    with pytest.raises(app.UsageError, match="skew:algorithm:seed"):
+    with pytest.raises(ValueError, match="skew:algorithm:seed"):
       driver.parse_run(bad)
 
 
