@@ -235,12 +235,12 @@ def test_backbone_dilation_is_used():
       replace_stride_with_dilation=(False, True, True), rngs=nnx.Rngs(0),
   ))
   # First block of a dilated stage: conv1 keeps the previous dilation.
-  assert backbone.layer3_0.conv1.dilation == (1, 1)
-  assert backbone.layer3_0.conv2.dilation == (2, 2)
-  assert backbone.layer4_0.conv1.dilation == (2, 2)
-  assert backbone.layer4_1.conv2.dilation == (4, 4)
-  assert backbone.layer3_0.conv1.strides == (1, 1)
-  assert backbone.layer2_0.conv1.strides == (2, 2)
+  assert backbone.blocks["layer3_0"].conv1.dilation == (1, 1)
+  assert backbone.blocks["layer3_0"].conv2.dilation == (2, 2)
+  assert backbone.blocks["layer4_0"].conv1.dilation == (2, 2)
+  assert backbone.blocks["layer4_1"].conv2.dilation == (4, 4)
+  assert backbone.blocks["layer3_0"].conv1.strides == (1, 1)
+  assert backbone.blocks["layer2_0"].conv1.strides == (2, 2)
 
 
 # One case per model (plus LeNet-5's two padding rules); the SGD test reuses them.
@@ -413,7 +413,7 @@ def test_zero_init_residual():
   x, _ = random_batch((4, 4, 8), batch=1)
   chex.assert_trees_all_close(block(x), jax.nn.relu(x))  # starts as its shortcut
   model = abstract_model("resnet18", (8, 8, 1), width_multiplier=0.25, zero_init_residual=True)
-  assert model.backbone.layer4_1.norm2.scale.shape == (128,)
+  assert model.backbone.blocks["layer4_1"].norm2.scale.shape == (128,)
 
 
 def test_options_reach_the_model():

@@ -280,19 +280,20 @@ class ConvNet(nnx.Module):
     self.width = int(width)
     self.tap_names = (*(f"block{i}" for i in range(1, self.depth + 1)), "features",
                       *((PROJECTION_TAP,) if projection_dim else ()))
-    in_ch = c
-    for i in range(1, self.depth + 1):
-      setattr(self, f"block{i}", ConvBlock(in_ch, self.width, conv_impl=conv_impl, rngs=rngs))
+    blocks, in_ch = [], c
+    for _ in range(self.depth):
+      blocks.append(ConvBlock(in_ch, self.width, conv_impl=conv_impl, rngs=rngs))
       in_ch = self.width
       h, w = _pool_size(h, w)
+    self.blocks = nnx.List(blocks)
     self.projection, head_in = make_projection(h * w * self.width, projection_dim, rngs=rngs)
     self.head = linear(head_in, self.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns ``(logits [B, K], taps)`` for an NHWC batch."""
     taps: dict[str, jax.Array] = {}
-    for i in range(1, self.depth + 1):
-      x = taps[f"block{i}"] = getattr(self, f"block{i}")(x)
+    for i, block in enumerate(self.blocks, start=1):
+      x = taps[f"block{i}"] = block(x)
     x = taps["features"] = _flatten(x)
     return self.head(project(self.projection, x, taps)), taps
 

@@ -183,7 +183,7 @@ class ResNetBackbone(nnx.Module):
       stride = 4
     self.stem_norm = group_norm(stem_ch, rngs=rngs)
 
-    names, strides = ["stem"], [stride]
+    names, strides, residual_blocks = ["stem"], [stride], {}
     dilation, in_ch = 1, stem_ch
     for s, (ch, n) in enumerate(zip(self.stage_channels, blocks, strict=True)):
       block_stride, previous_dilation = (1 if s == 0 else 2), dilation
@@ -199,10 +199,13 @@ class ResNetBackbone(nnx.Module):
             zero_init_residual=zero_init_residual, conv_impl=conv_impl, rngs=rngs,
         )
         name = f"layer{s + 1}_{b}"
-        setattr(self, name, block)
+        residual_blocks[name] = block
         names.append(name)
         strides.append(stride)
         in_ch = ch
+    # Keyed by tap name so parameter paths say which block they belong to; the
+    # order lives in tap_names because nnx.Dict iterates sorted after a merge.
+    self.blocks = nnx.Dict(residual_blocks)
     self.tap_names = tuple(names)
     self.tap_strides = tuple(strides)
     self.output_stride = stride
@@ -215,7 +218,7 @@ class ResNetBackbone(nnx.Module):
       x = max_pool(x, 3, 2, padding=1)
     taps["stem"] = x
     for name in self.tap_names[1:]:
-      x = taps[name] = getattr(self, name)(x)
+      x = taps[name] = self.blocks[name](x)
     return x, taps
 
 
