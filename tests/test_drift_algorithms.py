@@ -252,23 +252,31 @@ def test_scaffold_client_and_server_step_by_hand():
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_scaffold_option_two_is_the_mean_gradient_under_momentum(nesterov):
-  # K optax SGD-momentum steps on a constant corrected gradient g + c − c_i:
-  # c_i⁺ = c_i − c + (x − y)/(‖a‖₁ η) must give back g exactly.
+@pytest.mark.parametrize("correction", ["full", "scaled"])
+def test_scaffold_option_two_is_the_mean_gradient_under_momentum(nesterov, correction):
+  # K optax SGD-momentum steps on a constant corrected gradient g + w(c − c_i), w = 1
+  # ("full") or 1 − β ("scaled"): c_i⁺ must give back g exactly in both.
   beta, lr, k = 0.9, 0.05, 5
+  w = 1.0 if correction == "full" else 1 - beta
   g, c, c_i = np.array([0.4, -1.2]), np.array([0.1, -0.2]), np.array([0.3, 0.1])
   opt = optax.sgd(lr, momentum=beta, nesterov=nesterov)
   y = two([0.5, 1.0])
   opt_state = opt.init(y)
   for _ in range(k):
-    updates, opt_state = opt.update(two(g + c - c_i), opt_state, y)
+    updates, opt_state = opt.update(two(g + w * (c - c_i)), opt_state, y)
     y = optax.apply_updates(y, updates)
-  alg = scaffold(num_clients=4, momentum=beta, nesterov=nesterov)
+  alg = scaffold(num_clients=4, momentum=beta, nesterov=nesterov, momentum_correction=correction)
+  b = broadcast([0.5, 1.0], {"c": two(c)}, lr=lr)
+  grads, _ = alg.client_grad(two([1.0, 2.0]), {"correction": two(c - c_i)}, BATCH_A,
+                             quadratic_problem(), None)
+  np.testing.assert_allclose(model_w(grads), 0.5 + w * (c - c_i), rtol=1e-6)  # ∇L_A = 0.5
   b = broadcast([0.5, 1.0], {"c": two(c)}, lr=lr)
   _, new_state = alg.client_final(b, None, y, jnp.int32(k), {"c": two(c_i)})
   np.testing.assert_allclose(model_w(new_state["c"]), g, rtol=1e-5)
   with pytest.raises(ValueError, match="momentum=1.0"):
     scaffold(num_clients=4, momentum=1.0)
+  with pytest.raises(ValueError, match="momentum_correction='half'"):
+    scaffold(num_clients=4, momentum_correction="half")
 
 
 def test_scaffold_option_two_with_weight_decay_is_the_mean_regularised_gradient():
@@ -288,7 +296,7 @@ def test_scaffold_option_two_with_weight_decay_is_the_mean_regularised_gradient(
     y = optax.apply_updates(y, updates)
   a = (1 - beta ** (k - np.arange(k))) / (1 - beta)
   want = g + wd * (a[:, None] * np.asarray(ys)).sum(axis=0) / a.sum()
-  alg = scaffold(num_clients=4, momentum=beta)
+  alg = scaffold(num_clients=4, momentum=beta, momentum_correction="full")
   b = broadcast([0.5, 1.0], {"c": two(c)}, lr=lr)
   _, new_state = alg.client_final(b, None, y, jnp.int32(k), {"c": two(c_i)})
   np.testing.assert_allclose(model_w(new_state["c"]), want, rtol=1e-5)

@@ -37,7 +37,7 @@ from isr_jax.fl.algorithms.fedsol import (
     trees_equal,
 )
 from isr_jax.fl.algorithms.moon import moon, moon_proximal_loss
-from isr_jax.fl.algorithms.scaffold import scaffold
+from isr_jax.fl.algorithms.scaffold import MOMENTUM_CORRECTIONS, scaffold
 from isr_jax.optim import check_number
 
 
@@ -182,10 +182,15 @@ ALGORITHMS: dict[str, Entry] = {
         check_number(config.fl.feddyn.alpha, "fl.feddyn.alpha", low=0),
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)))),
     # SCAFFOLD's option II and FedNova's a_i follow the clients' SGD momentum ρ;
-    # other local optimizers are rejected (_local_sgd).
-    "scaffold": Entry({}, lambda config: scaffold(
+    # other local optimizers are rejected (_local_sgd). Under momentum the
+    # correction enters scaled by 1 − β, as NIID-Bench's SCAFFOLD applies it
+    # (see isr_jax/fl/algorithms/scaffold.py; "full" diverges on digits:fl).
+    "scaffold": Entry(dict(momentum_correction="scaled"), lambda config: scaffold(
         num_clients=int(check_number(config.fl.num_clients, "fl.num_clients", low=1)),
-        personal_adapters=not config.isr.aggregate_adapters, **_local_sgd(config, "scaffold"))),
+        personal_adapters=not config.isr.aggregate_adapters,
+        momentum_correction=_one_of(config.fl.scaffold.momentum_correction,
+                                    MOMENTUM_CORRECTIONS, "fl.scaffold.momentum_correction"),
+        **_local_sgd(config, "scaffold"))),
     "fednova": Entry({}, lambda config: fednova(**_local_sgd(config, "fednova"))),
     # FedIR (Hsu, Qi, Brown, ECCV 2020): no hyper-parameter (weights p(y)/q_n(y)).
     "fedir": Entry({}, lambda config: fedir()),
