@@ -82,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.num_devices = 0  # 0 = every device; sampled clients are sharded over them
   c.fl.measure_heterogeneity = False  # log H_t (OmniISR Eq. 13): one extra grad per client
   c.fl.unroll = 1
+  # Personalized-FL protocol (SPEC §4): every client's own model on a held-out part
+  # of its own data. "auto": on for the personalized algorithms (FedAIMS, FedPer, ...).
+  c.fl.personalized_eval = "auto"
+  c.fl.client_test_fraction = 0.25
   c.fl.partition = ml_collections.ConfigDict(
       dict(method="dirichlet", dirichlet_alpha=0.3, shards_per_client=2, classes_per_client=2))
   # Each algorithm's hyper-parameters: config.fl.<name>.<setting>.
@@ -161,6 +165,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("fl.chunk_size=0: set a chunk size >= 1 for fl.client_parallelism='chunked'")
   _positive_int(fl.unroll, "fl.unroll")
   _one_of(fl.partition.method, PARTITION_METHODS, "fl.partition.method")
+  _one_of(fl.personalized_eval, ("auto", "on", "off"), "fl.personalized_eval")
+  check_number(fl.client_test_fraction, "fl.client_test_fraction", low=0, high=1,
+               low_open=True, high_open=True)
   check_number(fl.partition.dirichlet_alpha, "fl.partition.dirichlet_alpha", low=0, low_open=True)
 
   hy = config.hybrid

@@ -36,12 +36,14 @@ from isr_jax.data import (
     load_dataset,
     pack_clients,
     partition,
+    split_clients,
     split_cloud,
 )
 from isr_jax.errors import NaNLossError
 from isr_jax.evaluate import evaluate_classifier
 from isr_jax.fl.client import resolve_parallelism
-from isr_jax.fl.registry import make_algorithm
+from isr_jax.fl.evaluate_clients import evaluate_clients
+from isr_jax.fl.registry import make_algorithm, personalized_eval_on
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.hybrid import HybridSpec, hybrid_round
 from isr_jax.metric_writer import JsonlWriter, read_metrics
@@ -77,6 +79,9 @@ class Experiment(NamedTuple):
     info: dataset facts.
     isr_spec: the ISR taps and weights (``None`` = ISR off).
     tap_names: every tap the model exposes, in block order.
+    client_eval_fn: ``jit``-ed ``(state, *client_eval_data) -> metrics``, the
+      personalized evaluation (:mod:`isr_jax.fl.evaluate_clients`), or ``None``.
+    client_eval_data: every client's training rows and its own test split.
   """
 
   state: TrainState
@@ -88,6 +93,8 @@ class Experiment(NamedTuple):
   info: DatasetInfo
   isr_spec: ISRSpec | None
   tap_names: tuple[str, ...]
+  client_eval_fn: Callable[..., dict[str, jax.Array]] | None = None
+  client_eval_data: tuple[ClientData, ClientData] = ()
 
 
 def _put_batches(data: ClientData, mesh) -> ClientData:
@@ -99,11 +106,14 @@ def _put_batches(data: ClientData, mesh) -> ClientData:
       sharding if a.ndim >= 3 else NamedSharding(mesh, P()), np.asarray(a)), data)
 
 
-def _pack_fl(config, train, info: DatasetInfo, indices) -> ClientData:
+def _pack_fl(config, train, info: DatasetInfo, indices,
+             held_out: bool = False) -> tuple[ClientData, ClientData | None]:
   """Partitions ``train[indices]`` over the clients and packs them.
 
   Segmentation images are partitioned by their dominant class (Dirichlet,
-  shards, ...) or by city/sequence (``natural``).
+  shards, ...) or by city/sequence (``natural``). ``held_out``: each client's
+  partition is split into its own train and test parts (``fl.client_test_fraction``),
+  returned as the second element (else ``None``).
   """
   part = config.fl.partition
   y = train.y[indices]
@@ -114,7 +124,15 @@ def _pack_fl(config, train, info: DatasetInfo, indices) -> ClientData:
       shards_per_client=part.shards_per_client, classes_per_client=part.classes_per_client,
       groups=groups,
   )
-  return pack_clients(train.x, train.y, [indices[c] for c in clients], config.dataset.batch_size)
+  if not held_out:
+    return pack_clients(train.x, train.y, [indices[c] for c in clients],
+                        config.dataset.batch_size), None
+  own_train, own_test = split_clients(clients, labels, config.fl.client_test_fraction,
+                                      seed=config.seed)
+  return (pack_clients(train.x, train.y, [indices[c] for c in own_train],
+                       config.dataset.batch_size),
+          pack_clients(train.x, train.y, [indices[c] for c in own_test],
+                       config.dataset.eval_batch_size))
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -152,6 +170,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                                       num_classes=info.num_classes,
                                       ignore_index=info.ignore_index),
                     compiler_options=xla_compiler_options())
+  client_eval_fn, client_eval_data = None, ()
   state = TrainState(params=params, opt_state=None, alg_state={}, client_states={},
                      rng=key_run, round=jnp.zeros((), jnp.int32),
                      alpha=jnp.asarray(config.hybrid.mix_weight, jnp.float32))
@@ -180,20 +199,27 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         measure_heterogeneity=config.fl.measure_heterogeneity,
     )
     rows = padded_count(config.fl.num_clients, mesh)
+    held_out = personalized_eval_on(config, algorithm)
     if config.mode == "fl":
-      clients = _pack_fl(config, train, info, np.arange(len(train.y)))
+      clients, own_test = _pack_fl(config, train, info, np.arange(len(train.y)), held_out)
       round_fn = functools.partial(fl_round, fns=fns, spec=fl_spec)
       cloud = None
     else:
       hy = config.hybrid
       cloud_idx, rest = split_cloud(len(train.y), hy.cloud_fraction, seed=config.seed)
-      clients = _pack_fl(config, train, info, rest)
+      clients, own_test = _pack_fl(config, train, info, rest, held_out)
       cloud = put_replicated(pack_clients(train.x, train.y, [cloud_idx], ds.batch_size), mesh)
       hybrid = HybridSpec(schedule=hy.schedule, beta=hy.beta, alpha_min=hy.mix_weight_min,
                           adaptive_rule=hy.adaptive_rule, cloud_steps=hy.cloud_steps)
       round_fn = functools.partial(hybrid_round, fns=fns, spec=fl_spec, hybrid=hybrid)
     clients = put_clients(pad_clients(clients, rows), mesh)
     round_data = (clients,) if cloud is None else (clients, cloud)
+    if own_test is not None:
+      client_eval_data = (clients, put_clients(pad_clients(own_test, rows), mesh))
+      client_eval_fn = jax.jit(
+          functools.partial(evaluate_clients, fns=fns, spec=fl_spec,
+                            ignore_index=info.ignore_index),
+          compiler_options=xla_compiler_options())
     client_states = jax.device_put(
         init_client_states(algorithm, params, clients, isr.aggregate_adapters),
         NamedSharding(mesh, P(CLIENT_AXIS)))
@@ -208,6 +234,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   return Experiment(
       state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
       eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,
+      client_eval_fn=client_eval_fn, client_eval_data=client_eval_data,
   )
 
 
@@ -273,6 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if r % config.eval_every == 0 or r == config.num_rounds:
       test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
       metrics.update({f"test/{k}": float(v) for k, v in test.items()})
+      if exp.client_eval_fn is not None:
+        own = jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
+        metrics.update({f"personal/{k}": float(v) for k, v in own.items()})
     writer.write(r, metrics)
     if r % config.checkpoint_every == 0 or r == config.num_rounds:
       checkpoint.save(manager, r, state)

@@ -158,8 +158,8 @@ def test_personal_adapters_stay_per_client():
   assert float(m["comm/up_bytes"]) == float(m["comm/down_bytes"]) == 2 * 4 * LENET5_DIGITS
   # The global adapters do not move; the sampled clients' own adapters do.
   chex.assert_trees_all_equal(new_state.params["adapters"], state.params["adapters"])
-  before = state.client_states["adapters"]
-  after = new_state.client_states["adapters"]
+  before = state.client_states["personal"]["adapters"]
+  after = new_state.client_states["personal"]["adapters"]
   for c in range(6):
     changed = any(not np.array_equal(a[c], b[c])
                   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
@@ -186,5 +186,5 @@ def test_scaffold_with_personal_adapters_moves_and_corrects_only_the_model():
   assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(new.alg_state["c"]["model"]))
   # The adapters still train, per client.
   assert any(not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(new.client_states["adapters"]),
-      jax.tree.leaves(state.client_states["adapters"]), strict=True))
+      jax.tree.leaves(new.client_states["personal"]["adapters"]),
+      jax.tree.leaves(state.client_states["personal"]["adapters"]), strict=True))

@@ -16,6 +16,7 @@ from isr_jax.data.partition import (
     PARTITIONS,
     dominant_class,
     partition,
+    split_clients,
     split_cloud,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "load_dataset",
     "pack_clients",
     "partition",
+    "split_clients",
     "split_cloud",
     "standardize_splits",
 ]

@@ -193,6 +193,40 @@ def split_cloud(
   return np.sort(perm[:num_cloud]), np.sort(perm[num_cloud:])
 
 
+def split_clients(
+    client_indices: list[np.ndarray], labels: np.ndarray, test_fraction: float, *, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Splits every client's own examples into train and test (personalized FL, SPEC §4).
+
+  Stratified: a client's examples are shuffled (seeded per client), stably
+  ordered by label, and every ``1/test_fraction``-th one of that order goes to
+  test, so each class keeps its share up to rounding. A client of ``n``
+  examples gets ``⌊n·f + ½⌋`` test examples, its smallest classes possibly none.
+
+  Args:
+    client_indices: one index array per client (into ``labels``).
+    labels: a class per example (segmentation: the dominant class).
+    test_fraction: ``f`` in ``(0, 1)``.
+    seed: seed of the shuffles.
+
+  Returns:
+    ``(train, test)``: per client, sorted index arrays that together are its
+    examples.
+  """
+  if not 0.0 < test_fraction < 1.0:
+    raise ConfigError(f"fl.client_test_fraction={test_fraction} must be in (0, 1)")
+  train, test = [], []
+  for client, idx in enumerate(client_indices):
+    rng = np.random.default_rng([seed, client])
+    shuffled = np.asarray(idx)[rng.permutation(len(idx))]
+    ordered = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    i = np.arange(len(ordered))
+    held = np.floor((i + 1) * test_fraction + 0.5) > np.floor(i * test_fraction + 0.5)
+    train.append(np.sort(ordered[~held]))
+    test.append(np.sort(ordered[held]))
+  return train, test
+
+
 def group_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
   """Groups example indices by client.
 

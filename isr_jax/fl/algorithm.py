@@ -112,6 +112,20 @@ class FLAlgorithm(NamedTuple):
       it (FedAvgM's momentum, FedAdam); ``None`` uses ``fl.server_optimizer``.
     downlink: ``broadcast -> pytree``, what travels down to each client (for
       communication accounting); the uplink is the message itself.
+    personal: the model part that stays on each client across rounds, one of
+      :data:`isr_jax.fl.personal.PERSONAL_PARTS` (``""``: none; ``"head"``:
+      FedPer, FedRep; ``"body"``: LG-FedAvg; ``"all"``: Local). The round keeps
+      it in ``client_states["personal"]`` and starts the client from it.
+    local_update: ``(start, ctx, trainer) -> (local_params, ctx, aux_sum,
+      num_steps)``, the client's whole local training when it is more than one
+      run of :attr:`client_grad` steps (FedRep's two phases, Ditto's personal
+      model, FedALA's aggregation); ``trainer`` is a :class:`LocalTrainer`.
+      ``None``: ``trainer.train(start, client_grad)``.
+    eval_model: ``(params, client_state, trainer) -> predict`` for the
+      personalized evaluation: ``predict(x) -> logits`` of client ``i``'s own
+      model, ``params`` being the global tree with its personal leaves put in
+      (FedBABU fine-tunes here, Ditto returns its personal model, FedRoD adds
+      its personal head). ``None``: the model at ``params``.
   """
 
   name: str
@@ -123,6 +137,31 @@ class FLAlgorithm(NamedTuple):
   server_update: Callable[..., tuple[Params, PyTree]]
   server_optimizer: Any = None
   downlink: Callable[[ServerBroadcast], PyTree] = lambda broadcast: broadcast.params
+  personal: str = ""
+  local_update: Callable[..., tuple[Params, PyTree, dict, jax.Array]] | None = None
+  eval_model: Callable[..., Callable[[jax.Array], jax.Array]] | None = None
+
+
+class LocalTrainer(NamedTuple):
+  """What the round lends an algorithm's ``local_update`` and ``eval_model``: one client's
+  data and the engine's local optimizer, schedule and step masking.
+
+  Attributes:
+    train: ``(start, grad_fn, *, epochs=None, trainable=None, stream=0) ->
+      (params, aux_sum, num_steps)``: local SGD from ``start`` with ``grad_fn(params,
+      batch, key) -> (grads, aux)`` for ``epochs`` epochs (``None``: the round's
+      ``fl.local_epochs`` / ``fl.local_steps``); ``trainable(path) -> bool`` freezes
+      the other leaves (their update is zeroed after the optimizer, so weight decay
+      and momentum cannot move them); ``stream`` picks an independent shuffle.
+    problem: the client objective.
+    data: the client's row of ``ClientData`` (``[S, B, ...]``).
+    key: the client's PRNG key this round.
+  """
+
+  train: Callable[..., tuple[Params, dict, jax.Array]]
+  problem: LocalProblem
+  data: Any
+  key: jax.Array
 
 
 def loss_grad(params: Params, batch: Batch, problem: LocalProblem):

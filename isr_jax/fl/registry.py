@@ -262,6 +262,17 @@ ALGORITHMS: dict[str, Entry] = {
 }
 
 
+def is_personalized(algorithm: FLAlgorithm) -> bool:
+  """Whether clients of ``algorithm`` end a round with models of their own."""
+  return bool(algorithm.personal) or algorithm.eval_model is not None
+
+
+def personalized_eval_on(config, algorithm: FLAlgorithm) -> bool:
+  """``fl.personalized_eval``: ``on``, ``off``, or (``auto``) on for personalized algorithms."""
+  setting = config.fl.personalized_eval
+  return setting == "on" or (setting == "auto" and is_personalized(algorithm))
+
+
 def algorithm_defaults() -> ml_collections.ConfigDict:
   """``{name: hyper-parameter defaults}`` for ``config.fl``."""
   return ml_collections.ConfigDict({n: dict(e.defaults) for n, e in ALGORITHMS.items()})

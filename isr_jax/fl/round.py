@@ -10,7 +10,6 @@ clients or steps and no host transfer inside it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,11 +24,13 @@ from isr_jax.fl.algorithm import (
     Batch,
     FLAlgorithm,
     LocalProblem,
+    LocalTrainer,
     ServerBroadcast,
     loss_grad,
     weighted_sum,
 )
 from isr_jax.fl.client import batch_schedule, map_clients, run_local_steps
+from isr_jax.fl.personal import merge, personal_predicate, select, travelling_bytes, zero_personal
 from isr_jax.optim import with_learning_rate
 from isr_jax.sharding import padded_count
 from isr_jax.state import TrainState
@@ -87,44 +88,44 @@ def round_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
   return tuple(jax.random.split(key, 3))  # type: ignore[return-value]
 
 
-def _is_personal(path, aggregate_adapters: bool) -> bool:
-  """Whether a leaf (by its key path) is part of the personal ISR adapters.
+def _freeze(optimizer: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+  """``optimizer`` whose updates of the leaves where ``trainable`` is False are zero.
 
-  Every params-shaped tree is ``{"model", "adapters"}``, so a message, a downlink
-  or a state that holds one (SCAFFOLD's ``{"delta", "delta_c"}``, its
-  ``{"params", "c"}``) has an ``adapters`` key above each adapter leaf.
+  Zeroing the update (not the gradient) keeps weight decay and momentum from
+  moving a frozen leaf; the optimizer's state keeps its structure.
   """
-  return not aggregate_adapters and any(
-      isinstance(k, jax.tree_util.DictKey) and k.key == "adapters" for k in path)
+
+  def update(grads, state, params=None):
+    updates, state = optimizer.update(grads, state, params)
+    return jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable), state
+
+  return optax.GradientTransformation(optimizer.init, update)
 
 
-def travelling_bytes(tree, aggregate_adapters: bool) -> int:
-  """Bytes of the leaves of ``tree`` that cross the network (static: shapes and dtypes).
+def make_trainer(cdata: ClientData, key: jax.Array, lr: jax.Array, fns: RoundFns,
+                 spec: FLSpec) -> LocalTrainer:
+  """Client ``cdata``'s :class:`LocalTrainer`: local SGD on its own data this round."""
+  flat = lambda a: a.reshape((-1,) + a.shape[2:])
+  x, y, slot_mask = flat(cdata.x), flat(cdata.y), cdata.mask.reshape(-1)
 
-  Personal adapters (``aggregate_adapters=False``) never leave their client, in
-  either direction.
-  """
-  return sum(math.prod(x.shape) * x.dtype.itemsize
-             for path, x in jax.tree_util.tree_leaves_with_path(tree)
-             if not _is_personal(path, aggregate_adapters))
+  def train(start, grad_fn, *, epochs=None, trainable=None, stream=0):
+    k = key if stream == 0 else jax.random.fold_in(key, 7919 + stream)
+    round_schedule = epochs is None
+    idx, valid = batch_schedule(
+        k, slot_mask, cdata.mask.shape[-1],
+        epochs=spec.local_epochs if round_schedule else epochs,
+        steps=spec.local_steps if round_schedule else 0)
+    optimizer = fns.local_optimizer
+    if trainable is not None:
+      mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(trainable(path)), start)
+      optimizer = _freeze(optimizer, mask)
+    opt_state = with_learning_rate(optimizer.init(start), lr)
+    params, _, aux_sum, num_steps = run_local_steps(
+        start, opt_state, x, y, idx, valid, grad_fn=grad_fn, optimizer=optimizer, key=k,
+        unroll=spec.unroll, all_or_none=round_schedule and spec.local_steps > 0)
+    return params, aux_sum, num_steps
 
-
-def _as_received(messages, aggregate_adapters: bool):
-  """The messages as the server receives them: what stays on the clients is zero.
-
-  The server's rule then cannot use what never travelled (SCAFFOLD's ``c`` and
-  FedDyn's ``h`` would otherwise accumulate the personal adapters' updates).
-  """
-  if aggregate_adapters:
-    return messages
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.zeros_like(x) if _is_personal(path, False) else x, messages)
-
-
-def _client_start(params, client_state, aggregate_adapters: bool):
-  if aggregate_adapters:
-    return params
-  return {"model": params["model"], "adapters": client_state["adapters"]}
+  return LocalTrainer(train=train, problem=fns.problem, data=cdata, key=key)
 
 
 def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: FLSpec):
@@ -137,6 +138,7 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
     that ran).
   """
   alg = fns.algorithm
+  personal = personal_predicate(alg.personal, spec.aggregate_adapters)
   k_sample, k_clients, _ = round_keys(state)
   num_rows = data.num_clients
   k = spec.clients_per_round
@@ -154,29 +156,26 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
   batch_size = data.batch_size
 
   def one_client(cdata: ClientData, cstate, client_id, params, alg_state, round_index, lr):
-    start = _client_start(params, cstate, spec.aggregate_adapters)
+    start = merge(params, cstate.get("personal", {}))
     broadcast = ServerBroadcast(start, alg_state, round_index, lr)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(k_clients, client_id)
-    idx, valid = batch_schedule(
-        key, cdata.mask.reshape(-1), batch_size,
-        epochs=spec.local_epochs, steps=spec.local_steps,
-    )
-    opt_state = with_learning_rate(fns.local_optimizer.init(start), lr)
-    grad_fn = lambda p, b, k: alg.client_grad(p, ctx, b, fns.problem, k)
-    flat = lambda a: a.reshape((-1,) + a.shape[2:])
-    params, _, aux_sum, num_steps = run_local_steps(
-        start, opt_state, flat(cdata.x), flat(cdata.y), idx, valid,
-        grad_fn=grad_fn, optimizer=fns.local_optimizer, key=key, unroll=spec.unroll,
-        all_or_none=spec.local_steps > 0,
-    )
+    trainer = make_trainer(cdata, key, lr, fns, spec)
+    if alg.local_update is None:
+      params, aux_sum, num_steps = trainer.train(
+          start, lambda p, b, k: alg.client_grad(p, ctx, b, fns.problem, k))
+    else:
+      params, ctx, aux_sum, num_steps = alg.local_update(start, ctx, trainer)
     message, new_alg_state = alg.client_final(broadcast, ctx, params, num_steps, cstate["alg"])
     new_cstate = {**cstate, "alg": new_alg_state}
-    if not spec.aggregate_adapters:
-      new_cstate["adapters"] = params["adapters"]
+    if "personal" in cstate:
+      new_cstate["personal"] = select(params, personal)
     drift = otu.tree_norm(otu.tree_sub(params["model"], start["model"]), squared=True)
     grad_at_start = {}
     if spec.measure_heterogeneity:  # ∇L_T^n(θ_t), estimated on the first scheduled batch
+      idx, valid = batch_schedule(key, cdata.mask.reshape(-1), batch_size,
+                                  epochs=spec.local_epochs, steps=spec.local_steps)
+      flat = lambda a: a.reshape((-1,) + a.shape[2:])
       first = Batch(flat(cdata.x)[idx[0]], flat(cdata.y)[idx[0]], valid[0])
       grad_at_start, _ = loss_grad(start, first, fns.problem)
     return message, new_cstate, aux_sum, num_steps, drift, grad_at_start
@@ -188,11 +187,12 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
   )
   n = client_data.num_examples.astype(jnp.float32)
   weights = n / jnp.maximum(jnp.sum(n), 1.0)
-  received = _as_received(messages, spec.aggregate_adapters)
+  # What stays on the clients reaches the server as zero, so no server rule can
+  # use it (SCAFFOLD's c, FedDyn's h would otherwise accumulate personal updates),
+  # and it never moves the global tree.
+  received = zero_personal(messages, personal)
   pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, received, weights)
-  if not spec.aggregate_adapters:
-    # Personal adapters never move the global ones through the federated path.
-    pseudo_grad = {**pseudo_grad, "adapters": otu.tree_zeros_like(pseudo_grad["adapters"])}
+  pseudo_grad = zero_personal(pseudo_grad, personal)
   scatter_rows = jnp.where(real, ids, num_rows)  # out of range: dropped
   client_states = jax.tree.map(
       lambda full, new: full.at[scatter_rows].set(new, mode="drop"),
@@ -208,12 +208,12 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
     metrics["fl/heterogeneity"] = jnp.sum(weights * sq) - otu.tree_norm(mean, squared=True)
   metrics["fl/local_steps"] = jnp.sum(num_steps) / jnp.maximum(jnp.sum(real), 1)
   # Communication per real sampled client: the message up, the algorithm's
-  # downlink down, less the personal adapters; shapes are static.
+  # downlink down, less the personal leaves; shapes are static.
   num_real = jnp.sum(client_data.num_examples > 0).astype(jnp.float32)
   one_message = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape[1:], m.dtype), messages)
   broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
-  up = travelling_bytes(one_message, spec.aggregate_adapters)
-  down = travelling_bytes(alg.downlink(broadcast), spec.aggregate_adapters)
+  up = travelling_bytes(one_message, personal)
+  down = travelling_bytes(alg.downlink(broadcast), personal)
   metrics["comm/up_bytes"] = num_real * up
   metrics["comm/down_bytes"] = num_real * down
   return pseudo_grad, alg_state, client_states, metrics
@@ -238,10 +238,15 @@ def fl_round(state: TrainState, data: ClientData, *, fns: RoundFns, spec: FLSpec
 
 def init_client_states(algorithm: FLAlgorithm, params: Any, data: ClientData,
                        aggregate_adapters: bool) -> dict:
-  """The stacked per-client state ``[num_clients, ...]`` for a fresh run."""
+  """The stacked per-client state ``[num_clients, ...]`` for a fresh run.
+
+  ``{"alg": the algorithm's client state, "personal": the leaves that stay on the
+  clients}`` (``personal`` only when there are any), every client's personal
+  leaves starting from the initial global ones.
+  """
   states = {"alg": jax.vmap(algorithm.init_client_state, in_axes=(None, 0))(params, data)}
-  if not aggregate_adapters:
-    states["adapters"] = jax.tree.map(
-        lambda a: jnp.broadcast_to(a, (data.num_clients, *jnp.shape(a))).copy(),
-        params["adapters"])
+  own = select(params, personal_predicate(algorithm.personal, aggregate_adapters))
+  if own:
+    states["personal"] = jax.tree.map(
+        lambda a: jnp.broadcast_to(a, (data.num_clients, *jnp.shape(a))).copy(), own)
   return states
