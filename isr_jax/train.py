@@ -132,7 +132,7 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
   return (pack_clients(train.x, train.y, [indices[c] for c in own_train],
                        config.dataset.batch_size),
           pack_clients(train.x, train.y, [indices[c] for c in own_test],
-                       config.dataset.eval_batch_size))
+                       config.dataset.eval_batch_size, allow_empty=True))
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:

@@ -51,6 +51,8 @@ def pack_clients(
     y: np.ndarray,
     client_indices: Sequence[np.ndarray],
     batch_size: int,
+    *,
+    allow_empty: bool = False,
 ) -> ClientData:
   """Gathers each client's examples into the padded ``[C, S, B, ...]`` layout.
 
@@ -59,6 +61,8 @@ def pack_clients(
     y: all labels ``[N, ...]``.
     client_indices: one index array into ``x``/``y`` per client.
     batch_size: local batch size ``B``.
+    allow_empty: accept clients without examples (held-out test splits of
+      clients too small to hold one out); training data never allows them.
 
   Returns:
     A :class:`ClientData` of numpy arrays with ``S = ceil(max_n / B)``.
@@ -69,12 +73,12 @@ def pack_clients(
   if len(sizes) == 0:
     raise ConfigError("num_clients=0: at least one client is needed")
   empty = np.flatnonzero(sizes == 0)
-  if empty.size:
+  if empty.size and not allow_empty:
     raise ConfigError(
         f"client {int(empty[0])} has no examples ({empty.size} empty clients): lower "
         "num_clients or use a partition that gives every client data"
     )
-  steps = int(-(-sizes.max() // batch_size))
+  steps = max(int(-(-sizes.max() // batch_size)), 1)
   slots = steps * batch_size
   c = len(client_indices)
   xs = np.zeros((c, slots, *x.shape[1:]), x.dtype)
