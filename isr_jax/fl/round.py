@@ -29,7 +29,7 @@ from isr_jax.fl.algorithm import (
     loss_grad,
     weighted_sum,
 )
-from isr_jax.fl.client import batch_schedule, map_clients, run_local_steps
+from isr_jax.fl.client import batch_schedule, map_clients, resolve_parallelism, run_local_steps
 from isr_jax.fl.personal import merge, personal_predicate, select, travelling_bytes, zero_personal
 from isr_jax.optim import with_learning_rate
 from isr_jax.sharding import padded_count
@@ -128,6 +128,29 @@ def make_trainer(cdata: ClientData, key: jax.Array, lr: jax.Array, fns: RoundFns
   return LocalTrainer(train=train, problem=fns.problem, data=cdata, key=key)
 
 
+def size_balanced_order(num_examples: jax.Array, spec: FLSpec) -> jax.Array:
+  """The order in which the sampled clients enter the client map.
+
+  ``sequential`` on one device runs each client for its own steps: sampling
+  order. Otherwise the clients are sorted by size, largest first, and dealt to
+  the mesh's devices in snake order (0, 1, …, D−1, D−1, …, 0, …), so each
+  device gets a near-equal share of the work and, within a device, consecutive
+  clients — a ``chunked`` chunk, the lanes of a ``vmap`` — have similar sizes:
+  a chunk's cost is its largest client's, and the round's approaches
+  Σ steps / chunk.
+  """
+  k = num_examples.shape[0]
+  devices = 1 if spec.mesh is None else spec.mesh.size
+  if k == 1 or (devices == 1 and resolve_parallelism(spec.parallelism) == "sequential"):
+    return jnp.arange(k)
+  by_size = jnp.argsort(-num_examples, stable=True)
+  per_device = k // devices
+  rank = jnp.arange(per_device)[None, :]            # position within a device
+  device = jnp.arange(devices)[:, None]
+  snake = jnp.where(rank % 2 == 0, device, devices - 1 - device)
+  return by_size[(rank * devices + snake).reshape(-1)]
+
+
 def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: FLSpec):
   """Local training on the sampled clients and the algorithm's server rule.
 
@@ -180,11 +203,18 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
       grad_at_start, _ = loss_grad(start, first, fns.problem)
     return message, new_cstate, aux_sum, num_steps, drift, grad_at_start
 
-  messages, new_states, aux_sum, num_steps, drift, grads = map_clients(
-      one_client, (client_data, client_states, ids),
+  # Lanes that run side by side (a vmapped chunk, a device's share) cost their
+  # largest client, so they are filled with clients of similar size; the
+  # results are put back in sampling order before anything is aggregated.
+  order = size_balanced_order(client_data.num_examples, spec)
+  inverse = jnp.argsort(order)
+  permute = lambda tree, o: jax.tree.map(lambda a: jnp.take(a, o, axis=0), tree)
+  outputs = map_clients(
+      one_client, permute((client_data, client_states, ids), order),
       (state.params, state.alg_state, state.round, lr),
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh,
   )
+  messages, new_states, aux_sum, num_steps, drift, grads = permute(outputs, inverse)
   n = client_data.num_examples.astype(jnp.float32)
   weights = n / jnp.maximum(jnp.sum(n), 1.0)
   # What stays on the clients reaches the server as zero, so no server rule can
