@@ -391,6 +391,21 @@ def test_ala_weight_learning_against_the_authors_loop(started, max_start_epochs)
   assert np.abs(moved).max() > 1e-3  # the weights did move
 
 
+@pytest.mark.parametrize("name", ["ditto", "fedrod", "fedala"])
+def test_vmapped_clients_equal_sequential_ones(name):
+  # run() maps clients with lax.map on CPU ("auto"); GPUs vmap them, FedALA's weight
+  # learning then being a batched while loop: round 2 and the evaluation must agree.
+  states, fns = run(name)
+  data = data_of("uneven")
+  vmap = SPEC._replace(parallelism="vmap")
+  new, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=vmap))(states[1], data)
+  assert_trees_close(new.params, states[2].params, atol=2e-5)
+  assert_trees_close(new.client_states, states[2].client_states, atol=2e-5)
+  ev = jax.jit(functools.partial(evaluate_clients, fns=fns, spec=vmap))(states[2], data, data)
+  np.testing.assert_allclose((float(ev["accuracy_mean"]), float(ev["accuracy_weighted"])),
+                             personal_accuracy(states, fns, data), atol=1e-6)
+
+
 def test_personal_state_after_rounds_survives_a_checkpoint(tmp_path):
   # Whole personal models (Ditto's v_k), personal heads (FedRoD) and FedALA's local
   # models, weights and start flags (bool) restore bit for bit.
@@ -403,6 +418,20 @@ def test_personal_state_after_rounds_survives_a_checkpoint(tmp_path):
     restored = restore_latest(manager, state)
     chex.assert_trees_all_equal(restored.client_states, state.client_states)
     chex.assert_trees_all_equal(restored.params, state.params)
+
+
+def test_train_and_evaluate_reports_each_clients_own_model(tmp_path):
+  from experiments.configs.digits import get_config
+  from isr_jax.train import train_and_evaluate
+
+  c = get_config("fl,local,isr")
+  c.model.name, c.num_rounds, c.fl.local_steps = "lenet5", 2, 3
+  c.fl.num_clients, c.fl.clients_per_round, c.fl.algorithm = 6, 3, "fedala"
+  m = train_and_evaluate(c, str(tmp_path))["metrics"]
+  assert m["personal/clients"] == 6
+  for key in ("accuracy_mean", "accuracy_weighted"):
+    assert 0 <= m[f"personal/{key}"] <= 1
+  assert m["personal/accuracy_std"] >= 0
 
 
 # ---------------------------------------------------------------- configuration

@@ -8,7 +8,7 @@ In round ``t`` a sampled client
    SGD on its objective ``F_k`` for the round's epochs (``fl.local_epochs`` /
    ``fl.local_steps``), uploading ``w_k − w^t``;
 2. updates its personal model for ``E_p`` epochs on
-   ``h_k(v; w^t) = F_k(v) + (λ/2) ‖v − w^t‖²`` (Eq. 2), i.e. steps
+   ``h_k(v; w^t) = F_k(v) + (λ/2) ‖v − w^t‖²``, i.e. steps
    ``v_k ← v_k − η (∇F_k(v_k) + λ (v_k − w^t))``, anchored at the round's
    global model ``w^t`` (not at the client's updated ``w_k``).
 
@@ -24,7 +24,7 @@ FedAvg's exactly).
 
 Choices where the paper leaves room:
 
-* ``v_k`` starts as the initial global model (the authors' code copies the
+* ``v_k`` starts as the initial global model (PFLlib and FL-bench copy the
   initial model into every personal model), and a client that is never
   sampled keeps it.
 * ``E_p`` counts epochs over the client's data (FedAIMS §5.1: ``E_p = 5``),

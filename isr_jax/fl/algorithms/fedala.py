@@ -1,9 +1,10 @@
 """FedALA (Zhang, Hua, Wang, Song, Xue, Ma, Guan, AAAI 2023): adaptive local aggregation.
 
 "FedALA: Adaptive Local Aggregation for Personalized Federated Learning",
-Algorithm 1 and the ALA module (its Eq. 4–6). Each client keeps its local model
-``Θ_i`` across rounds. A sampled client does not start from the received
-global model ``Θ`` but from the adaptive local aggregation
+Algorithm 1 and the ALA module (the authors' code: TsingZ0/FedALA,
+system/utils/ALA.py). Each client keeps its local model ``Θ_i`` across rounds.
+A sampled client does not start from the received global model ``Θ`` but from
+the adaptive local aggregation
 
 ``Θ̂_i = Θ_i + (Θ − Θ_i) ⊙ W_i``
 
@@ -46,10 +47,11 @@ Choices where the paper leaves room:
 * Evaluation: client ``i``'s personalized model is the one it would start its
   next round from: ALA of the current global model with its local model and
   ``W_i``, the weights learned as in training (one epoch, or the first-time
-  schedule) but not kept. The authors evaluate right after ALA has run on
-  every client, so this is their evaluated model; unlike their code, a client
-  that is not sampled never runs ALA in a round, so its state does not change
-  (Algorithm 1 aggregates locally on the selected clients only).
+  schedule) but not kept. The authors' code evaluates right after ALA, so this
+  is the model it evaluates. Their server also runs ALA on the clients it did
+  not select (``send_models`` visits every client) and keeps the result; here a
+  client's state changes only when it is sampled, so an unselected client's
+  next ALA starts from its last trained local model and its kept ``W``.
 
 Memory: every client keeps a whole local model and the weights of the ALA
 layers in ``client_states["alg"]`` with a leading axis over all ``N`` clients:

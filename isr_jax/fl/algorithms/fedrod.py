@@ -7,7 +7,7 @@ Classification". The model is a body ``f(·; θ)`` giving features ``z`` and a
 *personalized* head ``h_P(z; φ_k)`` kept on each client. Two losses:
 
 * the generic model ``(θ, ψ)`` minimises the client's *balanced* risk, here the
-  balanced softmax (BSM, Ren et al., NeurIPS 2020, used by FedRoD §4):
+  balanced softmax (BSM, Ren et al., NeurIPS 2020, FedRoD's choice of loss):
   cross-entropy of ``h_G(z) + log n_{k,c}`` with ``n_{k,c}`` client ``k``'s
   count of class ``c``, an objective whose minimiser does not follow the
   client's label skew, so clients agree on it;
