@@ -88,11 +88,24 @@ def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol, rtol=rtol), a, b)
 
 
+@functools.cache
+def _local_update(fns, spec):
+  """An algorithm's ``local_update`` for ONE client, jitted on its own (no client map)."""
+  from isr_jax.fl.round import make_trainer
+
+  def run(start, ctx, cdata, key, lr):
+    return fns.algorithm.local_update(start, ctx, make_trainer(cdata, key, lr, fns, spec))
+
+  return jax.jit(run)
+
+
 def reference_round(state, data, fns, spec):
   """One round written as a plain per-client loop over the algorithm's own functions.
 
   Independent of the engine's vmap, scan, step masking, and gather/scatter of
-  client state: what the vmapped round must reproduce for every algorithm.
+  client state: what the vmapped round must reproduce for every algorithm. An
+  algorithm with its own ``local_update`` (Ditto, FedRoD, FedALA) runs it on one
+  client at a time with the engine's :class:`LocalTrainer`; the rest stays a loop.
   """
   from isr_jax.fl.algorithm import ServerBroadcast
   from isr_jax.fl.client import batch_schedule
@@ -119,7 +132,9 @@ def reference_round(state, data, fns, spec):
     params = state.params
     opt_state = with_learning_rate(fns.local_optimizer.init(params), lr)
     steps = 0
-    for t in range(idx.shape[0]):
+    if alg.local_update is not None:  # the algorithm owns its local training: one client alone
+      params, ctx, _, steps = _local_update(fns, spec)(params, ctx, cdata, key, lr)
+    for t in range(idx.shape[0] if alg.local_update is None else 0):
       if not bool(valid[t].any()):
         continue
       batch = Batch(x[idx[t]], y[idx[t]], valid[t])

@@ -34,6 +34,11 @@ TEST_SETTINGS = {
     "fedntd": {"beta": 1.0, "tau": 2.0},
     "balancefl": {"lam": 1.0, "temperature": 2.0},
     "fedgau": {"gamma": 1.0},
+    # -- test settings: personalized baselines (Ditto, FedRoD, FedALA) --
+    "ditto": {"lam": 0.1, "personal_epochs": 1},
+    "fedrod": {"personal_epochs": 1},
+    # η = 1 (the authors' value) so that W visibly moves in round 2, on every layer.
+    "fedala": {"eta": 1.0, "sample_fraction": 0.5, "layers": "all"},
 }
 
 

@@ -17,6 +17,8 @@ import ml_collections
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import FLAlgorithm
 from isr_jax.fl.algorithms.balancefl import balancefl
+from isr_jax.fl.algorithms.ditto import ditto
+from isr_jax.fl.algorithms.fedala import ALA_LAYERS, fedala
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedavgm import fedavgm
 from isr_jax.fl.algorithms.feddyn import feddyn, feddyn_proximal_loss
@@ -26,6 +28,7 @@ from isr_jax.fl.algorithms.fednova import fednova
 from isr_jax.fl.algorithms.fedntd import fedntd
 from isr_jax.fl.algorithms.fedopt import fedadagrad, fedadam, fedyogi
 from isr_jax.fl.algorithms.fedprox import fedprox, fedprox_proximal_loss
+from isr_jax.fl.algorithms.fedrod import fedrod
 from isr_jax.fl.algorithms.fedsol import (
     PERTURB_TARGETS,
     fedasam,
@@ -89,6 +92,15 @@ def _local_momentum(config) -> float:
 def _local_nesterov(config) -> bool:
   return config.client_optimizer.name == "sgd" and bool(
       config.client_optimizer.get("nesterov", False))
+
+
+def _count(config, name, setting, low=1) -> int:
+  """``config.fl.<name>.<setting>`` as an integer ``>= low`` (epochs, counts)."""
+  value = config.fl[name][setting]
+  v = check_number(value, f"fl.{name}.{setting}", low=low)
+  if v != int(v):
+    raise ConfigError(f"fl.{name}.{setting}={value!r} must be an integer >= {low}")
+  return int(v)
 
 
 def _perturb(config, name):
@@ -259,6 +271,36 @@ ALGORITHMS: dict[str, Entry] = {
     # our reconstruction's own parameter, see isr_jax/fl/algorithms/fedgau.py.
     "fedgau": Entry(dict(gamma=1.0), lambda config: fedgau(
         check_number(config.fl.fedgau.gamma, "fl.fedgau.gamma", low=0))),
+    # -- entries: personalized baselines of FedAIMS Table 2 (Ditto, FedRoD, FedALA) --
+    # Ditto (Li, Hu, Beirami, Smith, ICML 2021, Algorithm 1): λ = 0.1 and E_p = 5
+    # personal epochs per round, FedAIMS's settings (papers/fedaims.txt §5.1, SPEC §4).
+    "ditto": Entry(dict(lam=0.1, personal_epochs=5), lambda config: ditto(
+        check_number(config.fl.ditto.lam, "fl.ditto.lam", low=0),
+        _count(config, "ditto", "personal_epochs"))),
+    # FedRoD (Chen & Chao, ICLR 2022): E_p = 5 epochs of personalized-head training
+    # per round (papers/fedaims.txt §5.1, SPEC §4); the generic model trains the
+    # round's epochs on the balanced softmax.
+    "fedrod": Entry(dict(personal_epochs=5), lambda config: fedrod(
+        _count(config, "fedrod", "personal_epochs"))),
+    # FedALA (Zhang et al., AAAI 2023): η = 0.1 and s = 0.1, FedAIMS's settings
+    # (papers/fedaims.txt §5.1: "random sampling ratio 0.1, local aggregation
+    # learning rate 0.1"; the authors' code runs η = 1.0, s = 80 %). ALA on the
+    # output layer, the authors' p (TsingZ0/FedALA main.py: layer_idx = 2 tensors,
+    # the last layer's weight and bias); the convergence test of the first ALA,
+    # threshold 0.1 over the last 10 epoch losses, is their ALA.py's default. The
+    # cap of 50 epochs on that first ALA is ours (it must be bounded to jit).
+    "fedala": Entry(
+        dict(eta=0.1, sample_fraction=0.1, layers="head", threshold=0.1, num_pre_loss=10,
+             max_start_epochs=50),
+        lambda config: fedala(
+            check_number(config.fl.fedala.eta, "fl.fedala.eta", low=0),
+            check_number(config.fl.fedala.sample_fraction, "fl.fedala.sample_fraction", low=0,
+                         high=1, low_open=True),
+            _one_of(config.fl.fedala.layers, ALA_LAYERS, "fl.fedala.layers"),
+            threshold=check_number(config.fl.fedala.threshold, "fl.fedala.threshold", low=0,
+                                   low_open=True),
+            num_pre_loss=_count(config, "fedala", "num_pre_loss"),
+            max_start_epochs=_count(config, "fedala", "max_start_epochs"))),
 }
 
 
