@@ -89,67 +89,95 @@ def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
 
 
 @functools.cache
-def _local_update(fns, spec):
-  """An algorithm's ``local_update`` for ONE client, jitted on its own (no client map)."""
-  from isr_jax.fl.round import make_trainer
+def _optimizer_step(optimizer):
+  return jax.jit(optimizer.update)
 
-  def run(start, ctx, cdata, key, lr):
-    return fns.algorithm.local_update(start, ctx, make_trainer(cdata, key, lr, fns, spec))
 
-  return jax.jit(run)
+def reference_trainer(cdata, key, lr, fns, spec):
+  """A :class:`LocalTrainer` whose ``train`` is a Python loop of optimizer steps.
+
+  Independent of the engine's scan, step masking and freezing: frozen leaves
+  get a zero update after the optimizer, steps without a real example are
+  skipped, the schedule and keys are the engine's documented ones (stream
+  ``s > 0`` shuffles with ``fold_in(key, 7919 + s)``, step ``t`` gets
+  ``fold_in(k, t)``).
+  """
+  from isr_jax.fl.algorithm import LocalTrainer
+  from isr_jax.fl.client import batch_schedule
+  from isr_jax.optim import with_learning_rate
+
+  x = cdata.x.reshape((-1,) + cdata.x.shape[2:])
+  y = cdata.y.reshape((-1,) + cdata.y.shape[2:])
+  step = _optimizer_step(fns.local_optimizer)
+
+  def train(start, grad_fn, *, epochs=None, trainable=None, stream=0):
+    k = key if stream == 0 else jax.random.fold_in(key, 7919 + stream)
+    idx, valid = batch_schedule(
+        k, cdata.mask.reshape(-1), cdata.mask.shape[-1],
+        epochs=spec.local_epochs if epochs is None else epochs,
+        steps=spec.local_steps if epochs is None else 0)
+    keep = jax.tree_util.tree_map_with_path(
+        lambda path, _: trainable is None or bool(trainable(path)), start)
+    params, opt_state = start, with_learning_rate(fns.local_optimizer.init(start), lr)
+    aux_sum, steps = None, 0
+    for t in range(idx.shape[0]):
+      if not bool(valid[t].any()):
+        continue
+      g, aux = grad_fn(params, Batch(x[idx[t]], y[idx[t]], valid[t]), jax.random.fold_in(k, t))
+      updates, opt_state = step(g, opt_state, params)
+      updates = jax.tree.map(lambda u, kept: u if kept else jnp.zeros_like(u), updates, keep)
+      params = optax.apply_updates(params, updates)
+      aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
+      steps += 1
+    return params, aux_sum, jnp.int32(steps)
+
+  return LocalTrainer(train=train, problem=fns.problem, data=cdata, key=key)
 
 
 def reference_round(state, data, fns, spec):
   """One round written as a plain per-client loop over the algorithm's own functions.
 
   Independent of the engine's vmap, scan, step masking, and gather/scatter of
-  client state: what the vmapped round must reproduce for every algorithm. An
-  algorithm with its own ``local_update`` (Ditto, FedRoD, FedALA) runs it on one
-  client at a time with the engine's :class:`LocalTrainer`; the rest stays a loop.
+  client state: what the vmapped round must reproduce for every algorithm. A
+  client starts from the global tree with its personal leaves put in, runs
+  the algorithm's ``local_update`` (on :func:`reference_trainer`) or plain
+  steps of ``client_grad``, keeps its personal leaves, and sends a message
+  whose personal leaves the server sees as zero.
   """
   from isr_jax.fl.algorithm import ServerBroadcast
-  from isr_jax.fl.client import batch_schedule
+  from isr_jax.fl.personal import merge, personal_predicate, select, zero_personal
   from isr_jax.fl.round import round_keys, sample_clients
-  from isr_jax.optim import with_learning_rate
 
   alg = fns.algorithm
+  personal = personal_predicate(alg.personal, spec.aggregate_adapters)
   k_sample, k_clients, _ = round_keys(state)
   sampled = np.asarray(sample_clients(k_sample, data.num_clients, spec.clients_per_round))
   lr = fns.local_lr(state.round)
   grad = jax.jit(lambda p, c, b, k: alg.client_grad(p, c, b, fns.problem, k))
-  step = jax.jit(lambda g, o, p: fns.local_optimizer.update(g, o, p))
   messages, new_states, sizes = [], [], []
   for c in sampled:
     row = lambda tree, c=c: jax.tree.map(lambda a: a[c], tree)
     cdata, cstate = row(data), row(state.client_states)
-    broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
+    start = merge(state.params, cstate.get("personal", {}))
+    broadcast = ServerBroadcast(start, state.alg_state, state.round, lr)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(k_clients, int(c))
-    idx, valid = batch_schedule(key, cdata.mask.reshape(-1), data.batch_size,
-                                epochs=spec.local_epochs, steps=spec.local_steps)
-    x = cdata.x.reshape((-1,) + cdata.x.shape[2:])
-    y = cdata.y.reshape((-1,) + cdata.y.shape[2:])
-    params = state.params
-    opt_state = with_learning_rate(fns.local_optimizer.init(params), lr)
-    steps = 0
-    if alg.local_update is not None:  # the algorithm owns its local training: one client alone
-      params, ctx, _, steps = _local_update(fns, spec)(params, ctx, cdata, key, lr)
-    for t in range(idx.shape[0] if alg.local_update is None else 0):
-      if not bool(valid[t].any()):
-        continue
-      batch = Batch(x[idx[t]], y[idx[t]], valid[t])
-      g, _ = grad(params, ctx, batch, jax.random.fold_in(key, t))
-      updates, opt_state = step(g, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      steps += 1
-    message, new_alg_state = alg.client_final(broadcast, ctx, params, jnp.int32(steps),
-                                              cstate["alg"])
+    trainer = reference_trainer(cdata, key, lr, fns, spec)
+    if alg.local_update is None:
+      params, _, steps = trainer.train(start, lambda p, b, k, ctx=ctx: grad(p, ctx, b, k))
+    else:
+      params, ctx, _, steps = alg.local_update(start, ctx, trainer)
+    message, new_alg_state = alg.client_final(broadcast, ctx, params, steps, cstate["alg"])
     messages.append(message)
-    new_states.append({**cstate, "alg": new_alg_state})
+    new = {**cstate, "alg": new_alg_state}
+    if "personal" in cstate:
+      new["personal"] = select(params, personal)
+    new_states.append(new)
     sizes.append(float(cdata.num_examples))
-  stacked = jax.tree.map(lambda *m: jnp.stack(m), *messages)
+  stacked = zero_personal(jax.tree.map(lambda *m: jnp.stack(m), *messages), personal)
   weights = jnp.asarray(sizes) / sum(sizes)
   pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, stacked, weights)
+  pseudo_grad = zero_personal(pseudo_grad, personal)
   updates, opt_state = fns.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
   client_states = state.client_states
   for c, new in zip(sampled, new_states, strict=True):

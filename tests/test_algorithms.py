@@ -39,6 +39,19 @@ TEST_SETTINGS = {
     "fedrod": {"personal_epochs": 1},
     # η = 1 (the authors' value) so that W visibly moves in round 2, on every layer.
     "fedala": {"eta": 1.0, "sample_fraction": 0.5, "layers": "all"},
+    # -- test settings: personalized baselines by model split --
+    "fedrep": {"head_epochs": 1},
+    "fedbabu": {"finetune_epochs": 1},
+}
+
+# The part of {"model", "adapters"} that travels, for the algorithms that keep a
+# model part home (the others send everything): (head, body, adapters) -> counted.
+SHARED_PARTS = {
+    "local": lambda head, body, adapters: 0,
+    "fedper": lambda head, body, adapters: body + adapters,
+    "fedrep": lambda head, body, adapters: body + adapters,
+    "fedbabu": lambda head, body, adapters: body + adapters,
+    "lg_fedavg": lambda head, body, adapters: head + adapters,
 }
 
 
@@ -55,10 +68,13 @@ def per_client_bytes(name: str, params, aggregate_adapters: bool = True) -> tupl
   Every algorithm uploads its model delta (``P`` float32s); SCAFFOLD also ``Δc``
   (2P), FedNova also ``‖a_i‖₁`` and FedGau its score ``S_n`` (P + 1). SCAFFOLD
   sends ``x`` and ``c`` down (2P), the others the model (P). Personal adapters
-  never travel.
+  never travel, nor the part a personalized algorithm keeps home
+  (:data:`SHARED_PARTS`: ``P`` counts only what travels).
   """
-  travels = params if aggregate_adapters else params["model"]
-  p = sum(int(np.size(x)) for x in jax.tree.leaves(travels))
+  size = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+  head, model = size(params["model"]["head"]), size(params["model"])
+  adapters = size(params["adapters"]) if aggregate_adapters else 0
+  p = SHARED_PARTS.get(name, lambda h, b, a: h + b + a)(head, model - head, adapters)
   up = {"scaffold": 2 * p, "fednova": p + 1, "fedgau": p + 1}.get(name, p)
   down = 2 * p if name == "scaffold" else p
   return 4 * up, 4 * down
@@ -112,7 +128,8 @@ def test_one_round_on_digits(tmp_path, name, isr):
   # One round of 3 steps learns nothing measurable (test accuracy stays near chance);
   # what it must get right is the work done and the bytes moved.
   assert math.isfinite(m["train/loss"]) and math.isfinite(m["test/loss"])
-  assert m["fl/local_steps"] == 3
+  # FedRep's head epoch comes on top of the round's 3 body steps.
+  assert m["fl/local_steps"] == 3 if name != "fedrep" else m["fl/local_steps"] > 3
   assert sum(x.size for x in jax.tree.leaves(params["model"])) == LENET5_DIGITS
   up, down = per_client_bytes(name, params)
   assert (m["comm/up_bytes"], m["comm/down_bytes"]) == (3 * up, 3 * down)

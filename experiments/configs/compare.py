@@ -13,7 +13,7 @@ r"""Base config of the paired ±ISR comparison across FL algorithms (experiments
 import ml_collections
 
 from isr_jax.config import default_config
-from isr_jax.fl.registry import ALGORITHMS
+from isr_jax.fl.registry import ALGORITHMS, is_personalized
 
 
 def get_config(arg: str = "digits"):
@@ -40,7 +40,10 @@ def get_config(arg: str = "digits"):
   c.checkpoint_every = 1000  # the final round is always saved
 
   c.compare = ml_collections.ConfigDict()
-  c.compare.algorithms = tuple(sorted(ALGORITHMS))
+  # The global model's accuracy is what this table compares: the personalized methods
+  # (Local, FedPer, ...) are compared per client by experiments/configs/personalized.py.
+  c.compare.algorithms = tuple(sorted(
+      name for name, entry in ALGORITHMS.items() if not is_personalized(entry.build(c))))
   c.compare.seeds = (0, 1)
   if dataset == "digits":
     c.model.name = "lenet5"

@@ -47,7 +47,8 @@ def personal_predicate(part: str, aggregate_adapters: bool = True) -> Callable[[
 
   Args:
     part: the model part the algorithm keeps on the client, one of
-      :data:`PERSONAL_PARTS` (``""``: none).
+      :data:`PERSONAL_PARTS` (``""``: none; ``"all"``: the whole tree, the ISR
+      adapters included, since nothing of a Local client travels).
     aggregate_adapters: False keeps the ISR adapters on the clients too.
   """
   if part not in PERSONAL_PARTS:
@@ -59,7 +60,7 @@ def personal_predicate(part: str, aggregate_adapters: bool = True) -> Callable[[
     # (SCAFFOLD's {"delta", "delta_c"}): find the {"model", "adapters"} level.
     for i, k in enumerate(keys):
       if k == "adapters":
-        return not aggregate_adapters
+        return part == "all" or not aggregate_adapters
       if k == "model":
         sub = ("model", *keys[i + 1:])
         head = is_head(sub)

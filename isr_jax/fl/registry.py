@@ -21,13 +21,16 @@ from isr_jax.fl.algorithms.ditto import ditto
 from isr_jax.fl.algorithms.fedala import ALA_LAYERS, fedala
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedavgm import fedavgm
+from isr_jax.fl.algorithms.fedbabu import FINETUNE_PARTS, fedbabu
 from isr_jax.fl.algorithms.feddyn import feddyn, feddyn_proximal_loss
 from isr_jax.fl.algorithms.fedgau import fedgau
 from isr_jax.fl.algorithms.fedir import fedir
 from isr_jax.fl.algorithms.fednova import fednova
 from isr_jax.fl.algorithms.fedntd import fedntd
 from isr_jax.fl.algorithms.fedopt import fedadagrad, fedadam, fedyogi
+from isr_jax.fl.algorithms.fedper import fedper
 from isr_jax.fl.algorithms.fedprox import fedprox, fedprox_proximal_loss
+from isr_jax.fl.algorithms.fedrep import fedrep
 from isr_jax.fl.algorithms.fedrod import fedrod
 from isr_jax.fl.algorithms.fedsol import (
     PERTURB_TARGETS,
@@ -39,6 +42,8 @@ from isr_jax.fl.algorithms.fedsol import (
     params_at_anchor,
     trees_equal,
 )
+from isr_jax.fl.algorithms.lg_fedavg import lg_fedavg
+from isr_jax.fl.algorithms.local import local
 from isr_jax.fl.algorithms.moon import moon, moon_proximal_loss
 from isr_jax.fl.algorithms.scaffold import MOMENTUM_CORRECTIONS, scaffold
 from isr_jax.optim import check_number
@@ -98,7 +103,7 @@ def _count(config, name, setting, low=1) -> int:
   """``config.fl.<name>.<setting>`` as an integer ``>= low`` (epochs, counts)."""
   value = config.fl[name][setting]
   v = check_number(value, f"fl.{name}.{setting}", low=low)
-  if v != int(v):
+  if isinstance(value, bool) or v != int(v):
     raise ConfigError(f"fl.{name}.{setting}={value!r} must be an integer >= {low}")
   return int(v)
 
@@ -301,6 +306,24 @@ ALGORITHMS: dict[str, Entry] = {
                                    low_open=True),
             num_pre_loss=_count(config, "fedala", "num_pre_loss"),
             max_start_epochs=_count(config, "fedala", "max_start_epochs"))),
+    # -- entries: personalized baselines by model split (Local, FedPer, FedRep, LG-FedAvg,
+    # FedBABU; FedAIMS Table 2, papers/fedaims.txt §5.1) --
+    # Local, FedPer (Arivazhagan et al. 2019) and LG-FedAvg (Liang et al. 2020): no
+    # hyper-parameter; the split is the model's head (isr_jax.fl.personal.HEAD).
+    "local": Entry({}, lambda config: local()),
+    "fedper": Entry({}, lambda config: fedper()),
+    "lg_fedavg": Entry({}, lambda config: lg_fedavg()),
+    # FedRep (Collins et al., ICML 2021): E_p = 5 head epochs before the round's body
+    # epochs, FedAIMS's setting (papers/fedaims.txt §5.1) and PFLlib's plocal_epochs;
+    # the authors' code runs local_ep − local_rep_ep head epochs, then 1 body epoch.
+    "fedrep": Entry(dict(head_epochs=5), lambda config: fedrep(
+        _count(config, "fedrep", "head_epochs"))),
+    # FedBABU (Oh, Kim, Yun, ICLR 2022): E_ft = 5 fine-tuning epochs at evaluation
+    # (FedAIMS §5.1; the Flower baseline's num-finetune-epochs) of the whole model,
+    # as FedBABU personalizes ("head": FedAIMS's wording, the head only).
+    "fedbabu": Entry(dict(finetune_epochs=5, finetune_part="all"), lambda config: fedbabu(
+        _count(config, "fedbabu", "finetune_epochs", low=0),
+        _one_of(config.fl.fedbabu.finetune_part, FINETUNE_PARTS, "fl.fedbabu.finetune_part"))),
 }
 
 

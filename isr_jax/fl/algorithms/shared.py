@@ -2,10 +2,11 @@
 
 Label statistics and per-position weights (FedIR, BalanceFL), the restricted
 softmax KL and the masked position mean (FedNTD, MOON, BalanceFL), FedNova's
-step weights (FedNova, SCAFFOLD) and the proximal-term gradient (FedProx,
-FedDyn). Algorithms import these from here, never from one another; FedAvg's
-own pieces (:mod:`isr_jax.fl.algorithms.fedavg`) are the base every algorithm
-may build on.
+step weights (FedNova, SCAFFOLD), the proximal-term gradient (FedProx,
+FedDyn) and the body/head split (FedPer, FedRep, LG-FedAvg, FedBABU).
+Algorithms import these from here, never from one another; FedAvg's own
+pieces (:mod:`isr_jax.fl.algorithms.fedavg`) are the base every algorithm may
+build on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import grad_with_terms
+from isr_jax.fl.personal import HEAD, is_head
 from isr_jax.losses import masked_mean
 
 # -- label statistics (FedIR, Hsu et al. ECCV 2020; BalanceFL) --
@@ -133,3 +136,30 @@ def with_proximal_term(prox):
         "prox": (1.0, prox(p, ctx["global"], ctx, batch, problem, key))})
 
   return client_grad
+
+
+# -- body / head splits (FedPer, FedRep, LG-FedAvg, FedBABU) --
+
+
+def not_head(path) -> bool:
+  """True for every leaf of ``{"model", "adapters"}`` outside the model's head: the body
+  and the ISR adapters (which read the body's taps)."""
+  return not is_head(path)
+
+
+def require_head(algorithm: str):
+  """An ``init_server_state`` that rejects a model without a head (no split to make).
+
+  Without it a head/body split of a head-less model would silently keep nothing
+  (or everything) on the clients.
+  """
+
+  def init_server_state(params, data=None):
+    del data
+    if not any(k in params["model"] for k in HEAD):
+      raise ConfigError(
+          f"fl.algorithm={algorithm!r} splits the model into body and head, but the model has "
+          f"no parameters under {list(HEAD)} (top level: {sorted(map(str, params['model']))})")
+    return {}
+
+  return init_server_state
