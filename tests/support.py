@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from isr_jax.data import load_dataset, pack_clients
-from isr_jax.fl.algorithm import Batch
+from isr_jax.fl.algorithm import Batch, bind_problem
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.round import RoundFns, init_client_states
 from isr_jax.models import create_model
@@ -52,12 +52,13 @@ def small_setup(*, isr=True, algorithm=None, local=None, server=None, data=None,
   graphdef, model_params = split_model(net)
   params = init_params(graphdef, model_params, spec, num_classes=10,
                        input_shape=info.input_shape, key=jax.random.PRNGKey(seed + 1))
-  algorithm = algorithm or fedavg()
+  problem = make_problem(graphdef, spec)
+  algorithm = bind_problem(algorithm or fedavg(), problem)
   local = local or sgd_config()
   server = server or sgd_config(lr=1.0)
   server_opt = algorithm.server_optimizer or make_optimizer(server)
   data = uneven_clients() if data is None else data
-  fns = RoundFns(algorithm, make_problem(graphdef, spec), make_optimizer(local),
+  fns = RoundFns(algorithm, problem, make_optimizer(local),
                  functools.partial(learning_rate_at, local), server_opt)
   state = TrainState(
       params=params, opt_state=server_opt.init(params),
@@ -88,53 +89,94 @@ def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol, rtol=rtol), a, b)
 
 
+def reference_trainer(cdata, key, lr, fns, spec, batch_size):
+  """A :class:`LocalTrainer` whose ``train`` is a plain Python loop of optimizer steps.
+
+  Mirrors the engine's schedule (same keys, same batches) but none of its
+  scan, step masking or freezing: the reference for ``local_update`` algorithms.
+  ``grad_fn`` is jitted per call unless it says it is already (``grad_fn.compiled``).
+  """
+  from isr_jax.fl.algorithm import LocalTrainer
+  from isr_jax.fl.client import batch_schedule
+  from isr_jax.optim import with_learning_rate
+
+  x = cdata.x.reshape((-1,) + cdata.x.shape[2:])
+  y = cdata.y.reshape((-1,) + cdata.y.shape[2:])
+  step = jax.jit(lambda g, o, p: fns.local_optimizer.update(g, o, p))
+
+  def train(start, grad_fn, *, epochs=None, trainable=None, stream=0):
+    k = key if stream == 0 else jax.random.fold_in(key, 7919 + stream)
+    idx, valid = batch_schedule(
+        k, cdata.mask.reshape(-1), batch_size,
+        epochs=spec.local_epochs if epochs is None else epochs,
+        steps=spec.local_steps if epochs is None else 0)
+    grad = grad_fn if getattr(grad_fn, "compiled", False) else jax.jit(grad_fn)
+    params, opt_state = start, with_learning_rate(fns.local_optimizer.init(start), lr)
+    steps, aux_sum = 0, None
+    for t in range(idx.shape[0]):
+      if not bool(valid[t].any()):
+        continue
+      g, aux = grad(params, Batch(x[idx[t]], y[idx[t]], valid[t]), jax.random.fold_in(k, t))
+      updates, opt_state = step(g, opt_state, params)
+      if trainable is not None:
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if trainable(path) else jnp.zeros_like(u), updates)
+      params = optax.apply_updates(params, updates)
+      aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
+      steps += 1
+    return params, aux_sum, jnp.int32(steps)
+
+  return LocalTrainer(train=train, problem=fns.problem, data=cdata, key=key)
+
+
 def reference_round(state, data, fns, spec):
   """One round written as a plain per-client loop over the algorithm's own functions.
 
   Independent of the engine's vmap, scan, step masking, and gather/scatter of
-  client state: what the vmapped round must reproduce for every algorithm.
+  client state (personal leaves and ``plan_round`` included): what the vmapped
+  round must reproduce for every algorithm.
   """
   from isr_jax.fl.algorithm import ServerBroadcast
-  from isr_jax.fl.client import batch_schedule
+  from isr_jax.fl.personal import merge, personal_predicate, select, zero_personal
   from isr_jax.fl.round import round_keys, sample_clients
-  from isr_jax.optim import with_learning_rate
 
   alg = fns.algorithm
+  personal = personal_predicate(alg.personal, spec.aggregate_adapters)
   k_sample, k_clients, _ = round_keys(state)
   sampled = np.asarray(sample_clients(k_sample, data.num_clients, spec.clients_per_round))
   lr = fns.local_lr(state.round)
   grad = jax.jit(lambda p, c, b, k: alg.client_grad(p, c, b, fns.problem, k))
-  step = jax.jit(lambda g, o, p: fns.local_optimizer.update(g, o, p))
+  plans = None
+  if alg.plan_round is not None:
+    gathered = jax.tree.map(lambda a: a[sampled], state.client_states["alg"])
+    plans = alg.plan_round(state.alg_state, gathered, jnp.asarray(sampled))
   messages, new_states, sizes = [], [], []
-  for c in sampled:
+  for i, c in enumerate(sampled):
     row = lambda tree, c=c: jax.tree.map(lambda a: a[c], tree)
     cdata, cstate = row(data), row(state.client_states)
-    broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
+    start = merge(state.params, cstate.get("personal", {}))
+    plan = None if plans is None else jax.tree.map(lambda a, i=i: a[i], plans)
+    broadcast = ServerBroadcast(start, state.alg_state, state.round, lr, plan)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(k_clients, int(c))
-    idx, valid = batch_schedule(key, cdata.mask.reshape(-1), data.batch_size,
-                                epochs=spec.local_epochs, steps=spec.local_steps)
-    x = cdata.x.reshape((-1,) + cdata.x.shape[2:])
-    y = cdata.y.reshape((-1,) + cdata.y.shape[2:])
-    params = state.params
-    opt_state = with_learning_rate(fns.local_optimizer.init(params), lr)
-    steps = 0
-    for t in range(idx.shape[0]):
-      if not bool(valid[t].any()):
-        continue
-      batch = Batch(x[idx[t]], y[idx[t]], valid[t])
-      g, _ = grad(params, ctx, batch, jax.random.fold_in(key, t))
-      updates, opt_state = step(g, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      steps += 1
-    message, new_alg_state = alg.client_final(broadcast, ctx, params, jnp.int32(steps),
-                                              cstate["alg"])
+    trainer = reference_trainer(cdata, key, lr, fns, spec, data.batch_size)
+    if alg.local_update is None:
+      grad_fn = lambda p, b, k, ctx=ctx: grad(p, ctx, b, k)
+      grad_fn.compiled = True  # one compilation for every client
+      params, _, steps = trainer.train(start, grad_fn)
+    else:
+      params, ctx, _, steps = alg.local_update(start, ctx, trainer)
+    message, new_alg_state = alg.client_final(broadcast, ctx, params, steps, cstate["alg"])
     messages.append(message)
-    new_states.append({**cstate, "alg": new_alg_state})
+    new = {**cstate, "alg": new_alg_state}
+    if "personal" in cstate:
+      new["personal"] = select(params, personal)
+    new_states.append(new)
     sizes.append(float(cdata.num_examples))
-  stacked = jax.tree.map(lambda *m: jnp.stack(m), *messages)
+  stacked = zero_personal(jax.tree.map(lambda *m: jnp.stack(m), *messages), personal)
   weights = jnp.asarray(sizes) / sum(sizes)
   pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, stacked, weights)
+  pseudo_grad = zero_personal(pseudo_grad, personal)
   updates, opt_state = fns.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
   client_states = state.client_states
   for c, new in zip(sampled, new_states, strict=True):

@@ -154,10 +154,15 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
       num_examples=jnp.where(real, client_data.num_examples, 0))
   lr = fns.local_lr(state.round)
   batch_size = data.batch_size
+  # A decision over all sampled clients before any trains (FedAIMS's Algorithm 2);
+  # each client receives its row. None (no leaves) for every other algorithm.
+  plans = (None if alg.plan_round is None
+           else alg.plan_round(state.alg_state, client_states["alg"], ids))
 
-  def one_client(cdata: ClientData, cstate, client_id, params, alg_state, round_index, lr):
+  def one_client(cdata: ClientData, cstate, client_id, plan, params, alg_state, round_index,
+                 lr):
     start = merge(params, cstate.get("personal", {}))
-    broadcast = ServerBroadcast(start, alg_state, round_index, lr)
+    broadcast = ServerBroadcast(start, alg_state, round_index, lr, plan)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(k_clients, client_id)
     trainer = make_trainer(cdata, key, lr, fns, spec)
@@ -181,7 +186,7 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
     return message, new_cstate, aux_sum, num_steps, drift, grad_at_start
 
   messages, new_states, aux_sum, num_steps, drift, grads = map_clients(
-      one_client, (client_data, client_states, ids),
+      one_client, (client_data, client_states, ids, plans),
       (state.params, state.alg_state, state.round, lr),
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh,
   )
