@@ -34,6 +34,9 @@ TEST_SETTINGS = {
     "fedntd": {"beta": 1.0, "tau": 2.0},
     "balancefl": {"lam": 1.0, "temperature": 2.0},
     "fedgau": {"gamma": 1.0},
+    # -- test settings: FedAIMS (the printed "sum" of Eq. 5/8 diverges at lr 0.1) --
+    "fedaims": {"reduction": "mse"},
+    "fedaims_full": {"reduction": "mse"},
 }
 
 
@@ -54,6 +57,11 @@ def per_client_bytes(name: str, params, aggregate_adapters: bool = True) -> tupl
   """
   travels = params if aggregate_adapters else params["model"]
   p = sum(int(np.size(x)) for x in jax.tree.leaves(travels))
+  if name in ("fedaims", "fedaims_full"):
+    # The head stays home; C_i^m [K, D_m] and its K counts go up, C_g^m comes down.
+    d_m, k = params["model"]["head"]["kernel"].shape
+    body = p - sum(int(np.size(x)) for x in jax.tree.leaves(params["model"]["head"]))
+    return 4 * (body + k * d_m + k), 4 * (body + k * d_m)
   up = {"scaffold": 2 * p, "fednova": p + 1, "fedgau": p + 1}.get(name, p)
   down = 2 * p if name == "scaffold" else p
   return 4 * up, 4 * down
