@@ -404,3 +404,20 @@ def test_registry_builds_unbound_and_binds_to_the_problem():
   bound = bind_problem(alg, make_problem(graphdef, None))
   assert bound.bind is None and bound.plan_round is None and bound.name == "fedaims_full"
   assert bind_problem(bound, None) is bound
+
+
+def test_resume_restores_personal_state_and_prototypes_exactly(tmp_path):
+  import chex
+  from test_train import tiny
+
+  from isr_jax.train import train_and_evaluate
+
+  settings = {"fl.algorithm": "fedaims", "fl.fedaims.reduction": "mse"}
+  straight = train_and_evaluate(tiny("fl", num_rounds=3, **settings), str(tmp_path / "a"))
+  train_and_evaluate(tiny("fl", num_rounds=2, **settings), str(tmp_path / "b"))
+  resumed = train_and_evaluate(tiny("fl", num_rounds=3, **settings), str(tmp_path / "b"))
+  chex.assert_trees_all_equal(straight["state"], resumed["state"])
+  state = resumed["state"]
+  assert bool(state.alg_state["ready"])
+  assert set(state.client_states["alg"]) == {"sigma", "ce", "backbone"}
+  assert "personal/accuracy_mean" in resumed["metrics"]
