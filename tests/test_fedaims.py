@@ -421,3 +421,15 @@ def test_resume_restores_personal_state_and_prototypes_exactly(tmp_path):
   assert bool(state.alg_state["ready"])
   assert set(state.client_states["alg"]) == {"sigma", "ce", "backbone"}
   assert "personal/accuracy_mean" in resumed["metrics"]
+
+
+def test_vmap_and_sequential_clients_agree():
+  data = uneven_clients()
+  states = []
+  for parallelism in ("vmap", "sequential"):
+    state, fns, _ = small_setup(algorithm=fedaims(reduction="mse"), data=data, model="lenet5")
+    spec = FLSpec(clients_per_round=3, local_epochs=1, parallelism=parallelism)
+    states.append(rounds(state, fns, data, 2, spec=spec)[-1][0])
+  assert_trees_close(states[0].params, states[1].params, atol=2e-5)
+  assert_trees_close(states[0].client_states, states[1].client_states, atol=2e-5)
+  assert_trees_close(states[0].alg_state, states[1].alg_state, atol=2e-5)
