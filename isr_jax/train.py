@@ -41,6 +41,7 @@ from isr_jax.data import (
 )
 from isr_jax.errors import NaNLossError
 from isr_jax.evaluate import evaluate_classifier
+from isr_jax.fl.algorithm import bind_problem
 from isr_jax.fl.client import resolve_parallelism
 from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.registry import make_algorithm, personalized_eval_on
@@ -184,7 +185,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     state = put_replicated(state._replace(opt_state=optimizer.init(params)), mesh)
     round_data = (put_replicated(data, mesh),)
   else:
-    algorithm = make_algorithm(config)
+    algorithm = bind_problem(make_algorithm(config), problem)
     local_opt = make_optimizer(config.client_optimizer, setting="client_optimizer")
     server_opt = algorithm.server_optimizer or make_optimizer(
         config.fl.server_optimizer, setting="fl.server_optimizer")

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from isr_jax.data import load_dataset, pack_clients
-from isr_jax.fl.algorithm import Batch
+from isr_jax.fl.algorithm import Batch, bind_problem
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.round import RoundFns, init_client_states
 from isr_jax.models import create_model
@@ -52,12 +52,13 @@ def small_setup(*, isr=True, algorithm=None, local=None, server=None, data=None,
   graphdef, model_params = split_model(net)
   params = init_params(graphdef, model_params, spec, num_classes=10,
                        input_shape=info.input_shape, key=jax.random.PRNGKey(seed + 1))
-  algorithm = algorithm or fedavg()
+  problem = make_problem(graphdef, spec)
+  algorithm = bind_problem(algorithm or fedavg(), problem)
   local = local or sgd_config()
   server = server or sgd_config(lr=1.0)
   server_opt = algorithm.server_optimizer or make_optimizer(server)
   data = uneven_clients() if data is None else data
-  fns = RoundFns(algorithm, make_problem(graphdef, spec), make_optimizer(local),
+  fns = RoundFns(algorithm, problem, make_optimizer(local),
                  functools.partial(learning_rate_at, local), server_opt)
   state = TrainState(
       params=params, opt_state=server_opt.init(params),
@@ -93,14 +94,12 @@ def _optimizer_step(optimizer):
   return jax.jit(optimizer.update)
 
 
-def reference_trainer(cdata, key, lr, fns, spec):
-  """A :class:`LocalTrainer` whose ``train`` is a Python loop of optimizer steps.
+def reference_trainer(cdata, key, lr, fns, spec, batch_size=None):
+  """A :class:`LocalTrainer` whose ``train`` is a plain Python loop of optimizer steps.
 
-  Independent of the engine's scan, step masking and freezing: frozen leaves
-  get a zero update after the optimizer, steps without a real example are
-  skipped, the schedule and keys are the engine's documented ones (stream
-  ``s > 0`` shuffles with ``fold_in(key, 7919 + s)``, step ``t`` gets
-  ``fold_in(k, t)``).
+  Mirrors the engine's schedule (same keys, same batches) but none of its
+  scan, step masking or freezing: the reference for ``local_update`` algorithms.
+  ``grad_fn`` is jitted per call unless it says it is already (``grad_fn.compiled``).
   """
   from isr_jax.fl.algorithm import LocalTrainer
   from isr_jax.fl.client import batch_schedule
@@ -109,23 +108,25 @@ def reference_trainer(cdata, key, lr, fns, spec):
   x = cdata.x.reshape((-1,) + cdata.x.shape[2:])
   y = cdata.y.reshape((-1,) + cdata.y.shape[2:])
   step = _optimizer_step(fns.local_optimizer)
+  batch_size = batch_size or cdata.mask.shape[-1]
 
   def train(start, grad_fn, *, epochs=None, trainable=None, stream=0):
     k = key if stream == 0 else jax.random.fold_in(key, 7919 + stream)
     idx, valid = batch_schedule(
-        k, cdata.mask.reshape(-1), cdata.mask.shape[-1],
+        k, cdata.mask.reshape(-1), batch_size,
         epochs=spec.local_epochs if epochs is None else epochs,
         steps=spec.local_steps if epochs is None else 0)
-    keep = jax.tree_util.tree_map_with_path(
-        lambda path, _: trainable is None or bool(trainable(path)), start)
+    grad = grad_fn if getattr(grad_fn, "compiled", False) else jax.jit(grad_fn)
     params, opt_state = start, with_learning_rate(fns.local_optimizer.init(start), lr)
-    aux_sum, steps = None, 0
+    steps, aux_sum = 0, None
     for t in range(idx.shape[0]):
       if not bool(valid[t].any()):
         continue
-      g, aux = grad_fn(params, Batch(x[idx[t]], y[idx[t]], valid[t]), jax.random.fold_in(k, t))
+      g, aux = grad(params, Batch(x[idx[t]], y[idx[t]], valid[t]), jax.random.fold_in(k, t))
       updates, opt_state = step(g, opt_state, params)
-      updates = jax.tree.map(lambda u, kept: u if kept else jnp.zeros_like(u), updates, keep)
+      if trainable is not None:
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if trainable(path) else jnp.zeros_like(u), updates)
       params = optax.apply_updates(params, updates)
       aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
       steps += 1
@@ -138,11 +139,8 @@ def reference_round(state, data, fns, spec):
   """One round written as a plain per-client loop over the algorithm's own functions.
 
   Independent of the engine's vmap, scan, step masking, and gather/scatter of
-  client state: what the vmapped round must reproduce for every algorithm. A
-  client starts from the global tree with its personal leaves put in, runs
-  the algorithm's ``local_update`` (on :func:`reference_trainer`) or plain
-  steps of ``client_grad``, keeps its personal leaves, and sends a message
-  whose personal leaves the server sees as zero.
+  client state (personal leaves and ``plan_round`` included): what the vmapped
+  round must reproduce for every algorithm.
   """
   from isr_jax.fl.algorithm import ServerBroadcast
   from isr_jax.fl.personal import merge, personal_predicate, select, zero_personal
@@ -154,17 +152,24 @@ def reference_round(state, data, fns, spec):
   sampled = np.asarray(sample_clients(k_sample, data.num_clients, spec.clients_per_round))
   lr = fns.local_lr(state.round)
   grad = jax.jit(lambda p, c, b, k: alg.client_grad(p, c, b, fns.problem, k))
+  plans = None
+  if alg.plan_round is not None:
+    gathered = jax.tree.map(lambda a: a[sampled], state.client_states["alg"])
+    plans = alg.plan_round(state.alg_state, gathered, jnp.asarray(sampled))
   messages, new_states, sizes = [], [], []
-  for c in sampled:
+  for i, c in enumerate(sampled):
     row = lambda tree, c=c: jax.tree.map(lambda a: a[c], tree)
     cdata, cstate = row(data), row(state.client_states)
     start = merge(state.params, cstate.get("personal", {}))
-    broadcast = ServerBroadcast(start, state.alg_state, state.round, lr)
+    plan = None if plans is None else jax.tree.map(lambda a, i=i: a[i], plans)
+    broadcast = ServerBroadcast(start, state.alg_state, state.round, lr, plan)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(k_clients, int(c))
-    trainer = reference_trainer(cdata, key, lr, fns, spec)
+    trainer = reference_trainer(cdata, key, lr, fns, spec, data.batch_size)
     if alg.local_update is None:
-      params, _, steps = trainer.train(start, lambda p, b, k, ctx=ctx: grad(p, ctx, b, k))
+      grad_fn = lambda p, b, k, ctx=ctx: grad(p, ctx, b, k)
+      grad_fn.compiled = True  # one compilation for every client
+      params, _, steps = trainer.train(start, grad_fn)
     else:
       params, ctx, _, steps = alg.local_update(start, ctx, trainer)
     message, new_alg_state = alg.client_final(broadcast, ctx, params, steps, cstate["alg"])

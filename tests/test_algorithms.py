@@ -42,6 +42,9 @@ TEST_SETTINGS = {
     # -- test settings: personalized baselines by model split --
     "fedrep": {"head_epochs": 1},
     "fedbabu": {"finetune_epochs": 1},
+    # -- test settings: FedAIMS (the printed "sum" of Eq. 5/8 diverges at lr 0.1) --
+    "fedaims": {"reduction": "mse"},
+    "fedaims_full": {"reduction": "mse"},
 }
 
 # The part of {"model", "adapters"} that travels, for the algorithms that keep a
@@ -74,6 +77,11 @@ def per_client_bytes(name: str, params, aggregate_adapters: bool = True) -> tupl
   size = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree))
   head, model = size(params["model"]["head"]), size(params["model"])
   adapters = size(params["adapters"]) if aggregate_adapters else 0
+  if name in ("fedaims", "fedaims_full"):
+    # The head stays home; C_i^m [K, D_m] and its K counts go up, C_g^m comes down.
+    d_m, k = params["model"]["head"]["kernel"].shape
+    body = model - head + adapters
+    return 4 * (body + k * d_m + k), 4 * (body + k * d_m)
   p = SHARED_PARTS.get(name, lambda h, b, a: h + b + a)(head, model - head, adapters)
   up = {"scaffold": 2 * p, "fednova": p + 1, "fedgau": p + 1}.get(name, p)
   down = 2 * p if name == "scaffold" else p

@@ -19,6 +19,7 @@ from support import (
 from test_algorithms import LENET5_ADAPTERS, LENET5_DIGITS
 
 from isr_jax.config import default_config
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.client import batch_schedule, run_local_steps
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients, size_balanced_order
@@ -215,3 +216,55 @@ def test_size_balanced_chunks_leave_every_client_and_the_aggregate_unchanged():
   assert_trees_close(seq.params, chunk.params, atol=2e-5)
   assert_trees_close(seq.client_states, chunk.client_states, atol=2e-5)
   np.testing.assert_allclose(float(m_seq["fl/local_steps"]), float(m_chunk["fl/local_steps"]))
+
+
+def test_plan_round_sees_every_sampled_client_and_gives_each_its_row():
+  """``plan_round`` (FedAIMS's Algorithm 2 hook): one decision over the gathered
+  states of ALL sampled clients, taken before any trains; client i gets row i as
+  ``broadcast.plan``. Here the plan is (own id, how many times the sampled clients
+  trained before, together), written back into the client state."""
+  base = fedavg()
+
+  def plan_round(alg_state, client_states, ids):
+    del alg_state
+    before = jnp.sum(client_states["seen"])
+    return {"id": ids.astype(jnp.float32), "before": jnp.broadcast_to(before, ids.shape)}
+
+  def client_final(broadcast, ctx, local, steps, cstate):
+    message, _ = base.client_final(broadcast, ctx, local, steps, cstate)
+    return message, {"seen": cstate["seen"] + 1, "got": broadcast.plan}
+
+  alg = base._replace(
+      name="planned", plan_round=plan_round, client_final=client_final,
+      init_client_state=lambda p, d: {"seen": jnp.zeros(()),
+                                      "got": {"id": -jnp.ones(()), "before": -jnp.ones(())}})
+  data = uneven_clients()
+  state, fns, _ = small_setup(isr=False, algorithm=alg, data=data)
+  spec = FLSpec(clients_per_round=3, local_epochs=1, parallelism="vmap")
+  step = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))
+  times = np.zeros(6, int)
+  for _ in range(3):
+    picked = np.asarray(sample_clients(round_keys(state)[0], 6, 3)).tolist()
+    got_before = np.asarray(state.client_states["alg"]["got"]["id"])
+    state, _ = step(state, data)
+    got = state.client_states["alg"]["got"]
+    for c in range(6):
+      if c in picked:
+        assert float(got["id"][c]) == c
+        assert float(got["before"][c]) == times[picked].sum()
+      else:
+        assert float(got["id"][c]) == got_before[c]
+    times[picked] += 1
+
+
+def test_algorithms_without_a_plan_get_none():
+  seen = []
+
+  def client_init(broadcast, client_state, client_data):
+    seen.append(broadcast.plan)
+    return {}
+
+  state, fns, _ = small_setup(isr=False, algorithm=fedavg()._replace(client_init=client_init))
+  jax.jit(functools.partial(fl_round, fns=fns, spec=FLSpec(clients_per_round=2)))(
+      state, uneven_clients())
+  assert seen == [None]

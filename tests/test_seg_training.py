@@ -24,6 +24,8 @@ from test_algorithms import TEST_SETTINGS, algorithm_config, per_client_bytes
 
 from experiments.configs.segmentation import MODELS, get_config
 from isr_jax.data import load_dataset, pack_clients, partition
+from isr_jax.errors import ConfigError
+from isr_jax.fl.algorithm import bind_problem
 from isr_jax.fl.registry import ALGORITHMS, make_algorithm
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.models.layers import Conv
@@ -35,6 +37,10 @@ from isr_jax.train import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # ~25 one-round runs; each compiles a segmentation round
 
+
+# Algorithms defined for one label per example only (FedAIMS's class prototypes):
+# on dense labels they must refuse with a one-line error.
+CLASSIFICATION_ONLY = ("fedaims", "fedaims_full")
 
 DEFAULTS = dict(model="deeplabv3plus", mode="fl", isr=True, algorithm="fedavg",
                 partition="natural")
@@ -127,10 +133,14 @@ def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
   params = init_params(graphdef, model_params, spec, num_classes=info.num_classes,
                        input_shape=info.input_shape, key=jax.random.PRNGKey(1))
   config = algorithm_config(algorithm)
-  alg = make_algorithm(config)
+  problem = make_problem(graphdef, spec, ignore_index=255, representation="decoder")
+  alg = bind_problem(make_algorithm(config), problem)
+  if algorithm in CLASSIFICATION_ONLY:
+    with pytest.raises(ConfigError, match="one label per example"):
+      alg.init_server_state(params, data)
+    return
   local = make_optimizer(config.client_optimizer)
   server = alg.server_optimizer or make_optimizer(config.fl.server_optimizer)
-  problem = make_problem(graphdef, spec, ignore_index=255, representation="decoder")
   fns = RoundFns(alg, problem, local, lambda r: 0.05, server)
   state = TrainState(params, server.init(params), alg.init_server_state(params, data),
                      init_client_states(alg, params, data, True), jax.random.PRNGKey(2),

@@ -79,12 +79,16 @@ class ServerBroadcast(NamedTuple):
     alg_state: the algorithm's server state (e.g. SCAFFOLD's c).
     round: the round index t.
     local_lr: the clients' learning rate η_t this round.
+    plan: this client's row of what :attr:`FLAlgorithm.plan_round` decided for
+      the round's sampled clients (FedAIMS's supervised block); ``None`` when
+      the algorithm plans nothing.
   """
 
   params: Params
   alg_state: PyTree
   round: jax.Array
   local_lr: jax.Array
+  plan: PyTree = None
 
 
 class FLAlgorithm(NamedTuple):
@@ -126,6 +130,18 @@ class FLAlgorithm(NamedTuple):
       model, ``params`` being the global tree with its personal leaves put in
       (FedBABU fine-tunes here, Ditto returns its personal model, FedRoD adds
       its personal head). ``None``: the model at ``params``.
+    plan_round: ``(alg_state, client_states, ids) -> plan``, a server decision
+      over ALL of the round's sampled clients taken before any of them trains
+      (FedAIMS's supervision sampling, papers/fedaims.txt Algorithm 2):
+      ``client_states`` are the sampled clients' algorithm states stacked in
+      sampling order, ``ids`` their client ids (−1 for the padding clients that
+      fill the mesh); ``plan`` is stacked the same way and each client gets its
+      row as ``broadcast.plan``. ``None``: nothing to plan (``broadcast.plan`` is
+      ``None``).
+    bind: ``problem -> FLAlgorithm``, the algorithm specialised to the run's model
+      when its state depends on the model's taps (FedAIMS sizes its per-client
+      adapters from them); :func:`bind_problem` applies it before any state is
+      initialised. ``None``: the algorithm does not depend on the model.
   """
 
   name: str
@@ -140,6 +156,17 @@ class FLAlgorithm(NamedTuple):
   personal: str = ""
   local_update: Callable[..., tuple[Params, PyTree, dict, jax.Array]] | None = None
   eval_model: Callable[..., Callable[[jax.Array], jax.Array]] | None = None
+  plan_round: Callable[..., PyTree] | None = None
+  bind: Callable[..., FLAlgorithm] | None = None
+
+
+def bind_problem(algorithm: FLAlgorithm, problem: LocalProblem) -> FLAlgorithm:
+  """``algorithm`` specialised to ``problem``'s model (:attr:`FLAlgorithm.bind`).
+
+  Call it once, before the algorithm's state is initialised; a no-op for the
+  algorithms that do not depend on the model, and for one already bound.
+  """
+  return algorithm if algorithm.bind is None else algorithm.bind(problem)
 
 
 class LocalTrainer(NamedTuple):

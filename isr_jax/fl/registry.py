@@ -18,6 +18,7 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import FLAlgorithm
 from isr_jax.fl.algorithms.balancefl import balancefl
 from isr_jax.fl.algorithms.ditto import ditto
+from isr_jax.fl.algorithms.fedaims import AGGREGATIONS, PROTOTYPE_TIMES, REDUCTIONS, fedaims
 from isr_jax.fl.algorithms.fedala import ALA_LAYERS, fedala
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedavgm import fedavgm
@@ -33,14 +34,14 @@ from isr_jax.fl.algorithms.fedprox import fedprox, fedprox_proximal_loss
 from isr_jax.fl.algorithms.fedrep import fedrep
 from isr_jax.fl.algorithms.fedrod import fedrod
 from isr_jax.fl.algorithms.fedsol import (
-    PERTURB_TARGETS,
-    fedasam,
-    fedsam,
-    fedsol,
-    kl_proximal_loss,
-    model_at_anchor,
-    params_at_anchor,
-    trees_equal,
+  PERTURB_TARGETS,
+  fedasam,
+  fedsam,
+  fedsol,
+  kl_proximal_loss,
+  model_at_anchor,
+  params_at_anchor,
+  trees_equal,
 )
 from isr_jax.fl.algorithms.lg_fedavg import lg_fedavg
 from isr_jax.fl.algorithms.local import local
@@ -156,6 +157,30 @@ def _build_fedsol(config):
   return fedsol(_rho(config, "fedsol"), adaptive=bool(config.fl.fedsol.adaptive),
                 perturb=_perturb(config, "fedsol"), base=base, proximal_loss=prox,
                 stationary=PROXIMAL_STATIONARY.get(source))
+
+
+_FEDAIMS_DEFAULTS = dict(mu=1.0, lam=None, hidden=64, reduction="sum", aggregation="present",
+                         pool=False, blocks=(), adapt_last=False, prototype_at="start")
+
+
+def _build_fedaims(config, name: str) -> FLAlgorithm:
+  """FedAIMS / FedAIMS-Full from ``config.fl.<name>``; bound to the model later."""
+  c = config.fl[name]
+  lam = None if c.lam is None else check_number(c.lam, f"fl.{name}.lam", low=0, high=1)
+  hidden = check_number(c.hidden, f"fl.{name}.hidden", low=1)
+  if hidden != int(hidden):
+    raise ConfigError(f"fl.{name}.hidden={c.hidden!r} must be an integer")
+  blocks = tuple(c.blocks)
+  if not all(isinstance(b, str) for b in blocks):
+    raise ConfigError(f"fl.{name}.blocks={c.blocks!r} must be tap names")
+  return fedaims(
+      mu=check_number(c.mu, f"fl.{name}.mu", low=0), lam=lam, hidden=int(hidden),
+      reduction=_one_of(c.reduction, REDUCTIONS, f"fl.{name}.reduction"),
+      aggregation=_one_of(c.aggregation, AGGREGATIONS, f"fl.{name}.aggregation"),
+      pool=_one_of(c.pool, (False, True), f"fl.{name}.pool"), blocks=blocks,
+      adapt_last=_one_of(c.adapt_last, (False, True), f"fl.{name}.adapt_last"),
+      prototype_at=_one_of(c.prototype_at, PROTOTYPE_TIMES, f"fl.{name}.prototype_at"),
+      full=name == "fedaims_full", seed=int(config.seed))
 
 
 ALGORITHMS: dict[str, Entry] = {
@@ -324,6 +349,15 @@ ALGORITHMS: dict[str, Entry] = {
     "fedbabu": Entry(dict(finetune_epochs=5, finetune_part="all"), lambda config: fedbabu(
         _count(config, "fedbabu", "finetune_epochs", low=0),
         _one_of(config.fl.fedbabu.finetune_part, FINETUNE_PARTS, "fl.fedbabu.finetune_part"))),
+    # -- entries: FedAIMS (papers/fedaims.txt §4, SPEC §4 readings) --
+    # μ = 1 (§5.1, picked from {0.01, ..., 5} in §5.3.1); λ = None means 1/m (Eq. 12);
+    # h = 64 and no σ^m: Table 8's adapter storage (ResNet-18 0.49 MiB, EMNIST
+    # ConvNet 0.06 MiB), see isr_jax/fl/algorithms/fedaims.py; reduction "sum" and
+    # flattened blocks (pool False) as Eq. 5/8 are printed; Eq. 4 over the clients
+    # that have the class ("present"); C_i^m before training (Algorithm 1, line 9).
+    "fedaims": Entry(_FEDAIMS_DEFAULTS, lambda config: _build_fedaims(config, "fedaims")),
+    "fedaims_full": Entry(_FEDAIMS_DEFAULTS,
+                          lambda config: _build_fedaims(config, "fedaims_full")),
 }
 
 

@@ -177,10 +177,15 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
       num_examples=jnp.where(real, client_data.num_examples, 0))
   lr = fns.local_lr(state.round)
   batch_size = data.batch_size
+  # A decision over all sampled clients before any trains (FedAIMS's Algorithm 2);
+  # each client receives its row. None (no leaves) for every other algorithm.
+  plans = (None if alg.plan_round is None
+           else alg.plan_round(state.alg_state, client_states["alg"], ids))
 
-  def one_client(cdata: ClientData, cstate, client_id, params, alg_state, round_index, lr):
+  def one_client(cdata: ClientData, cstate, client_id, plan, params, alg_state, round_index,
+                 lr):
     start = merge(params, cstate.get("personal", {}))
-    broadcast = ServerBroadcast(start, alg_state, round_index, lr)
+    broadcast = ServerBroadcast(start, alg_state, round_index, lr, plan)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(k_clients, client_id)
     trainer = make_trainer(cdata, key, lr, fns, spec)
@@ -210,7 +215,7 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
   inverse = jnp.argsort(order)
   permute = lambda tree, o: jax.tree.map(lambda a: jnp.take(a, o, axis=0), tree)
   outputs = map_clients(
-      one_client, permute((client_data, client_states, ids), order),
+      one_client, permute((client_data, client_states, ids, plans), order),
       (state.params, state.alg_state, state.round, lr),
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh,
   )
