@@ -159,7 +159,7 @@ def _build_fedsol(config):
                 stationary=PROXIMAL_STATIONARY.get(source))
 
 
-_FEDAIMS_DEFAULTS = dict(mu=1.0, lam=None, hidden=64, reduction="sum", aggregation="present",
+_FEDAIMS_DEFAULTS = dict(mu=1.0, lam=None, hidden=64, reduction="mse", aggregation="present",
                          pool=False, blocks=(), adapt_last=False, prototype_at="start")
 
 
@@ -352,8 +352,10 @@ ALGORITHMS: dict[str, Entry] = {
     # -- entries: FedAIMS (papers/fedaims.txt §4, SPEC §4 readings) --
     # μ = 1 (§5.1, picked from {0.01, ..., 5} in §5.3.1); λ = None means 1/m (Eq. 12);
     # h = 64 and no σ^m: Table 8's adapter storage (ResNet-18 0.49 MiB, EMNIST
-    # ConvNet 0.06 MiB), see isr_jax/fl/algorithms/fedaims.py; reduction "sum" and
-    # flattened blocks (pool False) as Eq. 5/8 are printed; Eq. 4 over the clients
+    # ConvNet 0.06 MiB), see isr_jax/fl/algorithms/fedaims.py; flattened blocks
+    # (pool False) as Eq. 5/8 are printed, but reduction "mse" (/(N·D_j)) instead of
+    # the printed sum over examples: with "sum" local SGD diverges at the paper's
+    # lr 0.1 (and at 0.01 on ConvNet3) once R switches on; "mse" trains. Eq. 4 over the clients
     # that have the class ("present"); C_i^m before training (Algorithm 1, line 9).
     "fedaims": Entry(_FEDAIMS_DEFAULTS, lambda config: _build_fedaims(config, "fedaims")),
     "fedaims_full": Entry(_FEDAIMS_DEFAULTS,

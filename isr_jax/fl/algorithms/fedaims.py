@@ -44,7 +44,8 @@ Readings where the paper is silent (SPEC §4, followed as written):
   curvature ~ 2·N·‖h‖² and local SGD at the paper's lr 0.1 (also 0.01 on
   ConvNet3, 0.05 on digits:fl's CNN) diverges or kills the features once ``R``
   switches on; ``"mse"`` trains (digits:fl, 10 rounds: personal accuracy 0.49
-  vs 0.38).
+  vs 0.38). The library's default (the registry's) is therefore ``"mse"``, with
+  μ = 1; ``"sum"`` is the equation as printed, for reproducing it literally.
 * σ_i^j: Dense(D_m→h) → ReLU → Dense(h→D_j), personal, never aggregated;
   ``L_CE^j``: the ISR classification adapter on block j (global average pool →
   Dense → K), personal. Flax's Dense initialisation (LeCun normal, zero bias),
