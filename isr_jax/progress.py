@@ -116,4 +116,5 @@ class Progress:
 
   def _log(self, msg: str, *args) -> None:
     if self.enabled:
-      logger.info(msg, *args)
+      # stacklevel: absl's line prefix names the caller of begin/end/round (train.py).
+      logger.info(msg, *args, stacklevel=3)
