@@ -76,13 +76,17 @@ def plot_learning_curves(
   axes = fig.subplots(rows, cols, squeeze=False).ravel()
   # Dashed = without ISR, when the labels say which runs have it (the demo's grid).
   dash = len(runs) > 1 and any("isr" in label.lower() for label in runs)
+  # One colour per run in every panel: the colour cycle would restart in a panel
+  # that only some runs logged (client drift: not CL).
+  colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
   for ax, metric in zip(axes, metrics, strict=False):
     for label, records in runs.items():
       pts = _points(records, metric)
       if pts:
         xs, ys = zip(*pts, strict=True)
         style = "--" if dash and "isr" not in label.lower() else "-"
-        ax.plot(xs, ys, label=label, linestyle=style, marker="." if len(xs) < 30 else None)
+        ax.plot(xs, ys, label=label, color=colors[label], linestyle=style,
+                marker="." if len(xs) < 30 else None)
     ax.set_title(CURVE_PANELS.get(metric, metric), fontsize=10)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,7 +94,13 @@ def plot_learning_curves(
     ax.grid(alpha=0.3)
   for ax in axes[len(metrics):]:
     ax.set_visible(False)
-  axes[0].legend(fontsize=8)
+  # Every run in the legend, also one missing from the first panel.
+  handles = {}
+  for ax in axes[:len(metrics)]:
+    for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+      handles.setdefault(label, handle)
+  labels = [label for label in runs if label in handles]
+  axes[0].legend([handles[label] for label in labels], labels, fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
