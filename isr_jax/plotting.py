@@ -18,9 +18,10 @@ from matplotlib.ticker import MaxNLocator
 
 # Learning-curve panels in the order they are drawn, with their titles: a panel
 # appears only when some run logged its metric (client drift: FL and hybrid;
-# α and cos(g_CL, g_FL): hybrid).
+# α and cos(g_CL, g_FL): hybrid; personalized accuracy: personalized FL).
 CURVE_PANELS: dict[str, str] = {
     "test/accuracy": "test accuracy",
+    "personal/accuracy_mean": "personalized accuracy (clients' own test data)",
     "test/loss": "test loss",
     "train/ce": "training cross-entropy",
     "train/loss": "training loss L_T",
