@@ -34,6 +34,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every = 5
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
+  # What a run reports besides metrics.jsonl; none of it changes the training.
+  c.logging = ml_collections.ConfigDict(dict(
+      progress=True,  # phases and "round k/N" with rate and ETA (isr_jax logger, INFO)
+      tensorboard=True,  # TensorBoard events in the workdir (tensorboardX, no TensorFlow)
+      plots=True,  # <workdir>/learning_curves.png at the end of the run
+  ))
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"

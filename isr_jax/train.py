@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from isr_jax import checkpoint
+from isr_jax import checkpoint, writers
 from isr_jax.centralized import cl_round
 from isr_jax.config import validate
 from isr_jax.data import (
@@ -52,6 +52,7 @@ from isr_jax.models import create_model
 from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.optim import learning_rate_at, make_optimizer
+from isr_jax.progress import Progress
 from isr_jax.sharding import (
   CLIENT_AXIS,
   make_mesh,
@@ -244,6 +245,19 @@ def _write_config(config, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _plot(workdir: str) -> None:
+  """``<workdir>/learning_curves.png``; a figure that fails never fails the run."""
+  from isr_jax.plotting import plot_workdirs  # matplotlib: ~1 s of import, paid at the end
+
+  path = os.path.join(workdir, "learning_curves.png")
+  try:
+    panels = plot_workdirs([workdir], path)
+  except (ValueError, OSError) as e:
+    logger.warning("learning curves not drawn: %s", e)
+    return
+  logger.info("learning curves (%s): %s", ", ".join(panels), path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains for ``config.num_rounds`` rounds in ``workdir``, resuming if possible.
 
@@ -266,9 +280,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint is kept.
     CheckpointError: the workdir's latest checkpoint cannot be restored.
   """
+  report = Progress(config.num_rounds, enabled=config.logging.progress)
+  report.begin("loading %s and building %s (%s mode, ISR %s)", config.dataset.name,
+               config.model.name, config.mode, "on" if config.isr.enabled else "off")
   exp = build_experiment(config)
+  report.end("data and model ready")
   primary = jax.process_index() == 0  # every process trains; one writes files
   os.makedirs(workdir, exist_ok=True)
+  report.begin("looking for a checkpoint to resume from in %s", workdir)
   manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
   restored = checkpoint.restore_latest(manager, exp.state)
   state = exp.state if restored is None else restored
@@ -278,7 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if primary:
     _write_config(config, workdir)
   writer = JsonlWriter(workdir, resume_round=start, enabled=primary)
+  out = writers.fan_out(writer, workdir, tensorboard=primary and config.logging.tensorboard)
 
+  report.begin("compiling the round")
   t0 = time.perf_counter()
   round_step = exp.round_fn.lower(state, *exp.round_data).compile()
   compile_s = time.perf_counter() - t0
@@ -287,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   metrics: dict[str, float] = {}
   last_saved = start if restored is not None else None
+  report.start(start)
   for r in range(start + 1, config.num_rounds + 1):
     t0 = time.perf_counter()
     state, round_metrics = round_step(state, *exp.round_data)
@@ -304,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if exp.client_eval_fn is not None:
         own = jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
         metrics.update({f"personal/{k}": float(v) for k, v in own.items()})
-    writer.write(r, metrics)
+    out.write(r, metrics)
+    report.round(r)
     if r % config.checkpoint_every == 0 or r == config.num_rounds:
       checkpoint.save(manager, r, state)
       last_saved = r
@@ -312,9 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
     metrics = {f"test/{k}": float(v) for k, v in test.items()}
   manager.close()
+  out.close()
   if primary:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({"round": int(state.round), **metrics}, f, indent=2, sort_keys=True)
   history = read_metrics(writer.path) if primary else []
+  if primary and config.logging.plots and history:
+    _plot(workdir)
   return {"metrics": metrics, "history": history, "state": state, "compile_s": compile_s,
           "experiment": exp}
