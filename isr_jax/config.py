@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from isr_jax.data import DATASETS, PARTITION_METHODS
+from isr_jax.data import DATASETS, PARTITION_METHODS, SEGMENTATION_DATASETS
 from isr_jax.errors import ConfigError
 from isr_jax.fl.client import CLIENT_PARALLELISM
 from isr_jax.fl.registry import ALGORITHMS, algorithm_defaults, make_algorithm
@@ -23,6 +23,8 @@ from isr_jax.optim import check_number, make_optimizer
 from isr_jax.taps import PLACEMENTS
 
 MODES = ("cl", "fl", "hybrid")
+
+_MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -119,6 +121,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           else config.dataset.name, DATASETS, "dataset.name")
   _one_of(config.model.name, MODELS, "model.name")
   _one_of(config.model.conv_impl, CONV_IMPLS, "model.conv_impl")
+  _check_task(config.model.name, config.dataset.name)
+  if (not isinstance(config.seed, int) or isinstance(config.seed, bool)
+      or not 0 <= config.seed <= _MAX_SEED):
+    raise ConfigError(f"seed={config.seed!r} must be an integer in [0, {_MAX_SEED}]")
   _positive_int(config.num_rounds, "num_rounds")
   _positive_int(config.eval_every, "eval_every")
   _positive_int(config.checkpoint_every, "checkpoint_every")
@@ -176,3 +182,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if hy.mix_weight < hy.mix_weight_min and hy.schedule == "adaptive":
       raise ConfigError(
           f"hybrid.mix_weight={hy.mix_weight} is below hybrid.mix_weight_min={hy.mix_weight_min}")
+
+
+def _check_task(model: str, dataset: str) -> None:
+  """A segmentation model needs per-pixel labels and a classifier one label per image."""
+  model_task = MODELS[model].task
+  data_task = "segmentation" if dataset in SEGMENTATION_DATASETS else "classification"
+  if model_task != data_task:
+    kind = {"segmentation": sorted(SEGMENTATION_DATASETS),
+            "classification": sorted(set(DATASETS) - set(SEGMENTATION_DATASETS))}[model_task]
+    models = sorted(n for n, cls in MODELS.items() if cls.task == data_task)
+    raise ConfigError(
+        f"model.name={model!r} is a {model_task} model but dataset.name={dataset!r} is a "
+        f"{data_task} dataset: use one of {models} or a dataset of {kind}")
+

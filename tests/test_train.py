@@ -104,6 +104,12 @@ def test_one_round_on_tfds_mock_data(tmp_path, mock_tfds):
         ({"fl.clients_per_round": 9}, r"fl\.clients_per_round=9 exceeds fl\.num_clients=6"),
         ({"client_optimizer.learning_rate": 0.0}, r"client_optimizer\.learning_rate=0\.0"),
         ({"fl.partition.method": "zipf"}, r"fl\.partition\.method='zipf' is not one of"),
+        ({"seed": -1}, r"seed=-1 must be an integer in \[0, 4294967295\]"),
+        ({"model.name": "topformer"},
+         r"model\.name='topformer' is a segmentation model but dataset\.name='digits' is a "
+         r"classification dataset: use one of \['convnet3'"),
+        ({"dataset.name": "synthetic_streets"},
+         r"model\.name='lenet5' is a classification model but dataset\.name='synthetic_streets'"),
     ],
 )
 def test_bad_settings_fail_before_training_with_one_line(overrides, message):
@@ -121,6 +127,7 @@ def test_bad_settings_fail_before_training_with_one_line(overrides, message):
          r"fl\.partition\.shards_per_client"),
         ({"fl.num_clients": 5000, "fl.clients_per_round": 3}, r"fl\.num_clients=5000 exceeds"),
         ({"model.options": {"width": 3}}, r"model\.width=3 is not an option"),
+        ({"fl.num_devices": 64}, r"fl\.num_devices=64 must be in \[1, \d+\]"),
     ],
 )
 def test_bad_settings_that_need_the_model_or_data(overrides, message):
