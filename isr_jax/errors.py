@@ -15,3 +15,9 @@ class CheckpointError(RuntimeError):
 
 class DataNotFoundError(FileNotFoundError):
   """A dataset is not where the loader looked; the message says how to get it."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be used: a file in its place, not writable, a full disk,
+  or a file in it damaged beyond what a resume can repair."""
+
