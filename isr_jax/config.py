@@ -9,6 +9,8 @@ partitions against the data) is checked where that information exists.
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -23,6 +25,19 @@ from isr_jax.optim import check_number, make_optimizer
 from isr_jax.taps import PLACEMENTS
 
 MODES = ("cl", "fl", "hybrid")
+
+# Settings a resumed run may change: they decide how long to train and what to
+# log or keep, never what a round computes, so the resumed run is still the run
+# its checkpoints and metrics.jsonl describe. Every other difference from the
+# workdir's config.json stops the resume (see :func:`resume_changes`).
+# num_rounds may go either way: at or below the saved round the run is finished.
+RESUME_SAFE_SETTINGS = frozenset({
+    "num_rounds",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "dataset.data_dir",  # where the same data is read from
+})
 
 _MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
 
@@ -196,3 +211,39 @@ def _check_task(model: str, dataset: str) -> None:
         f"model.name={model!r} is a {model_task} model but dataset.name={dataset!r} is a "
         f"{data_task} dataset: use one of {models} or a dataset of {kind}")
 
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
+  """Compares a workdir's saved ``config.json`` with the config resuming it.
+
+  Args:
+    saved: the parsed ``config.json`` of the run being resumed.
+    config: the config of the run about to resume it.
+
+  Returns:
+    ``(unsafe, safe_changed)``: one ``"name: old → new"`` per setting that differs
+    and is not in :data:`RESUME_SAFE_SETTINGS` (a setting only one side has shows
+    as ``<absent>``), sorted; and whether any safe setting differs.
+  """
+  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  absent = object()
+  show = lambda v: "<absent>" if v is absent else repr(v)
+  unsafe, safe_changed = [], False
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key, absent), new.get(key, absent)
+    if a == b:
+      continue
+    if key in RESUME_SAFE_SETTINGS:
+      safe_changed = True
+    else:
+      unsafe.append(f"{key}: {show(a)} → {show(b)}")
+  return unsafe, safe_changed

@@ -22,7 +22,7 @@ SUMMARY_FILE = "summary.json"
 _HINTS = {
     errno.ENOSPC: "free some space",
     errno.EDQUOT: "free some space",
-    errno.EROFS: "the file system is read-only",
+    errno.EROFS: "remount it read-write",
     errno.EACCES: "make it writable",
     errno.EPERM: "make it writable",
 }
@@ -39,10 +39,21 @@ def os_error_in(e: BaseException) -> OSError | None:
   return None
 
 
+def io_errno(e: BaseException) -> int | None:
+  """The errno of a write that failed for a reason the user can fix (full, read-only), if any.
+
+  TensorStore, which writes Orbax's checkpoints, reports these as ValueErrors
+  with the C library's message in the text, so the text is searched too.
+  """
+  cause = os_error_in(e)
+  if cause is not None and cause.errno:
+    return cause.errno
+  return next((code for code in _HINTS if os.strerror(code) in str(e)), None)
+
+
 def io_error(path: str, e: BaseException) -> WorkdirError:
   """One line for an I/O failure at ``path``, saying that what was written is kept."""
-  cause = os_error_in(e)
-  code = getattr(cause, "errno", None)
+  code = io_errno(e)
   reason = os.strerror(code) if code else " ".join(str(e).split())[:120]
   hint = _HINTS.get(code, "check it")
   return WorkdirError(f"cannot write {path}: {reason} — {hint} or use another --workdir; the "
