@@ -5,7 +5,13 @@ r"""Runs one experiment from a config file.
 
 Any setting can be overridden on the command line, e.g.
 ``--config.fl.algorithm=fedavg --config.num_rounds=10``. Starting the same
-command again resumes from the workdir's latest checkpoint.
+command again resumes from the workdir's latest checkpoint; a finished run is
+reported, not repeated. SIGTERM or Ctrl-C finishes and saves the round in
+progress, then exits with 128 + the signal's number.
+
+Every error a user can act on (a bad setting, a missing dataset, a diverged
+run, a damaged checkpoint, an unusable workdir) ends the run with one
+``error: ...`` line and exit code 1.
 
 Multi-host (GPU nodes, TPU pods): start the same command on every host with
 ``--multihost``; ``jax.distributed.initialize`` finds the cluster (SLURM, TPU)
@@ -16,13 +22,22 @@ by itself, or takes ``--coordinator_address``, ``--num_processes`` and
 from __future__ import annotations
 
 import logging as std_logging
+import os
+import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from isr_jax.errors import CheckpointError, ConfigError, DataNotFoundError, NaNLossError
+from isr_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataNotFoundError,
+    NaNLossError,
+    Preempted,
+    WorkdirError,
+)
 from isr_jax.train import train_and_evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, summary.")
@@ -35,22 +50,66 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _NoOrbaxTracebacks(std_logging.Filter):
+  """Drops the tracebacks Orbax's background threads log when a save fails.
+
+  The failure also reaches ``train_and_evaluate``, which reports it (a full
+  disk, a read-only workdir) in one line; the traceback would bury that line.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _unknown_setting(argv: list[str], e: Exception) -> str:
+  """One line for ml_collections' error on ``--config.<path>`` naming no setting.
+
+  Its message is a repr of a KeyError inside an AttributeError, with the
+  "did you mean" on a line of its own; the override is found in ``argv``.
+  """
+  text = str(e).replace("\\n", " ").replace("\\'", "'")
+  name = re.search(r"'(\w+)'", text)
+  name = name.group(1) if name else "?"
+  flag = next((a.split("=")[0] for a in argv[1:]
+               if a.startswith("--config.") and f".{name}" in a.split("=")[0]), "--config")
+  guess = re.search(r'Did you mean "(\w+)"', text)
+  hint = f"; did you mean {guess.group(1)!r}?" if guess else ""
+  return f"{flag}: the config has no setting {name!r}{hint}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure as one ``error:`` line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {' '.join(str(e).split())}")
+  except (AttributeError, KeyError) as e:  # an override naming no setting
+    sys.exit(f"error: {_unknown_setting(argv, e)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Library progress at INFO; absl (and Orbax, which logs through it) at WARNING.
   logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
   std_logging.getLogger("isr_jax").setLevel(std_logging.INFO)
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataNotFoundError, NaNLossError, CheckpointError) as e:
+  except Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+    print("stopped: interrupted; the checkpoints already saved are kept", file=sys.stderr)
+    sys.exit(130)
+  except (ConfigError, DataNotFoundError, NaNLossError, CheckpointError, WorkdirError) as e:
     sys.exit(f"error: {e}")
   shown = {k: round(v, 4) for k, v in result["metrics"].items() if k.startswith("test/")}
   print(f"done: {shown}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -9,10 +9,12 @@ partitions against the data) is checked where that information exists.
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 from ml_collections import config_dict
 
-from isr_jax.data import DATASETS, PARTITION_METHODS
+from isr_jax.data import DATASETS, PARTITION_METHODS, SEGMENTATION_DATASETS
 from isr_jax.errors import ConfigError
 from isr_jax.fl.client import CLIENT_PARALLELISM
 from isr_jax.fl.registry import ALGORITHMS, algorithm_defaults, make_algorithm
@@ -23,6 +25,23 @@ from isr_jax.optim import check_number, make_optimizer
 from isr_jax.taps import PLACEMENTS
 
 MODES = ("cl", "fl", "hybrid")
+
+# Settings a resumed run may change: they decide how long to train and what to
+# log or keep, never what a round computes, so the resumed run is still the run
+# its checkpoints and metrics.jsonl describe. Every other difference from the
+# workdir's config.json stops the resume (see :func:`resume_changes`).
+# num_rounds may go either way: at or below the saved round the run is finished.
+RESUME_SAFE_SETTINGS = frozenset({
+    "num_rounds",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "dataset.data_dir",  # where the same data is read from
+})
+# Whole sections that change what a run reports, never what it computes.
+RESUME_SAFE_SECTIONS = ("logging.",)
+
+_MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -129,6 +148,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           else config.dataset.name, DATASETS, "dataset.name")
   _one_of(config.model.name, MODELS, "model.name")
   _one_of(config.model.conv_impl, CONV_IMPLS, "model.conv_impl")
+  _check_task(config.model.name, config.dataset.name)
+  if (not isinstance(config.seed, int) or isinstance(config.seed, bool)
+      or not 0 <= config.seed <= _MAX_SEED):
+    raise ConfigError(f"seed={config.seed!r} must be an integer in [0, {_MAX_SEED}]")
   _positive_int(config.num_rounds, "num_rounds")
   _positive_int(config.eval_every, "eval_every")
   _positive_int(config.checkpoint_every, "checkpoint_every")
@@ -189,3 +212,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if hy.mix_weight < hy.mix_weight_min and hy.schedule == "adaptive":
       raise ConfigError(
           f"hybrid.mix_weight={hy.mix_weight} is below hybrid.mix_weight_min={hy.mix_weight_min}")
+
+
+def _check_task(model: str, dataset: str) -> None:
+  """A segmentation model needs per-pixel labels and a classifier one label per image."""
+  model_task = MODELS[model].task
+  data_task = "segmentation" if dataset in SEGMENTATION_DATASETS else "classification"
+  if model_task != data_task:
+    kind = {"segmentation": sorted(SEGMENTATION_DATASETS),
+            "classification": sorted(set(DATASETS) - set(SEGMENTATION_DATASETS))}[model_task]
+    models = sorted(n for n, cls in MODELS.items() if cls.task == data_task)
+    raise ConfigError(
+        f"model.name={model!r} is a {model_task} model but dataset.name={dataset!r} is a "
+        f"{data_task} dataset: use one of {models} or a dataset of {kind}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list[str], bool]:
+  """Compares a workdir's saved ``config.json`` with the config resuming it.
+
+  Args:
+    saved: the parsed ``config.json`` of the run being resumed.
+    config: the config of the run about to resume it.
+
+  Returns:
+    ``(unsafe, safe_changed)``: one ``"name: old → new"`` per setting that differs
+    and is not in :data:`RESUME_SAFE_SETTINGS` (a setting only one side has shows
+    as ``<absent>``), sorted; and whether any safe setting differs.
+  """
+  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  absent = object()
+  show = lambda v: "<absent>" if v is absent else repr(v)
+  unsafe, safe_changed = [], False
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key, absent), new.get(key, absent)
+    if a == b:
+      continue
+    if key in RESUME_SAFE_SETTINGS or key.startswith(RESUME_SAFE_SECTIONS):
+      safe_changed = True
+    else:
+      unsafe.append(f"{key}: {show(a)} → {show(b)}")
+  return unsafe, safe_changed

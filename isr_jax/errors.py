@@ -15,3 +15,21 @@ class CheckpointError(RuntimeError):
 
 class DataNotFoundError(FileNotFoundError):
   """A dataset is not where the loader looked; the message says how to get it."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be used: a file in its place, not writable, a full disk,
+  or a file in it damaged beyond what a resume can repair."""
+
+
+class Preempted(KeyboardInterrupt):
+  """SIGTERM/SIGINT stopped training after the round in progress, whose checkpoint was saved.
+
+  A ``KeyboardInterrupt`` so that drivers' ``except Exception`` clauses do not
+  swallow a request to stop; ``signum`` gives the entry point its exit code
+  (``128 + signum``, the shell's convention for death by signal).
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum

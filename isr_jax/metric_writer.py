@@ -1,12 +1,21 @@
-"""Per-round metrics as JSON lines in the workdir, mirrored to the console."""
+"""Per-round metrics as JSON lines in the workdir, mirrored to the console.
+
+Each record is appended with a single ``write`` of the whole line followed by
+an fsync, so a killed run leaves whole lines; a torn last line (an older
+writer, a full disk) is dropped on reading, with a warning.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 from collections.abc import Mapping
+
+from isr_jax.errors import WorkdirError
+from isr_jax.workdir import io_error, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger("isr_jax")
@@ -32,27 +41,63 @@ class JsonlWriter:
   def _truncate_after(self, resume_round: int) -> None:
     """Drops lines of rounds after the restored checkpoint: the resumed run
     recomputes them (deterministically), so keeping both would duplicate rounds."""
-    kept = [rec for rec in read_metrics(self.path) if rec.get("round", 0) <= resume_round]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(rec) + "\n" for rec in kept)
-    os.replace(tmp, self.path)
+    records = read_metrics(self.path)
+    kept = [rec for rec in records if rec.get("round", 0) <= resume_round]
+    if len(kept) < len(records) or _is_torn(self.path):  # else leave the file alone
+      write_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
   def write(self, round_index: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     rec = {"round": int(round_index), **{k: _plain(v) for k, v in sorted(metrics.items())}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
+    line = (json.dumps(rec) + "\n").encode()
+    try:
+      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      try:
+        if os.write(fd, line) != len(line):  # a full disk can cut a write short
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    except OSError as e:
+      raise io_error(self.path, e) from e
     if self.echo:
       shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in rec.items() if k != "round")
       logger.info("round %d: %s", round_index, shown)
 
 
+def _is_torn(path: str) -> bool:
+  """Whether the file's last line lacks its newline: what a write cut short leaves."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return False
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
+
+
 def read_metrics(path: str) -> list[dict]:
-  """All records of a metrics.jsonl file (or of ``<path>/metrics.jsonl``)."""
+  """All records of a metrics.jsonl file (or of ``<path>/metrics.jsonl``).
+
+  A torn last line is dropped with a warning: it is a record that was being
+  written when the run died, and the resumed run writes that round again.
+
+  Raises:
+    WorkdirError: a line other than the last is not JSON.
+  """
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for k, (i, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1:
+        logger.warning("%s: dropped its torn last line %d (%s)", path, i, e.msg)
+        break
+      raise WorkdirError(f"{path} line {i} is damaged ({e.msg}): repair or remove that "
+                         "line") from e
+  return records

@@ -22,16 +22,22 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from isr_jax.data.packing import ClientData
+from isr_jax.errors import ConfigError
 
 CLIENT_AXIS = "clients"
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
+  """A 1-D mesh over the first ``num_devices`` devices (all by default).
+
+  Raises:
+    ConfigError: ``num_devices`` is not between 1 and the number of devices.
+  """
   devices = jax.devices()
   n = len(devices) if num_devices is None else int(num_devices)
   if not 1 <= n <= len(devices):
-    raise ValueError(f"fl.num_devices={num_devices} must be in [1, {len(devices)}]")
+    raise ConfigError(f"fl.num_devices={num_devices} must be in [1, {len(devices)}] (0 = every "
+                      f"device; this process sees {len(devices)} {devices[0].platform} devices)")
   return Mesh(np.asarray(devices[:n]), (CLIENT_AXIS,))
 
 

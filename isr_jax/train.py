@@ -10,10 +10,11 @@ round, so a round is one compiled call and can never silently recompile.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,8 +28,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from isr_jax import checkpoint, writers
+from isr_jax import workdir as workdir_files
 from isr_jax.centralized import cl_round
-from isr_jax.config import validate
+from isr_jax.config import RESUME_SAFE_SETTINGS, resume_changes, validate
 from isr_jax.data import (
     ClientData,
     DatasetInfo,
@@ -39,7 +41,7 @@ from isr_jax.data import (
     split_clients,
     split_cloud,
 )
-from isr_jax.errors import NaNLossError
+from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.evaluate import evaluate_classifier
 from isr_jax.fl.algorithm import bind_problem
 from isr_jax.fl.client import resolve_parallelism
@@ -47,11 +49,12 @@ from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.registry import make_algorithm, personalized_eval_on
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.hybrid import HybridSpec, hybrid_round
-from isr_jax.metric_writer import JsonlWriter, read_metrics
+from isr_jax.metric_writer import METRICS_FILE, JsonlWriter, read_metrics
 from isr_jax.models import create_model
 from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.optim import learning_rate_at, make_optimizer
+from isr_jax.preemption import stop_requests
 from isr_jax.progress import Progress
 from isr_jax.sharding import (
   CLIENT_AXIS,
@@ -240,9 +243,65 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   )
 
 
-def _write_config(config, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+def _check_resume(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Refuses to resume a run under another config; says whether config.json needs writing.
+
+  Only a workdir with checkpoints holds a run to resume; without them a stale
+  config.json describes nothing that was kept and is simply replaced.
+
+  Raises:
+    ConfigError: a setting outside :data:`RESUME_SAFE_SETTINGS` differs from
+      the workdir's config.json (one line listing each, old → new).
+  """
+  if not checkpoint.saved_steps(workdir):
+    return True
+  saved = workdir_files.read_json(os.path.join(workdir, workdir_files.CONFIG_FILE))
+  if saved is None:  # a workdir from before config.json was kept: nothing to compare
+    return True
+  unsafe, safe_changed = resume_changes(saved, config)
+  if unsafe:
+    raise ConfigError(
+        f"{workdir} holds a run with other settings ({'; '.join(unsafe)}): resume it with its "
+        f"own config (only {', '.join(sorted(RESUME_SAFE_SETTINGS))} may change) or use "
+        "another --workdir")
+  return safe_changed
+
+
+def _finished_run(exp: Experiment, state: TrainState, workdir: str,
+                  primary: bool) -> dict[str, Any]:
+  """The result of a run that already trained its rounds, read back and not recomputed.
+
+  Nothing in the workdir changes, except that a summary.json lost to a kill
+  right after the last checkpoint is rewritten from that round's metrics line.
+  """
+  summary_path = os.path.join(workdir, workdir_files.SUMMARY_FILE)
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  history = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+  summary = workdir_files.read_json(summary_path)
+  done = int(state.round)
+  if summary is None:
+    summary = next((dict(r) for r in history if r.get("round") == done), None)
+    if summary is not None and primary:
+      workdir_files.write_json(summary_path, summary)
+  if summary is None:  # neither file has it: evaluate the restored model, write nothing
+    test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
+    summary = {"round": done, **{f"test/{k}": float(v) for k, v in test.items()}}
+  metrics = {k: v for k, v in summary.items() if k != "round"}
+  shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                   if k.startswith("test/") and isinstance(v, float))
+  logger.info("%s finished round %d already; nothing to do: %s", workdir, done, shown)
+  return {"metrics": metrics, "history": history, "state": state, "compile_s": 0.0,
+          "experiment": exp}
+
+
+def _preempted(signum: int, done: int, directory: str) -> Preempted:
+  name = signal.Signals(signum).name
+  if not done:
+    return Preempted(f"{name} received before round 1 finished; nothing was trained or saved",
+                     signum)
+  return Preempted(f"{name} received: stopped after round {done}, saved in "
+                   f"{os.path.join(directory, str(done))} — run the same command to resume",
+                   signum)
 
 
 def _plot(workdir: str) -> None:
@@ -266,7 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       experiment file built on it).
     workdir: where ``metrics.jsonl``, ``config.json`` and ``checkpoints/`` live;
       a run started again in the same workdir continues from its latest
-      checkpoint.
+      intact checkpoint, if its config differs at most in
+      :data:`~isr_jax.config.RESUME_SAFE_SETTINGS`. A run that already
+      trained ``num_rounds`` rounds is reported from its files, unchanged.
 
   Returns:
     ``{"metrics": last round's metrics, "history": every record of the
@@ -275,70 +336,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     built :class:`Experiment` (data, forward pass, ...)}``.
 
   Raises:
-    ConfigError: an invalid setting (one line naming it and what is allowed).
+    ConfigError: an invalid setting (one line naming it and what is allowed),
+      or a resume whose config differs from the workdir's config.json.
     NaNLossError: the training loss became non-finite; the last good
       checkpoint is kept.
-    CheckpointError: the workdir's latest checkpoint cannot be restored.
+    CheckpointError: no checkpoint in the workdir can be restored.
+    WorkdirError: the workdir is a file, read-only or full; what was already
+      written is kept.
+    Preempted: SIGTERM or SIGINT arrived (handled while this function runs,
+      from the main thread); the round in progress was finished and saved.
   """
-  report = Progress(config.num_rounds, enabled=config.logging.progress)
-  report.begin("loading %s and building %s (%s mode, ISR %s)", config.dataset.name,
-               config.model.name, config.mode, "on" if config.isr.enabled else "off")
-  exp = build_experiment(config)
-  report.end("data and model ready")
+  validate(config)
+  workdir_files.prepare(workdir)
+  record_config = _check_resume(config, workdir)
   primary = jax.process_index() == 0  # every process trains; one writes files
-  os.makedirs(workdir, exist_ok=True)
-  report.begin("looking for a checkpoint to resume from in %s", workdir)
-  manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
-  restored = checkpoint.restore_latest(manager, exp.state)
-  state = exp.state if restored is None else restored
-  start = int(state.round)
-  if restored is not None:
-    logger.info("resuming %s from round %d", workdir, start)
-  if primary:
-    _write_config(config, workdir)
-  writer = JsonlWriter(workdir, resume_round=start, enabled=primary)
-  out = writers.fan_out(writer, workdir, tensorboard=primary and config.logging.tensorboard)
+  report = Progress(config.num_rounds, enabled=config.logging.progress)
+  with stop_requests() as stop:
+    report.begin("loading %s and building %s (%s mode, ISR %s)", config.dataset.name,
+                 config.model.name, config.mode, "on" if config.isr.enabled else "off")
+    exp = build_experiment(config)
+    report.end("data and model ready")
+    manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
+    out = None
+    try:
+      report.begin("looking for a checkpoint to resume from in %s", workdir)
+      restored = checkpoint.restore_latest(manager, exp.state)
+      state = exp.state if restored is None else restored
+      start = int(state.round)
+      if start >= config.num_rounds:
+        return _finished_run(exp, state, workdir, primary)
+      if restored is not None:
+        logger.info("resuming %s from round %d", workdir, start)
+      writer = JsonlWriter(workdir, resume_round=start, enabled=primary)
+      out = writers.fan_out(writer, workdir, tensorboard=primary and config.logging.tensorboard)
 
-  report.begin("compiling the round")
-  t0 = time.perf_counter()
-  round_step = exp.round_fn.lower(state, *exp.round_data).compile()
-  compile_s = time.perf_counter() - t0
-  logger.info("round compiled in %.1fs (%s mode, %s)", compile_s, config.mode,
-               "ISR on" if exp.isr_spec else "ISR off")
+      report.begin("compiling the round")
+      t0 = time.perf_counter()
+      round_step = exp.round_fn.lower(state, *exp.round_data).compile()
+      compile_s = time.perf_counter() - t0
+      logger.info("round compiled in %.1fs (%s mode, %s)", compile_s, config.mode,
+                  "ISR on" if exp.isr_spec else "ISR off")
+      if stop.signum is not None:  # arrived while loading data or compiling
+        raise _preempted(stop.signum, start, str(manager.directory))
 
-  metrics: dict[str, float] = {}
-  last_saved = start if restored is not None else None
-  report.start(start)
-  for r in range(start + 1, config.num_rounds + 1):
-    t0 = time.perf_counter()
-    state, round_metrics = round_step(state, *exp.round_data)
-    metrics = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
-    metrics["time/round_s"] = time.perf_counter() - t0
-    if not math.isfinite(metrics["train/loss"]):
-      kept = (f"the last good checkpoint (round {last_saved}) is kept in {manager.directory}"
-              if last_saved else "no checkpoint had been written yet")
-      raise NaNLossError(
-          f"train/loss became {metrics['train/loss']} in round {r}; training stopped and "
-          f"{kept} — lower the learning rate or the ISR weights")
-    if r % config.eval_every == 0 or r == config.num_rounds:
-      test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
-      metrics.update({f"test/{k}": float(v) for k, v in test.items()})
-      if exp.client_eval_fn is not None:
-        own = jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
-        metrics.update({f"personal/{k}": float(v) for k, v in own.items()})
-    out.write(r, metrics)
-    report.round(r)
-    if r % config.checkpoint_every == 0 or r == config.num_rounds:
-      checkpoint.save(manager, r, state)
-      last_saved = r
-  if start >= config.num_rounds:  # nothing left to train: report the restored model
-    test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
-    metrics = {f"test/{k}": float(v) for k, v in test.items()}
-  manager.close()
-  out.close()
+      metrics: dict[str, float] = {}
+      last_saved = start if restored is not None else None
+      report.start(start)
+      for r in range(start + 1, config.num_rounds + 1):
+        t0 = time.perf_counter()
+        state, round_metrics = round_step(state, *exp.round_data)
+        metrics = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
+        metrics["time/round_s"] = time.perf_counter() - t0
+        if not math.isfinite(metrics["train/loss"]):
+          kept = (f"the last good checkpoint (round {last_saved}) is kept in "
+                  f"{manager.directory}" if last_saved else "no checkpoint had been written yet")
+          raise NaNLossError(
+              f"train/loss became {metrics['train/loss']} in round {r}; training stopped and "
+              f"{kept} — lower the learning rate or the ISR weights")
+        if r % config.eval_every == 0 or r == config.num_rounds:
+          test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
+          metrics.update({f"test/{k}": float(v) for k, v in test.items()})
+          if exp.client_eval_fn is not None:
+            own = jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
+            metrics.update({f"personal/{k}": float(v) for k, v in own.items()})
+        out.write(r, metrics)
+        report.round(r)
+        stopping = stop.signum is not None and r < config.num_rounds
+        if r % config.checkpoint_every == 0 or r == config.num_rounds or stopping:
+          if primary and record_config:  # with its first checkpoint the run has gone ahead
+            workdir_files.write_atomic(os.path.join(workdir, workdir_files.CONFIG_FILE),
+                                       config.to_json_best_effort(indent=2, sort_keys=True))
+            record_config = False
+          checkpoint.save(manager, r, state)  # written while the next round runs
+          last_saved = r
+        if stopping:
+          checkpoint.wait(manager)
+          raise _preempted(stop.signum, r, str(manager.directory))
+      checkpoint.wait(manager)
+    finally:
+      # Also on errors: waits for a save in flight and stops Orbax's threads.
+      checkpoint.close(manager, quiet=sys.exc_info()[0] is not None)
+      if out is not None:
+        out.close()
   if primary:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({"round": int(state.round), **metrics}, f, indent=2, sort_keys=True)
+    workdir_files.write_json(os.path.join(workdir, workdir_files.SUMMARY_FILE),
+                             {"round": int(state.round), **metrics})
   history = read_metrics(writer.path) if primary else []
   if primary and config.logging.plots and history:
     _plot(workdir)

@@ -120,9 +120,37 @@ def load_dataset(
     train, test, info = _load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
   else:
     train, test, info = _load_tfds(name, tfds_name(name), data_dir)
+  _check_splits(name, train, test, info)
   if standardize:
     train, test = standardize_splits(train, test)
   return train, test, info
+
+
+# The setting that decides the size of a dataset's test split, for error messages.
+_TEST_SPLIT_SETTINGS = {
+    "digits": "dataset.test_fraction",
+    "synthetic_streets": "dataset.num_test",
+    "synthia_sf": "dataset.test_sequences",
+}
+
+
+def _check_splits(name: str, train: ArraySplit, test: ArraySplit, info: DatasetInfo) -> None:
+  """Refuses splits that cannot train or evaluate, blaming the setting or files behind them.
+
+  Without this an empty split surfaces later as an empty client ("lower
+  num_clients"), and a train split of one class trains silently to a constant.
+  """
+  for split, data in (("train", train), ("test", test)):
+    if len(data.y) == 0:
+      cause = (_TEST_SPLIT_SETTINGS.get(name) if split == "test" else None) or \
+          f"the files it was read from ({info.source}; set dataset.data_dir)"
+      raise ConfigError(f"dataset.name={name!r} has an empty {split} split: check {cause}")
+  if info.task == "classification":
+    classes = np.unique(train.y)
+    if len(classes) < 2:
+      raise ConfigError(
+          f"every training label of dataset.name={name!r} is class {int(classes[0])}: nothing "
+          f"to learn — check the files it was read from ({info.source}; set dataset.data_dir)")
 
 
 def tfds_name(name: str) -> str:
