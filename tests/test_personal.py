@@ -41,7 +41,7 @@ def test_parts_split_the_model_at_its_head():
   assert {p for p in paths if is_head(tuple(jax.tree_util.DictKey(k) for k in p))} == head
   for part, aggregate, want in [
       ("", True, set()), ("head", True, head), ("body", True, paths - head - adapters),
-      ("all", True, paths - adapters), ("", False, adapters), ("head", False, head | adapters)]:
+      ("all", True, paths), ("", False, adapters), ("head", False, head | adapters)]:
     assert _leaf_paths(select(params, personal_predicate(part, aggregate))) == want, part
   with pytest.raises(ValueError, match="'neck'"):
     personal_predicate("neck")

@@ -409,12 +409,13 @@ def test_vmapped_clients_equal_sequential_ones(name):
 def test_personal_state_after_rounds_survives_a_checkpoint(tmp_path):
   # Whole personal models (Ditto's v_k), personal heads (FedRoD) and FedALA's local
   # models, weights and start flags (bool) restore bit for bit.
-  from isr_jax.checkpoint import checkpoint_manager, restore_latest, save
+  from isr_jax.checkpoint import checkpoint_manager, restore_latest, save, wait
 
   for name in ("ditto", "fedrod", "fedala"):
     state = run(name)[0][-1]
     manager = checkpoint_manager(str(tmp_path / name), keep=1)
     save(manager, 2, state)
+    wait(manager)  # saves are asynchronous
     restored = restore_latest(manager, state)
     chex.assert_trees_all_equal(restored.client_states, state.client_states)
     chex.assert_trees_all_equal(restored.params, state.params)

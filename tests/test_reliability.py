@@ -185,6 +185,8 @@ def test_disk_full_while_writing_metrics_or_checkpoints_is_one_line(tmp_path, mo
   for name, (content, _) in before.items():  # nothing written before was lost
     if name == "config.json":  # records num_rounds=2, a safe change, before the first save
       continue
+    if name.startswith("events.out.tfevents"):  # rebuilt from metrics.jsonl on every resume
+      continue
     assert after[name][0].startswith(content) if name == "metrics.jsonl" else \
         after[name][0] == content, name
   assert [r["round"] for r in read_metrics(str(tmp_path))] == [1, 2]  # round 2 before its save
