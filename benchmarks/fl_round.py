@@ -255,6 +255,18 @@ def _torch_device():
   return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def torch_description() -> str:
+  """PyTorch's version and where it runs (for the tables' headers), or ``absent``."""
+  if not _torch_available():
+    return "absent"
+  import torch
+
+  device = _torch_device()
+  where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"CPU, {torch.get_num_threads()} threads")
+  return f"{torch.__version__} ({where})"
+
+
 def _torch_available() -> bool:
   try:
     import torch  # noqa: F401
@@ -387,14 +399,7 @@ def main(argv):
   if _SCALING_CHILD.value:
     scaling_child(_SCALING_CHILD.value)
     return
-  torch_version = "absent"
-  if _torch_available():
-    import torch
-
-    device = _torch_device()
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    torch_version = f"{torch.__version__} ({where})"
+  torch_version = torch_description()
   print(f"# isr_jax FL round benchmark\n\nmachine: {platform.machine()}, "
         f"{os.cpu_count()} cores; backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}); jax {jax.__version__}; torch {torch_version}; "

@@ -46,6 +46,7 @@ from benchmarks.fl_round import (
     _torch_device,
     interleaved_medians,
     jax_round_runner,
+    torch_description,
 )
 from experiments.configs import cross_silo
 from isr_jax.data import ClientData, load_dataset, partition
@@ -349,14 +350,7 @@ def section(name: str, strategies, repeats: int, rounds_warmup: int, data_dir=No
 
 def main(argv):
   del argv
-  torch_version = "absent"
-  if _torch_available():
-    import torch
-
-    device = _torch_device()
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    torch_version = f"{torch.__version__} ({where})"
+  torch_version = torch_description()
   if unknown := set(_SECTIONS.value) - set(WORKLOADS):
     raise app.UsageError(f"--sections {sorted(unknown)} not among {list(WORKLOADS)}")
   if _ROUNDS_WARMUP.value < 1 or _REPEATS.value < 1:

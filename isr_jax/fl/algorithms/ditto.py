@@ -46,6 +46,7 @@ import optax.tree_utils as otu
 
 from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, loss_grad, no_state
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
+from isr_jax.fl.algorithms.fedavg import client_grad as fedavg_client_grad
 from isr_jax.fl.algorithms.fedavg import server_update
 
 
@@ -96,7 +97,7 @@ def ditto(lam: float = 0.1, personal_epochs: int = 5) -> FLAlgorithm:
       init_server_state=no_state,
       init_client_state=init_client_state,
       client_init=client_init,
-      client_grad=lambda params, ctx, batch, problem, key: loss_grad(params, batch, problem),
+      client_grad=fedavg_client_grad,
       client_final=client_final,
       server_update=server_update,
       local_update=local_update,

@@ -72,6 +72,7 @@ from jax import lax
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import Batch, FLAlgorithm, loss_grad, no_state
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
+from isr_jax.fl.algorithms.fedavg import client_grad as fedavg_client_grad
 from isr_jax.fl.algorithms.fedavg import server_update
 from isr_jax.fl.personal import is_head, merge, select
 
@@ -211,7 +212,7 @@ def fedala(eta: float = 0.1, fraction: float = 0.1, layers: str = "head", *,
       init_server_state=no_state,
       init_client_state=init_client_state,
       client_init=client_init,
-      client_grad=lambda params, ctx, batch, problem, key: loss_grad(params, batch, problem),
+      client_grad=fedavg_client_grad,
       client_final=client_final,
       server_update=server_update,
       local_update=local_update,
