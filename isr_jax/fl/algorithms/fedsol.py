@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from isr_jax.fl.algorithm import FLAlgorithm, loss_grad
 from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.personal import is_head
 from isr_jax.sam import perturbation, perturbed_gradient
 
 PERTURB_TARGETS = ("all", "head", "body")
@@ -69,10 +70,9 @@ def head_body_mask(params: Any, target: str) -> Any:
   rest of the model (``body``), or everything including ISR adapters."""
 
   def mark(path, _):
-    keys = [getattr(k, "key", None) for k in path]
-    in_model = keys[:1] == ["model"]
-    is_head = in_model and len(keys) > 1 and keys[1] == "head"
-    return {"all": True, "head": is_head, "body": in_model and not is_head}[target]
+    in_model = getattr(path[0], "key", None) == "model"
+    head = is_head(path)
+    return {"all": True, "head": head, "body": in_model and not head}[target]
 
   return jax.tree_util.tree_map_with_path(mark, params)
 
