@@ -1,9 +1,44 @@
-"""Shared fixtures."""
+"""Shared fixtures, and one XLA compilation cache for the whole suite."""
 
+import os
+import shutil
 import tempfile
 
+import jax
 import pytest
 import tensorflow_datasets as tfds
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+  """Shares compiled XLA programs between tests, xdist workers and subprocesses.
+
+  Most of the suite's time is XLA compiling the same small programs again: every
+  worker and every ``python -m`` subprocess compiles the same eager primitives,
+  the same digits LeNet-5 steps, the same resumed run. JAX's persistent cache
+  (keyed by the program, its compile options and the backend) turns those into
+  reads. The directory is made by the first process (the controller under xdist,
+  whose environment the workers and subprocesses inherit) and removed with it,
+  so nothing outlives the run and a user's own cache setting is left alone.
+  """
+  if _CACHE_ENV not in os.environ:
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="isr_jax_test_xla_cache_")
+    config._isr_jax_owned_cache = os.environ[_CACHE_ENV]
+  # Tiny programs too: the suite is mostly tiny programs.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+  owned = getattr(config, "_isr_jax_owned_cache", None)
+  if owned:
+    shutil.rmtree(owned, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

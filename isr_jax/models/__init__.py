@@ -12,9 +12,12 @@ the classifier's input map.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from isr_jax.errors import ConfigError
@@ -103,9 +106,40 @@ def create_model(
     )
   if conv_impl not in CONV_IMPLS:
     raise ConfigError(f"model.conv_impl={conv_impl!r} is not one of {list(CONV_IMPLS)}")
-  return MODELS[name](
-      num_classes, tuple(input_shape), conv_impl=conv_impl, rngs=rngs, **options
-  )
+  build = functools.partial(
+      MODELS[name], num_classes, tuple(input_shape), conv_impl=conv_impl, **options)
+  return build_compiled(build, rngs)
+
+
+# The constructor runs once: LLVM's optimisations would cost more than they save.
+_BUILD_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                           "xla_llvm_disable_expensive_passes": True}
+
+
+def build_compiled(build: Callable[..., nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+  """``build(rngs=rngs)``, with all its initializers in one XLA program.
+
+  Run eagerly, every initializer of every distinct parameter shape is an XLA
+  compile of its own (a truncated normal costs 0.1–0.6 s on a CPU): 3.4 s for
+  LeNet-5 and 10 s for TopFormer, in every process that builds a model. Traced
+  once and compiled without optimisation the same constructor takes 1.0 s and
+  4.8 s (2-core CPU). The values are those of the eager constructor up to float
+  rounding (the same keys, split the same way), and ``rngs`` advances as it
+  would have. Inside another trace (a model built under ``jit`` or
+  ``eval_shape``) the constructor simply joins that trace.
+  """
+  if isinstance(jnp.zeros(()), jax.core.Tracer):
+    return build(rngs=rngs)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(rngs=nnx.clone(rngs))))
+  rngs_graph, rngs_state = nnx.split(rngs)
+
+  def init(rngs_state):
+    local_rngs = nnx.merge(rngs_graph, rngs_state)
+    return nnx.state(build(rngs=local_rngs)), nnx.state(local_rngs)
+
+  state, rngs_state = jax.jit(init, compiler_options=_BUILD_COMPILER_OPTIONS)(rngs_state)
+  nnx.update(rngs, rngs_state)
+  return nnx.merge(graphdef, state)
 
 
 __all__ = [
