@@ -40,6 +40,15 @@ RESUME_SAFE_SETTINGS = frozenset({
 })
 # Whole sections that change what a run reports, never what it computes.
 RESUME_SAFE_SECTIONS = ("logging.",)
+# Settings added after runs were already saved, with the value that reproduces
+# what such a run computed: a config.json without them is compared as if it held
+# these. (Settings added to another algorithm's ``fl.<algorithm>`` section need no
+# entry: the saved run never read them.)
+SETTINGS_ADDED_LATER = {
+    "fl.scaffold.momentum_correction": "full",  # the literal step, SCAFFOLD's only one before
+    "fl.personalized_eval": "auto",  # off for every algorithm that existed then
+    "fl.client_test_fraction": 0.25,  # read only when personalized_eval is on
+}
 
 _MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
 
@@ -247,14 +256,19 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
   Returns:
     ``(unsafe, safe_changed)``: one ``"name: old → new"`` per setting that differs
     and is not in :data:`RESUME_SAFE_SETTINGS` (a setting only one side has shows
-    as ``<absent>``), sorted; and whether any safe setting differs.
+    as ``<absent>``), sorted; and whether any safe setting differs. A config.json
+    written before a setting existed is read with :data:`SETTINGS_ADDED_LATER`;
+    settings it lacks in the sections of algorithms other than its own are skipped.
   """
   old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
   absent = object()
   show = lambda v: "<absent>" if v is absent else repr(v)
   unsafe, safe_changed = [], False
   for key in sorted(old.keys() | new.keys()):
-    a, b = old.get(key, absent), new.get(key, absent)
+    section = key.rsplit(".", 1)[0].removeprefix("fl.")
+    if key not in old and section in ALGORITHMS and section != old.get("fl.algorithm"):
+      continue  # added since, to an algorithm this run does not run: never read by it
+    a, b = old.get(key, SETTINGS_ADDED_LATER.get(key, absent)), new.get(key, absent)
     if a == b:
       continue
     if key in RESUME_SAFE_SETTINGS or key.startswith(RESUME_SAFE_SECTIONS):

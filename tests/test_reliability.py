@@ -17,6 +17,7 @@ import pytest
 from test_train import tiny
 
 from isr_jax import metric_writer, workdir
+from isr_jax.config import default_config, resume_changes
 from isr_jax.data import load_dataset
 from isr_jax.errors import ConfigError, WorkdirError
 from isr_jax.metric_writer import read_metrics
@@ -60,6 +61,29 @@ def test_resume_refuses_a_changed_config_and_accepts_safe_changes(tmp_path):
     saved = json.load(f)
   assert (saved["num_rounds"], saved["eval_every"], saved["dataset"]["data_dir"]) == (
       3, 3, str(tmp_path))
+
+
+def test_a_config_saved_before_newer_settings_existed_still_resumes():
+  """A library upgrade adds settings; the runs it finds on disk must still resume."""
+  new = default_config()
+  new.fl.algorithm = "fednova"
+  saved = json.loads(new.to_json_best_effort())
+  # Written before personalized FL and SCAFFOLD's momentum correction existed.
+  for name in ("ditto", "fedaims", "fedaims_full", "fedala", "fedbabu", "fedrep", "fedrod",
+               "personalized_eval", "client_test_fraction"):
+    del saved["fl"][name]
+  del saved["fl"]["scaffold"]["momentum_correction"]
+  assert resume_changes(saved, new) == ([], False)
+  # A SCAFFOLD run of then took the literal step: resuming it under the new default
+  # would change what its rounds compute.
+  new.fl.algorithm = saved["fl"]["algorithm"] = "scaffold"
+  assert resume_changes(saved, new)[0] == [
+      "fl.scaffold.momentum_correction: 'full' → 'scaled'"]
+  new.fl.scaffold.momentum_correction = "full"
+  assert resume_changes(saved, new) == ([], False)
+  # A section the saved run had is compared as before, whichever algorithm runs.
+  saved["fl"]["ditto"] = {"lam": 0.5, "personal_epochs": 5}
+  assert resume_changes(saved, new)[0] == ["fl.ditto.lam: 0.5 → 0.1"]
 
 
 def test_a_finished_run_is_reported_and_nothing_changes(tmp_path, caplog):
