@@ -21,37 +21,68 @@ and MOON; ``personal/accuracy_mean`` ± ``personal/accuracy_std`` is Table 2's
 number. The methods' own settings are FedAIMS's: FedProx μ = 0.5 (set here),
 MOON τ = 0.5, μ = 1, FedRep E_p = 5, FedBABU E_ft = 5 (the registry's defaults).
 
-The argument is a comma-separated list of words: ``dir03`` (default) or
-``dir01`` for the label skew, ``lr005`` for Table 3's η = 0.05, ``isr`` to
-switch ISR on (taps on the backbone), and ``local`` for a run of seconds: digits
-(8×8, ships with scikit-learn), 10 clients of which 5 per round, 1 local epoch,
-2 rounds, a 16-channel ConvNet and one head / fine-tuning epoch.
+The argument is a comma-separated list of words:
+
+* the data: ``fmnist`` (default), or the paper's own ``emnist`` (EMNIST-balanced,
+  47 classes, 3-layer ConvNet), ``cifar10`` (4-layer ConvNet) and ``cifar100``
+  (ResNet-18), read through TFDS from ``--config.dataset.data_dir`` (prepare
+  them once with ``tfds build``; nothing here downloads);
+* the label skew: ``dir03`` (default), ``dir01``, or ``patK`` for the
+  pathological #C = K classes per client of Table 4 (``pat2``, ``pat10``);
+* ``lr005`` for Table 3's η = 0.05, ``isr`` to switch ISR on (taps on the
+  backbone);
+* ``small``: what ``experiments/personalized.py`` runs by default, the whole
+  Table 2 grid of 13 methods × 2 label skews in about 30 minutes on 2 CPU
+  cores — 30 rounds of 1 local epoch (E_p = E_ft = 1, keeping the paper's
+  E_p = E), evaluated every 5 rounds; everything else as above;
+* ``local`` for a run of seconds: digits (8×8, ships with scikit-learn), 10
+  clients of which 5 per round, 1 local epoch, 2 rounds, a 16-channel ConvNet
+  and one head / fine-tuning epoch.
 """
+
+import re
 
 from isr_jax.config import default_config
 
-WORDS = ("dir03", "dir01", "lr005", "isr", "local")
+# data word: (dataset.name, model.name), FedAIMS §5.1 (ResNet-18 for CIFAR-100).
+DATA = {"fmnist": ("fashion_mnist", "convnet3"), "emnist": ("emnist", "convnet3"),
+        "cifar10": ("cifar10", "convnet4"), "cifar100": ("cifar100", "resnet18")}
+SKEWS = ("dir03", "dir01", "patK")
+WORDS = (*DATA, *SKEWS, "lr005", "isr", "small", "local")
+
+
+def apply_skew(c, skew: str) -> None:
+  """Sets ``c.fl.partition`` from a label-skew word (``dir03``, ``dir01``, ``patK``)."""
+  if skew in ("dir03", "dir01"):
+    c.fl.partition.method = "dirichlet"
+    c.fl.partition.dirichlet_alpha = 0.1 if skew == "dir01" else 0.3
+  elif (m := re.fullmatch(r"pat([1-9][0-9]*)", skew)):
+    c.fl.partition.method = "pathological"
+    c.fl.partition.classes_per_client = int(m.group(1))
+  else:
+    raise ValueError(f"label skew {skew!r} is not one of dir03, dir01, patK (K classes per "
+                     "client, e.g. pat2)")
 
 
 def get_config(arg: str = "dir03"):
   words = {w.strip() for w in arg.split(",") if w.strip()}
-  unknown = words - set(WORDS)
-  if unknown or {"dir03", "dir01"} <= words:
-    raise ValueError(f"config argument {arg!r}: words from {WORDS}, at most one of "
-                     "dir03/dir01")
+  skews = {w for w in words if w in SKEWS[:2] or re.fullmatch(r"pat[1-9][0-9]*", w)}
+  data = words & set(DATA)
+  unknown = words - set(WORDS) - skews
+  if unknown or len(skews) > 1 or len(data) > 1 or {"small", "local"} <= words:
+    raise ValueError(f"config argument {arg!r}: words from {WORDS} (patK with K classes per "
+                     "client), at most one data word, one label skew and one of small/local")
   c = default_config()
   c.mode = "fl"
-  c.dataset.name = "fashion_mnist"
+  c.dataset.name, c.model.name = DATA[next(iter(data), "fmnist")]
   c.dataset.standardize = False  # [0, 1]
   c.dataset.batch_size = 64
   c.dataset.eval_batch_size = 500
-  c.model.name = "convnet3"
 
   c.fl.num_clients = 100
   c.fl.clients_per_round = 10
   c.fl.local_epochs = 5
-  c.fl.partition.method = "dirichlet"
-  c.fl.partition.dirichlet_alpha = 0.1 if "dir01" in words else 0.3
+  apply_skew(c, next(iter(skews), "dir03"))
   c.fl.personalized_eval = "on"
   c.fl.client_test_fraction = 0.25
   c.client_optimizer.name = "sgd"
@@ -69,6 +100,15 @@ def get_config(arg: str = "dir03"):
   c.num_rounds = 300
   c.eval_every = 10
   c.checkpoint_every = 10
+  if "small" in words:
+    c.fl.local_epochs = 1
+    for name in ("ditto", "fedrod"):
+      c.fl[name].personal_epochs = 1
+    c.fl.fedrep.head_epochs = 1
+    c.fl.fedbabu.finetune_epochs = 1
+    c.num_rounds = 30
+    c.eval_every = 5
+    c.checkpoint_every = 10
   if "local" in words:
     c.dataset.name = "digits"
     c.dataset.batch_size = 16
