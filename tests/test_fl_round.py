@@ -268,3 +268,69 @@ def test_algorithms_without_a_plan_get_none():
   jax.jit(functools.partial(fl_round, fns=fns, spec=FLSpec(clients_per_round=2)))(
       state, uneven_clients())
   assert seen == [None]
+
+
+@pytest.mark.parametrize(("name", "strategy", "chunk"), [
+    ("fedavg", "sequential", 0), ("fedper", "chunked", 2), ("ditto", "vmap", 0)])
+def test_messages_summed_as_clients_finish_equal_the_stacked_weighted_mean(name, strategy,
+                                                                           chunk):
+  """``mean_messages``: the round carries Σ n_i m_i instead of stacking every m_i.
+
+  FedPer keeps a personal head (zeroed in the message), Ditto trains in its own
+  ``local_update``; chunks of 2 over 5 clients leave a remainder chunk of 1.
+  """
+  algorithm = make_algorithm(_config(name))
+  assert algorithm.mean_messages
+  spec = FLSpec(clients_per_round=5, local_epochs=1, parallelism=strategy, chunk_size=chunk)
+  data = uneven_clients()
+  out = []
+  for alg in (algorithm, algorithm._replace(mean_messages=False)):
+    state, fns, _ = small_setup(isr=True, algorithm=alg, data=data)
+    out.append(jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data))
+  (summed, m1), (stacked, m2) = out
+  assert_trees_close(summed, stacked, atol=1e-6)
+  assert {k: float(v) for k, v in m1.items()} == pytest.approx(
+      {k: float(v) for k, v in m2.items()}, rel=1e-5)
+
+
+def _config(name):
+  c = default_config()
+  c.fl.algorithm = name
+  c.fl.num_clients = 6
+  return c
+
+
+def test_every_mean_message_rule_reads_only_the_weighted_mean():
+  """What ``mean_messages`` promises, for every algorithm that sets it.
+
+  Its server rule given three clients' messages and weights must equal the rule
+  given their weighted mean alone with weight 1 (random messages of the
+  algorithm's own structure).
+  """
+  from isr_jax.fl.algorithm import ServerBroadcast, bind_problem
+  from isr_jax.fl.registry import ALGORITHMS
+
+  flagged = [n for n in sorted(ALGORITHMS) if make_algorithm(_config(n)).mean_messages]
+  assert {"fedavg", "fedprox", "fedper", "ditto", "fedbabu", "moon"} <= set(flagged)
+  assert not {"scaffold", "feddyn", "fednova", "fedaims", "fedgau"} & set(flagged)
+  data = uneven_clients()
+  state, fns, _ = small_setup(isr=True, data=data)
+  weights = jnp.asarray([0.5, 0.3, 0.2])
+  for name in flagged:
+    alg = bind_problem(make_algorithm(_config(name)), fns.problem)
+    params = state.params
+    broadcast = ServerBroadcast(params, alg.init_server_state(params, data), state.round,
+                                jnp.float32(0.1), None)
+    row = jax.tree.map(lambda a: a[0], data)
+    ctx = alg.client_init(broadcast, alg.init_client_state(params, row), row)
+    messages = []
+    for i in range(3):
+      local = jax.tree.map(
+          lambda p, i=i: p + jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+      messages.append(alg.client_final(broadcast, ctx, local, jnp.int32(4),
+                                       alg.init_client_state(params, row))[0])
+    stacked = jax.tree.map(lambda *m: jnp.stack(m), *messages)
+    mean = jax.tree.map(lambda m: jnp.tensordot(weights, m, axes=1)[None], stacked)
+    want = alg.server_update(params, broadcast.alg_state, stacked, weights)
+    got = alg.server_update(params, broadcast.alg_state, mean, jnp.ones((1,)))
+    assert_trees_close(got, want, atol=1e-5)

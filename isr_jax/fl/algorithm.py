@@ -142,6 +142,12 @@ class FLAlgorithm(NamedTuple):
       when its state depends on the model's taps (FedAIMS sizes its per-client
       adapters from them); :func:`bind_problem` applies it before any state is
       initialised. ``None``: the algorithm does not depend on the model.
+    mean_messages: ``server_update`` reads the messages only as their weighted
+      mean ``weighted_sum(messages, weights)`` (FedAvg's rule, which most
+      algorithms reuse). The round then hands it that mean as the only message,
+      weight 1, summed client by client as each finishes: the messages of a
+      ``sequential``/``chunked`` round take the memory of one client, not of
+      every sampled client.
   """
 
   name: str
@@ -158,6 +164,7 @@ class FLAlgorithm(NamedTuple):
   eval_model: Callable[..., Callable[[jax.Array], jax.Array]] | None = None
   plan_round: Callable[..., PyTree] | None = None
   bind: Callable[..., FLAlgorithm] | None = None
+  mean_messages: bool = False
 
 
 def bind_problem(algorithm: FLAlgorithm, problem: LocalProblem) -> FLAlgorithm:

@@ -166,20 +166,8 @@ def run_local_steps(
   return params, opt_state, aux_sum, num_steps
 
 
-def _map_local(fn: Callable, args: tuple, shared: tuple, strategy: str, chunk_size: int):
-  per_client = lambda a: fn(*a, *shared)
-  strategy = resolve_parallelism(strategy)
-  if strategy == "vmap":
-    return jax.vmap(per_client)(args)
-  if strategy == "sequential":
-    return lax.map(per_client, args)
-  if strategy == "chunked":
-    return lax.map(per_client, args, batch_size=max(int(chunk_size), 1))
-  raise ValueError(f"fl.client_parallelism={strategy!r} is not one of {list(CLIENT_PARALLELISM)}")
-
-
 def map_clients(fn: Callable, args: tuple, shared: tuple = (), *, strategy: str = "vmap",
-                chunk_size: int = 0, mesh: Mesh | None = None):
+                chunk_size: int = 0, mesh: Mesh | None = None, summed: bool = False):
   """``fn(*client_args, *shared)`` for every client (leading axis of ``args``), in one jit.
 
   ``vmap`` runs all clients at once; ``sequential`` one at a time with
@@ -188,12 +176,83 @@ def map_clients(fn: Callable, args: tuple, shared: tuple = (), *, strategy: str 
   ``mesh``, the clients are split over its ``clients`` axis with
   ``jax.shard_map`` (their count must be a multiple of the mesh size) and each
   device applies the strategy to its own clients; ``shared`` is replicated.
+
+  With ``summed``, ``fn`` returns ``(per_client, to_sum)`` and the result is
+  ``(per_client stacked, Σ to_sum over the clients)``; the sum is carried from
+  client to client (chunk to chunk) instead of stacked, so what ``to_sum``
+  holds costs the memory of one client whatever their number (outside ``vmap``).
   """
   if mesh is None:
-    return _map_local(fn, args, shared, strategy, chunk_size)
+    return _map_local(fn, args, shared, strategy, chunk_size, summed)
   spec = P(CLIENT_AXIS)
-  local = lambda a, s: _map_local(fn, a, s, strategy, chunk_size)
+
+  def local(a, s):
+    out = _map_local(fn, a, s, strategy, chunk_size, summed)
+    # Each device's partial sum gets a leading axis of its own; they are added below.
+    return (out[0], jax.tree.map(lambda v: v[None], out[1])) if summed else out
+
   # No collectives run inside a client; the scan carry starts as the replicated
   # global model and becomes per-client, which the varying-axes check rejects.
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
-                       check_vma=False)(args, shared)
+  out = jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
+                      check_vma=False)(args, shared)
+  return (out[0], jax.tree.map(lambda v: jnp.sum(v, axis=0), out[1])) if summed else out
+
+
+def _map_local(fn: Callable, args: tuple, shared: tuple, strategy: str, chunk_size: int,
+               summed: bool = False):
+  per_client = lambda a: fn(*a, *shared)
+  strategy = resolve_parallelism(strategy)
+  if strategy not in ("vmap", "sequential", "chunked"):
+    raise ValueError(
+        f"fl.client_parallelism={strategy!r} is not one of {list(CLIENT_PARALLELISM)}")
+  if not summed:
+    if strategy == "vmap":
+      return jax.vmap(per_client)(args)
+    return lax.map(per_client, args,
+                   batch_size=max(int(chunk_size), 1) if strategy == "chunked" else None)
+  # Jitted so that shape inference and the loop body share one trace (a nested
+  # jit is inlined when the round compiles).
+  lanes = jax.jit(jax.vmap(per_client))
+  add = lambda a, b: jax.tree.map(jnp.add, a, b)
+  lane_sum = lambda tree: jax.tree.map(lambda v: jnp.sum(v, axis=0), tree)
+  num = jax.tree.leaves(args)[0].shape[0]
+  size = max(int(chunk_size), 1)
+  if strategy == "vmap" or (strategy == "chunked" and size >= num):
+    outs, to_sum = lanes(args)
+    return outs, lane_sum(to_sum)
+  if strategy == "sequential":
+    client = jax.jit(per_client)
+    zeros = _zeros_like_shape(jax.eval_shape(client, _row(args, 0))[1])
+
+    def one(total, a):
+      outs, to_sum = client(a)
+      return add(total, to_sum), outs
+
+    total, outs = lax.scan(one, zeros, args)
+    return outs, total
+  # chunked, split as lax.map(batch_size=…) splits: whole chunks in a scan, the
+  # remainder vmapped after it.
+  whole = num // size * size
+  chunks = jax.tree.map(lambda a: a[:whole].reshape((num // size, size) + a.shape[1:]), args)
+  zeros = _zeros_like_shape(jax.eval_shape(lanes, _row(chunks, 0))[1])
+  zeros = jax.tree.map(lambda z: z[0], zeros)
+
+  def one_chunk(total, a):
+    outs, to_sum = lanes(a)
+    return add(total, lane_sum(to_sum)), outs
+
+  total, outs = lax.scan(one_chunk, zeros, chunks)
+  outs = jax.tree.map(lambda v: v.reshape((whole,) + v.shape[2:]), outs)
+  if whole < num:
+    rest, rest_sum = lanes(jax.tree.map(lambda a: a[whole:], args))
+    outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
+    total = add(total, lane_sum(rest_sum))
+  return outs, total
+
+
+def _row(tree, i: int):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _zeros_like_shape(shapes):
+  return jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), shapes)

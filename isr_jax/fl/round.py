@@ -206,7 +206,11 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
       flat = lambda a: a.reshape((-1,) + a.shape[2:])
       first = Batch(flat(cdata.x)[idx[0]], flat(cdata.y)[idx[0]], valid[0])
       grad_at_start, _ = loss_grad(start, first, fns.problem)
-    return message, new_cstate, aux_sum, num_steps, drift, grad_at_start
+    outputs = (new_cstate, aux_sum, num_steps, drift, grad_at_start)
+    if alg.mean_messages:  # n_i·m_i, summed over the clients as they finish
+      n = cdata.num_examples.astype(jnp.float32)
+      return outputs, jax.tree.map(lambda m: n.astype(m.dtype) * m, message)
+    return (message, *outputs)
 
   # Lanes that run side by side (a vmapped chunk, a device's share) cost their
   # largest client, so they are filled with clients of similar size; the
@@ -218,15 +222,26 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: F
       one_client, permute((client_data, client_states, ids, plans), order),
       (state.params, state.alg_state, state.round, lr),
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh,
+      summed=alg.mean_messages,
   )
-  messages, new_states, aux_sum, num_steps, drift, grads = permute(outputs, inverse)
   n = client_data.num_examples.astype(jnp.float32)
-  weights = n / jnp.maximum(jnp.sum(n), 1.0)
+  total_examples = jnp.maximum(jnp.sum(n), 1.0)
+  weights = n / total_examples
+  if alg.mean_messages:
+    outputs, summed = outputs
+    # Σ_i n_i m_i / Σ_i n_i = Σ_i w_i m_i: the one message the rule reads, weight 1.
+    messages = jax.tree.map(lambda s: (s / total_examples.astype(s.dtype))[None], summed)
+    message_weights = jnp.ones((1,), jnp.float32)
+    new_states, aux_sum, num_steps, drift, grads = permute(outputs, inverse)
+  else:
+    messages, new_states, aux_sum, num_steps, drift, grads = permute(outputs, inverse)
+    message_weights = weights
   # What stays on the clients reaches the server as zero, so no server rule can
   # use it (SCAFFOLD's c, FedDyn's h would otherwise accumulate personal updates),
   # and it never moves the global tree.
   received = zero_personal(messages, personal)
-  pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, received, weights)
+  pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, received,
+                                             message_weights)
   pseudo_grad = zero_personal(pseudo_grad, personal)
   scatter_rows = jnp.where(real, ids, num_rows)  # out of range: dropped
   client_states = jax.tree.map(

@@ -259,4 +259,5 @@ def balancefl(lam: float = 1.0, temperature: float = 2.0, *, balanced: bool = Tr
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
   )

@@ -100,6 +100,7 @@ def ditto(lam: float = 0.1, personal_epochs: int = 5) -> FLAlgorithm:
       client_grad=fedavg_client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       local_update=local_update,
       eval_model=eval_model,
   )

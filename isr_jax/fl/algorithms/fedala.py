@@ -215,6 +215,7 @@ def fedala(eta: float = 0.1, fraction: float = 0.1, layers: str = "head", *,
       client_grad=fedavg_client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       local_update=local_update,
       eval_model=eval_model,
   )

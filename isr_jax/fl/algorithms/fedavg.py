@@ -45,4 +45,5 @@ def fedavg() -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
   )

@@ -90,6 +90,7 @@ def fedbabu(finetune_epochs: int = 5, finetune_part: str = "all") -> FLAlgorithm
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       downlink=lambda broadcast: select(broadcast.params, not_head),
       local_update=local_update,
       eval_model=eval_model,

@@ -84,4 +84,5 @@ def fedir() -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
   )

@@ -74,4 +74,5 @@ def fedntd(beta: float = 1.0, tau: float = 1.0) -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
   )

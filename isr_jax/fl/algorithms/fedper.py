@@ -36,5 +36,6 @@ def fedper() -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       personal="head",
   )

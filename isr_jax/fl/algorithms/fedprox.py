@@ -47,4 +47,5 @@ def fedprox(mu: float = 0.01) -> FLAlgorithm:
       client_grad=with_proximal_term(fedprox_proximal_loss(mu)),  # ∇F_k(w) + μ(w − w^t)
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
   )

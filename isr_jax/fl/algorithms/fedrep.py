@@ -62,6 +62,7 @@ def fedrep(head_epochs: int = 5) -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       personal="head",
       local_update=local_update,
   )

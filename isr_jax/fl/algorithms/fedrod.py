@@ -156,6 +156,7 @@ def fedrod(personal_epochs: int = 5) -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       local_update=local_update,
       eval_model=eval_model,
   )

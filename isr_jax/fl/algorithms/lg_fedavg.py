@@ -35,5 +35,6 @@ def lg_fedavg() -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
       personal="body",
   )

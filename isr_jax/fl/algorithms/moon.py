@@ -145,4 +145,5 @@ def moon(mu: float = 1.0, tau: float = 0.5) -> FLAlgorithm:
       client_grad=client_grad,
       client_final=client_final,
       server_update=server_update,
+      mean_messages=True,
   )
