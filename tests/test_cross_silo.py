@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from support import driver_env
 
 from experiments import cross_silo_table as driver
 from experiments.configs import cross_silo
@@ -91,7 +92,8 @@ def test_driver_end_to_end_on_small_idx_files(tmp_path):
   work = tmp_path / "runs"
   cmd = [sys.executable, "-m", "experiments.cross_silo", f"--workdir={work}", "--local",
          "--rounds=2", f"--data_dir={data}", "--runs=classes2:fedavg:0,dirichlet:fedprox:1"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                        env=driver_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(work / "cross_silo.csv") as f:
     rows = list(csv.DictReader(f))

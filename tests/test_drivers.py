@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from support import driver_env
 
 from experiments import compare, reporting
 from experiments.configs.compare import get_config
@@ -67,8 +68,8 @@ def test_comparison_rerun_resumes_finished_runs(two_algorithms):
 def test_segmentation_grid_end_to_end(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.segmentation_grid", "--local", "--models=topformer",
-       "--seeds=0", "--examples=2", f"--workdir={tmp_path}"],
-      capture_output=True, text=True, cwd=REPO, timeout=900)
+       "--seeds=0", "--examples=2", "--cl_rounds=1", "--fl_rounds=1", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, cwd=REPO, timeout=900, env=driver_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(tmp_path / "table3.csv") as f:
     rows = list(csv.DictReader(f))
