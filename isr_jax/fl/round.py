@@ -2,7 +2,8 @@
 
 ``fl_round`` samples clients, gathers their data and persistent state, runs
 every client's local training under :func:`isr_jax.fl.client.map_clients`
-(``vmap`` by default), lets the algorithm turn the stacked messages into a
+(``vmap`` by default), lets the algorithm turn the stacked messages (or, for
+FedAvg's rule, their weighted mean summed client by client) into a
 pseudo-gradient, and applies the server's optax optimizer
 (papers/omniisr.txt Algorithm 1, FL branch). There is no Python loop over
 clients or steps and no host transfer inside it.
