@@ -79,7 +79,9 @@ def plot_learning_curves(
   dash = len(runs) > 1 and any("isr" in label.lower() for label in runs)
   # One colour per run in every panel: the colour cycle would restart in a panel
   # that only some runs logged (client drift: not CL).
-  colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
+  # Past 10 runs the default cycle would repeat: tab20's 20 colours instead.
+  palette = (lambda i: f"C{i}") if len(runs) <= 10 else matplotlib.colormaps["tab20"]
+  colors = {label: palette(i % 20) for i, label in enumerate(runs)}
   for ax, metric in zip(axes, metrics, strict=False):
     for label, records in runs.items():
       pts = _points(records, metric)
@@ -101,9 +103,10 @@ def plot_learning_curves(
     for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
       handles.setdefault(label, handle)
   labels = [label for label in runs if label in handles]
-  axes[0].legend([handles[label] for label in labels], labels, fontsize=8)
+  axes[0].legend([handles[label] for label in labels], labels, fontsize=8 if len(labels) <= 8
+                 else 6, ncol=1 if len(labels) <= 8 else 2)
   if title:
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10 if cols == 1 else 12)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   return path
