@@ -67,7 +67,7 @@ def test_comparison_rerun_resumes_finished_runs(two_algorithms):
 @pytest.mark.slow
 def test_segmentation_grid_end_to_end(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.segmentation_grid", "--local", "--models=topformer",
+      [sys.executable, "-m", "experiments.segmentation_grid", "--local", "--models=deeplabv3plus",
        "--seeds=0", "--examples=2", "--cl_rounds=1", "--fl_rounds=1", f"--workdir={tmp_path}"],
       capture_output=True, text=True, cwd=REPO, timeout=900, env=driver_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -77,5 +77,5 @@ def test_segmentation_grid_end_to_end(tmp_path):
       ("CL", "False"), ("CL", "True"), ("FL", "False"), ("FL", "True")]
   assert all(0.0 <= float(r["mIoU"]) <= 100.0 for r in rows)
   table = (tmp_path / "table3.md").read_text()
-  assert "| synthetic_streets | topformer |" in table and "relative reduction" in table
-  assert (tmp_path / "qualitative_synthetic_streets_topformer.png").stat().st_size > 10_000
+  assert "| synthetic_streets | deeplabv3plus |" in table and "relative reduction" in table
+  assert (tmp_path / "qualitative_synthetic_streets_deeplabv3plus.png").stat().st_size > 10_000
