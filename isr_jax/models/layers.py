@@ -281,20 +281,23 @@ def conv2d_im2col(
     return matmul(x, kernel[0, 0])
   oh, ow = _output_hw(x.shape[1:3], (kh, kw), strides, padding, dilation)
   x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  cols = []
-  for i in range(kh):
-    for j in range(kw):
-      h0, w0 = i * dilation[0], j * dilation[1]
-      cols.append(
-          x[:, h0 : h0 + (oh - 1) * strides[0] + 1 : strides[0],
-            w0 : w0 + (ow - 1) * strides[1] + 1 : strides[1], :]
-      )
+  # Patches in two passes, kw shifts along the width then kh along the height,
+  # rather than kh·kw shifted windows at once: XLA fuses whatever produced ``x``
+  # (LeNet-5's ReLU and max-pool) into every slice that reads it, so kh·kw
+  # windows recomputed it kh·kw times (25 slice fusions, 55 % of a 28×28 LeNet-5
+  # step); now kw slices recompute it and kh slices copy contiguous runs of
+  # kw·cin values. LeNet-5 step 1.24–1.30× faster (benchmarks/RESULTS.md §7).
+  rows = jnp.concatenate(
+      [x[:, :, j * dilation[1] : j * dilation[1] + (ow - 1) * strides[1] + 1 : strides[1]]
+       for j in range(kw)], axis=-1)  # [B, H, ow, kw*cin]
+  patches = jnp.concatenate(
+      [rows[:, i * dilation[0] : i * dilation[0] + (oh - 1) * strides[0] + 1 : strides[0]]
+       for i in range(kh)], axis=-1)  # [B, oh, ow, kh*kw*cin], ordered (i, j, c)
   if groups == 1:
-    patches = jnp.concatenate(cols, axis=-1)  # [B, oh, ow, kh*kw*cin]
     return matmul(patches, kernel.reshape(kh * kw * cin_g, cout))
   # Grouped (incl. depthwise): contract each group's patches with its kernels.
   b = x.shape[0]
-  patches = jnp.stack(cols, axis=3).reshape(b, oh, ow, kh * kw, groups, cin_g)
+  patches = patches.reshape(b, oh, ow, kh * kw, groups, cin_g)
   k = kernel.reshape(kh * kw, cin_g, groups, cout // groups)
   y = jnp.einsum("bhwkgc,kcgo->bhwgo", patches, k)
   return y.reshape(b, oh, ow, cout)
@@ -508,6 +511,11 @@ class Conv(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.convolve(x)
+    return y + self.bias[...] if self.bias is not None else y
+
+  def convolve(self, x: jax.Array) -> jax.Array:
+    """The convolution without the bias."""
     pad = conv_padding(
         (x.shape[1], x.shape[2]), self.kernel_size, self.strides, self.dilation, self.padding
     )
@@ -535,8 +543,6 @@ class Conv(nnx.Module):
       )
     else:
       y = conv2d_im2col(x, kernel, self.strides, pad, self.dilation, self.groups)
-    if self.bias is not None:
-      y = y + self.bias[...]
     return y
 
 
