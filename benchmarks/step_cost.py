@@ -1,0 +1,152 @@
+r"""Cost of one local SGD step of the small CNNs FL papers train, isr_jax against PyTorch.
+
+  python -m benchmarks.step_cost                                  # every model, batch 32 and 64
+  python -m benchmarks.step_cost --models=lenet5 --batches=64 --repeats=25
+
+A round spends nearly all its time in local steps, so this is the number the
+real-workload benchmark (``benchmarks.real_workload``) inherits. Each row runs
+``--steps`` steps of SGD (lr 0.01, momentum 0.9, weight decay 1e-5 added to the
+gradient, as ``torch.optim.SGD`` does) on 28×28×1 inputs: isr_jax as one jitted
+``fori_loop`` over the steps (the model and compiler options the ``sequential``
+round uses, without its masking and bookkeeping), PyTorch as a Python loop over
+``zero_grad / forward / backward / step``. The two sides' rows are timed
+alternately, ``--repeats`` times; the ratio column is the median of the
+per-repeat ratios (this machine's speed drifts by tens of percent within
+minutes, which hits both sides of one repeat alike). Inputs and labels are
+synthetic (uniform noise, random labels): only speed is measured.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+from jax import lax
+
+from benchmarks.fl_round import _torch_available, torch_description, torch_model
+from benchmarks.real_workload import torch_lenet5
+from isr_jax.models import create_model
+from isr_jax.models.layers import xla_compiler_options
+
+MODELS = ("lenet5", "fedavg_cnn", "convnet3", "convnet4")
+
+# Importing benchmarks.fl_round / real_workload defined flags of the same names.
+for _name in ("repeats",):
+  if _name in flags.FLAGS:
+    delattr(flags.FLAGS, _name)
+_MODELS = flags.DEFINE_list("models", list(MODELS), f"Models among {list(MODELS)}.")
+_BATCHES = flags.DEFINE_list("batches", ["32", "64"], "Batch sizes.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Local steps per timed call.")
+_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed calls per row (alternating rows).")
+_WIDTH = flags.DEFINE_integer("width", 32, "ConvNet channels (the personalized preset's).")
+
+SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+def torch_convnet(depth: int, width: int):
+  """:class:`isr_jax.models.cnn.ConvNet` in PyTorch: conv 3×3 → GroupNorm → ReLU → pool."""
+  import math
+
+  import torch.nn as nn
+
+  layers, c, h = [], SHAPE[2], SHAPE[0]
+  for _ in range(depth):
+    layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(math.gcd(width, 32), width),
+               nn.ReLU()]
+    if h >= 2:
+      layers.append(nn.MaxPool2d(2))
+      h //= 2
+    c = width
+  return nn.Sequential(*layers, nn.Flatten(), nn.Linear(h * h * width, NUM_CLASSES))
+
+
+def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
+  """A callable running one SGD step per batch of ``x [T, B, H, W, C]`` in PyTorch."""
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  model = {"lenet5": torch_lenet5, "fedavg_cnn": lambda: torch_model("fedavg_cnn"),
+           "convnet3": lambda: torch_convnet(3, width),
+           "convnet4": lambda: torch_convnet(4, width)}[name]()
+  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
+  tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 2)))
+  ty = torch.from_numpy(y.astype(np.int64))
+
+  def run():
+    for t in range(len(tx)):
+      opt.zero_grad()
+      F.cross_entropy(model(tx[t]), ty[t]).backward()
+      opt.step()
+
+  return run
+
+
+def jax_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
+  """The same steps as one jitted ``fori_loop`` over the library's model."""
+  options = {"width": width} if name.startswith("convnet") else {}
+  model = create_model(name, num_classes=NUM_CLASSES, input_shape=SHAPE,
+                       rngs=nnx.Rngs(0), **options)
+  graphdef, params = nnx.split(model, nnx.Param)
+  opt = optax.chain(optax.add_decayed_weights(1e-5), optax.sgd(0.01, momentum=0.9))
+  xs, ys = jnp.asarray(x), jnp.asarray(y)
+
+  def loss(p, xb, yb):
+    logits, _ = nnx.merge(graphdef, p)(xb)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  def step(t, carry):
+    p, s = carry
+    g = jax.grad(loss)(p, xs[t], ys[t])
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  run = jax.jit(lambda p: lax.fori_loop(0, len(x), step, (p, opt.init(p)))[0],
+                compiler_options=xla_compiler_options()).lower(params).compile()
+  return lambda: jax.block_until_ready(run(params))
+
+
+def main(argv):
+  del argv
+  if unknown := set(_MODELS.value) - set(MODELS):
+    raise app.UsageError(f"--models {sorted(unknown)} not among {list(MODELS)}")
+  if not _torch_available():
+    raise app.UsageError("PyTorch is not installed: pip install -e '.[bench]'")
+  batches = [int(b) for b in _BATCHES.value]
+  print(f"# Local step cost, 28×28×1, SGD momentum 0.9\n\nmachine: {platform.machine()}, "
+        f"{os.cpu_count()} cores; backend {jax.default_backend()}; jax {jax.__version__}; "
+        f"torch {torch_description()}; {time.strftime('%Y-%m-%d')}; {_STEPS.value} steps per "
+        f"call, {_REPEATS.value} alternating calls per row; ConvNet width {_WIDTH.value}\n\n"
+        "| model | batch | PyTorch ms / step | isr_jax ms / step | isr_jax speed vs PyTorch "
+        "(median [quartiles] of per-repeat ratios) |\n|---|---|---|---|---|", flush=True)
+  rng = np.random.default_rng(0)
+  for name in _MODELS.value:
+    for batch in batches:
+      x = rng.uniform(size=(_STEPS.value, batch, *SHAPE)).astype(np.float32)
+      y = rng.integers(0, NUM_CLASSES, size=(_STEPS.value, batch))
+      runs = [torch_steps(name, x, y, _WIDTH.value), jax_steps(name, x, y, _WIDTH.value)]
+      for run in runs:  # warm-up
+        run()
+      times = [[], []]
+      for _ in range(_REPEATS.value):
+        for i, run in enumerate(runs):
+          t0 = time.perf_counter()
+          run()
+          times[i].append(time.perf_counter() - t0)
+          time.sleep(0.1)  # let PyTorch's worker threads go idle before the next row
+      ratio = np.array(times[0]) / np.array(times[1])
+      ms = [1e3 * float(np.median(t)) / _STEPS.value for t in times]
+      print(f"| {name} | {batch} | {ms[0]:.2f} | {ms[1]:.2f} | {np.median(ratio):.2f}× "
+            f"[{np.percentile(ratio, 25):.2f}, {np.percentile(ratio, 75):.2f}] |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
