@@ -287,7 +287,7 @@ def conv2d_im2col(
   # windows recomputed it kh·kw times (25 slice fusions, 55 % of a 28×28 LeNet-5
   # step); now kw slices recompute it and kh slices copy contiguous runs of
   # kw·cin values: a 28×28 LeNet-5 step 1.24–1.30× faster, a cross-device Fashion-MNIST
-  # round 1.23× (benchmarks/RESULTS.md §7).
+  # round 1.18–1.23× (benchmarks/RESULTS.md §7).
   rows = jnp.concatenate(
       [x[:, :, j * dilation[1] : j * dilation[1] + (ow - 1) * strides[1] + 1 : strides[1]]
        for j in range(kw)], axis=-1)  # [B, H, ow, kw*cin]
