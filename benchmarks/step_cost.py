@@ -37,10 +37,8 @@ from isr_jax.models.layers import xla_compiler_options
 
 MODELS = ("lenet5", "fedavg_cnn", "convnet3", "convnet4")
 
-# Importing benchmarks.fl_round / real_workload defined flags of the same names.
-for _name in ("repeats",):
-  if _name in flags.FLAGS:
-    delattr(flags.FLAGS, _name)
+# Importing benchmarks.real_workload defined its own --repeats.
+delattr(flags.FLAGS, "repeats")
 _MODELS = flags.DEFINE_list("models", list(MODELS), f"Models among {list(MODELS)}.")
 _BATCHES = flags.DEFINE_list("batches", ["32", "64"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Local steps per timed call.")
@@ -68,15 +66,20 @@ def torch_convnet(depth: int, width: int):
   return nn.Sequential(*layers, nn.Flatten(), nn.Linear(h * h * width, NUM_CLASSES))
 
 
+def torch_builder(name: str, width: int):
+  """``name``'s PyTorch twin, as a constructor (ConvNets of ``width`` channels)."""
+  return {"lenet5": torch_lenet5, "fedavg_cnn": lambda: torch_model("fedavg_cnn"),
+          "convnet3": lambda: torch_convnet(3, width),
+          "convnet4": lambda: torch_convnet(4, width)}[name]
+
+
 def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
   """A callable running one SGD step per batch of ``x [T, B, H, W, C]`` in PyTorch."""
   import torch
   import torch.nn.functional as F
 
   torch.manual_seed(0)
-  model = {"lenet5": torch_lenet5, "fedavg_cnn": lambda: torch_model("fedavg_cnn"),
-           "convnet3": lambda: torch_convnet(3, width),
-           "convnet4": lambda: torch_convnet(4, width)}[name]()
+  model = torch_builder(name, width)()
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
   tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 2)))
   ty = torch.from_numpy(y.astype(np.int64))

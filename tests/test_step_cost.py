@@ -24,10 +24,7 @@ def test_torch_models_have_the_libraries_parameter_count(name):
   model = create_model(name, num_classes=step_cost.NUM_CLASSES, input_shape=step_cost.SHAPE,
                        rngs=nnx.Rngs(0), **options)
   ours = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  torch_model = {"lenet5": step_cost.torch_lenet5,
-                 "fedavg_cnn": lambda: step_cost.torch_model("fedavg_cnn"),
-                 "convnet3": lambda: step_cost.torch_convnet(3, width),
-                 "convnet4": lambda: step_cost.torch_convnet(4, width)}[name]()
+  torch_model = step_cost.torch_builder(name, width)()
   assert sum(p.numel() for p in torch_model.parameters()) == ours
 
 

@@ -85,8 +85,8 @@ def _conv_relu_pool(conv: Conv, x: jax.Array, taps: dict[str, jax.Array], conv_t
   z = conv.convolve(x)
   b = conv.bias[...]
   taps[conv_tap] = nnx.relu(z + b)
-  x = taps[pool_tap] = nnx.relu(_pool2(z) + b)
-  return x
+  taps[pool_tap] = nnx.relu(_pool2(z) + b)
+  return taps[pool_tap]
 
 
 def _flatten(x: jax.Array) -> jax.Array:
