@@ -134,10 +134,14 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
                         config.dataset.batch_size), None
   own_train, own_test = split_clients(clients, labels, config.fl.client_test_fraction,
                                       seed=config.seed)
+  # A client's test split is small (150 examples on average in the personalized
+  # preset): batches of eval_batch_size (500) would be mostly padding, and every
+  # client's padding is evaluated; the training batch bounds it by B - 1 each.
+  test_batch = min(config.dataset.eval_batch_size, config.dataset.batch_size)
   return (pack_clients(train.x, train.y, [indices[c] for c in own_train],
                        config.dataset.batch_size),
-          pack_clients(train.x, train.y, [indices[c] for c in own_test],
-                       config.dataset.eval_batch_size, allow_empty=True))
+          pack_clients(train.x, train.y, [indices[c] for c in own_test], test_batch,
+                       allow_empty=True))
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:

@@ -77,9 +77,18 @@ def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
         valid = valid & (y != ignore_index)
       return jnp.sum(hit & valid), jnp.sum(valid)
 
-    correct, count = lax.map(batch_counts, (ctest.x, ctest.y, ctest.mask))
-    return (jnp.where(is_real, jnp.sum(correct), 0).astype(jnp.float32),
-            jnp.where(is_real, jnp.sum(count), 0).astype(jnp.float32))
+    # Real examples come first, so only the leading batches hold any: the loop
+    # runs those alone. Test splits are padded to the largest client's; under
+    # Dir(0.3) over 100 clients a scan over every batch ran 4–5× the real ones.
+    def add_batch(s, totals):
+      hits, seen = batch_counts((ctest.x[s], ctest.y[s], ctest.mask[s]))
+      return totals[0] + hits, totals[1] + seen
+
+    batches = jnp.sum(jnp.any(ctest.mask.reshape(ctest.mask.shape[0], -1), axis=1))
+    zero = jnp.zeros((), jnp.int32)
+    correct, count = lax.fori_loop(0, batches, add_batch, (zero, zero))
+    return (jnp.where(is_real, correct, 0).astype(jnp.float32),
+            jnp.where(is_real, count, 0).astype(jnp.float32))
 
   correct, count = map_clients(
       one_client, (train, test, state.client_states, ids, real), (state.params,),
