@@ -118,6 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.unroll = 1
   # Personalized-FL protocol (SPEC §4): every client's own model on a held-out part
   # of its own data. "auto": on for the personalized algorithms (FedAIMS, FedPer, ...).
+  # The held-out splits are batched by min(dataset.batch_size, eval_batch_size).
   c.fl.personalized_eval = "auto"
   c.fl.client_test_fraction = 0.25
   c.fl.partition = ml_collections.ConfigDict(
