@@ -13,14 +13,14 @@ Runs each method on each label skew from one base config and writes, in
 * ``personal_accuracy.png``: personalized accuracy against rounds, one panel per
   label skew, one line per method (seed 0).
 
-  python -m experiments.personalized --workdir=runs/personalized     # Fashion-MNIST, ~30 min
+  python -m experiments.personalized --workdir=runs/personalized     # Fashion-MNIST, ~27 min
   python -m experiments.personalized --local --workdir=/tmp/pfl      # digits, seconds a run
   python -m experiments.personalized --workdir=runs/pfl_cifar10 \
       --config=experiments/configs/personalized.py:cifar10 --skews=dir03,dir01,pat2 \
       --config.dataset.data_dir=/data/tensorflow_datasets
 
 ``--config`` is ``experiments/configs/personalized.py`` (``small`` by default: the
-whole grid in about 30 minutes on 2 CPU cores; drop ``small`` for the paper's
+whole grid in about 27 minutes on 2 CPU cores; drop ``small`` for the paper's
 300 rounds of 5 epochs). Runs resume, and a finished run is only read back, so
 an interrupted driver continues where it stopped.
 """

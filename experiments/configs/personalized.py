@@ -32,7 +32,7 @@ The argument is a comma-separated list of words:
 * ``lr005`` for Table 3's η = 0.05, ``isr`` to switch ISR on (taps on the
   backbone);
 * ``small``: what ``experiments/personalized.py`` runs by default, the whole
-  Table 2 grid of 13 methods × 2 label skews in about 30 minutes on 2 CPU
+  Table 2 grid of 13 methods × 2 label skews in about 27 minutes on 2 CPU
   cores — 20 rounds of 1 local epoch (E_p = E_ft = 1, keeping the paper's
   E_p = E), a 32-channel ConvNet, evaluated every 5 rounds; everything else
   as above;
