@@ -77,7 +77,10 @@ its latest backbone for Algorithm 2 — ``num_clients × |φ|`` floats.
 
 Compute: under ``vmap`` every client runs every block's term (a per-client
 branch becomes a select), weighted by ``w``; the sampled variant's saving of
-Table 7 is not reproduced by construction.
+Table 7 is not reproduced by construction. Skipping the unsampled blocks with a
+``lax.cond`` per block, where clients are not vmapped, was measured slower on
+the personalized ConvNet3 (1.08× FedAIMS-Full's round against 1.02×,
+experiments/RESULTS.md): a block's auxiliary term costs less than the branch.
 """
 
 from __future__ import annotations
