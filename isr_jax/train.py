@@ -136,7 +136,7 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
                                       seed=config.seed)
   # A client's test split is small (150 examples on average in the personalized
   # preset): batches of eval_batch_size (500) would be mostly padding, and every
-  # client's padding is evaluated; the training batch bounds it by B - 1 each.
+  # client's padding is evaluated; the training batch bounds each one's by B - 1.
   test_batch = min(config.dataset.eval_batch_size, config.dataset.batch_size)
   return (pack_clients(train.x, train.y, [indices[c] for c in own_train],
                        config.dataset.batch_size),

