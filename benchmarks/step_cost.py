@@ -18,6 +18,7 @@ synthetic (uniform noise, random labels): only speed is measured.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -51,8 +52,6 @@ NUM_CLASSES = 10
 
 def torch_convnet(depth: int, width: int):
   """:class:`isr_jax.models.cnn.ConvNet` in PyTorch: conv 3×3 → GroupNorm → ReLU → pool."""
-  import math
-
   import torch.nn as nn
 
   layers, c, h = [], SHAPE[2], SHAPE[0]
