@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -129,14 +130,17 @@ def _failure(e: Exception) -> str:
 
 
 def _quiet_orphaned_reads() -> None:
-  """Silences the tracebacks of reads a failed restore left behind.
+  """Silences the messages of reads a failed restore leaves behind.
 
   When one array of a step fails to read, Orbax closes its event loop while
-  TensorStore still completes the step's other reads; each then reports
-  "RuntimeError: Event loop is closed" through ``sys.unraisablehook`` (and
-  asyncio logs "Future exception was never retrieved" with a TensorStore
-  repr), possibly long after the restore returned. Only those two messages
-  are dropped; everything else reaches the previous hook and handlers.
+  TensorStore still completes the step's other reads, possibly long after the
+  restore returned (even at interpreter exit). Each reports in one of three
+  ways: "RuntimeError: Event loop is closed" through ``sys.unraisablehook``;
+  asyncio's "Task (or Future) exception was never retrieved" log record with a
+  TensorStore repr; a "coroutine ... was never awaited" RuntimeWarning. Only
+  those are dropped; everything else reaches the previous hook and handlers.
+  Installed before the first read, since the first failure can report before
+  the restore has even raised.
   """
   if getattr(sys.unraisablehook, "_isr_jax_quiet", False):
     return
@@ -150,7 +154,13 @@ def _quiet_orphaned_reads() -> None:
   hook._isr_jax_quiet = True
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(
-      lambda record: "Future exception was never retrieved" not in record.getMessage())
+      lambda record: not record.getMessage().startswith(_ORPHANED_READ_LOGS))
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
+
+
+_ORPHANED_READ_LOGS = ("Future exception was never retrieved",
+                       "Task exception was never retrieved")
 
 
 def _set_aside(path: str) -> str:
@@ -177,6 +187,7 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  _quiet_orphaned_reads()
   skipped: list[tuple[int, str, str]] = []
   for step in steps:
     path = os.path.join(str(manager.directory), str(step))
@@ -185,7 +196,6 @@ def restore_latest(manager: ocp.CheckpointManager, like):
       try:
         state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # orbax raises many types for unreadable/mismatched data
-        _quiet_orphaned_reads()
         reason = _failure(e)
     if reason is not None:
       skipped.append((step, path, reason))
