@@ -46,7 +46,7 @@ from flax import nnx
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import Batch
 from isr_jax.fl.algorithms.fedavg import fedavg
-from isr_jax.fl.client import resolve_parallelism
+from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
 from isr_jax.models import create_model
 from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options
@@ -88,27 +88,42 @@ def synthetic_clients(num_clients, steps, batch, shape, num_classes=10, seed=0) 
   return ClientData(x, y, mask, np.full(num_clients, steps * batch, np.int32))
 
 
-def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strategy="vmap",
-              chunk=0, conv_impl="auto", model_options=None, xla_defaults=False):
-  """The isr_jax FedAvg round for ``data``: ``(jitted round, state, FLOPs per round)``.
-
-  The round is compiled as ``train_and_evaluate`` compiles it
-  (:func:`xla_compiler_options`) unless ``xla_defaults``.
-
-  FLOPs come from XLA's cost analysis of ONE jitted local step (a loop body is
-  counted once in the round's own analysis) times clients × steps.
-  """
-  strategy = resolve_parallelism(strategy)
+def _fedavg_problem(model_name, shape, conv_impl, taps, model_options):
+  """``(graphdef's problem, params)`` of the benchmark's model with ``taps`` ISR taps."""
   net = create_model(model_name, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0),
-                     conv_impl=resolve_conv_impl(conv_impl, strategy), **(model_options or {}))
+                     conv_impl=conv_impl, **(model_options or {}))
   graphdef, model_params = split_model(net)
   spec = make_isr_spec(net.tap_names, enabled=taps > 0, num_taps=taps, alpha=0.1, lam=0.01)
   params = init_params(graphdef, model_params, spec, num_classes=10, input_shape=shape,
                        key=jax.random.PRNGKey(1))
+  return make_problem(graphdef, spec), params
+
+
+def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strategy="vmap",
+              chunk=0, conv_impl="auto", model_options=None, xla_defaults=False):
+  """The isr_jax FedAvg round for ``data``.
+
+  Returns ``(jitted round, state, FLOPs per round, (strategy, chunk))``, the last
+  with ``auto`` resolved as ``train_and_evaluate`` resolves it
+  (:func:`auto_parallelism`). The round is compiled as ``train_and_evaluate``
+  compiles it (:func:`xla_compiler_options`) unless ``xla_defaults``.
+
+  FLOPs come from XLA's cost analysis of ONE jitted local step (a loop body is
+  counted once in the round's own analysis) times clients × steps.
+  """
+  one_batch = Batch(data.x[0, 0], data.y[0, 0], jnp.ones(data.y[0, 0].shape, bool))
+  lowering = resolve_conv_impl(conv_impl, resolve_parallelism(strategy))
+  problem, params = _fedavg_problem(model_name, shape, lowering, taps, model_options)
+  strategy, chunk = auto_parallelism(
+      strategy, chunk, clients=data.num_clients,
+      step_flops=lambda: local_step_flops(problem.loss, params, one_batch))
+  if resolve_conv_impl(conv_impl, strategy) != lowering:
+    problem, params = _fedavg_problem(model_name, shape, resolve_conv_impl(conv_impl, strategy),
+                                      taps, model_options)
   local = optax.inject_hyperparams(optax.sgd, static_args=("momentum",))(
       learning_rate=lr, momentum=momentum)
   server = optax.sgd(1.0)
-  fns = RoundFns(fedavg(), make_problem(graphdef, spec), local, lambda r: lr, server)
+  fns = RoundFns(fedavg(), problem, local, lambda r: lr, server)
   steps = data.steps_per_epoch
   fl_spec = FLSpec(clients_per_round=data.num_clients, local_steps=steps, parallelism=strategy,
                    chunk_size=chunk)
@@ -127,7 +142,7 @@ def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strateg
       params, local.init(params), data.x[0, 0], data.y[0, 0]).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", float("nan"))) * data.num_clients * steps
-  return step, state, flops
+  return step, state, flops, (strategy, chunk)
 
 
 def jax_round_runner(step, state, data):
@@ -297,8 +312,8 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
   device_data = jax.tree.map(jnp.asarray, data)
   # XLA's count of the textbook arithmetic (lax.conv) gives the baselines' FLOP/s;
   # each isr_jax row is divided by the count of its own program.
-  _, _, work = jax_setup(model_name, shape, device_data, strategy="sequential",
-                         conv_impl="xla")
+  _, _, work, _ = jax_setup(model_name, shape, device_data, strategy="sequential",
+                            conv_impl="xla")
   rows = []  # (label, one-round callable, compile seconds, FLOPs)
   if _torch_available():
     rows.append(("PyTorch sequential loop (state_dict load/average)",
@@ -308,11 +323,15 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
   for strategy, conv_impl, *options in strategies:
     chunk = max(1, clients // 5) if strategy == "chunked" else 0
     xla_defaults = options == ["xla_defaults"]
-    step, state, flops = jax_setup(model_name, shape, device_data, strategy=strategy,
-                                   chunk=chunk, conv_impl=conv_impl, xla_defaults=xla_defaults)
+    step, state, flops, (ran, ran_chunk) = jax_setup(
+        model_name, shape, device_data, strategy=strategy, chunk=chunk, conv_impl=conv_impl,
+        xla_defaults=xla_defaults)
     compile_s, one_round = jax_round_runner(step, state, device_data)
-    label = (f"isr_jax round, {strategy}" + (f" (chunks of {chunk})" if chunk else "")
-             + f", conv {conv_impl}" + (", XLA's default options" if xla_defaults else ""))
+    label = f"isr_jax round, {strategy}"
+    if strategy == "auto":
+      label += f" (= {ran}" + (f", chunks of {ran_chunk})" if ran == "chunked" else ")")
+    label += ((f" (chunks of {chunk})" if chunk else "") + f", conv {conv_impl}"
+              + (", XLA's default options" if xla_defaults else ""))
     rows.append((label, one_round, compile_s, flops))
   seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
   torch_s = seconds[0] if _torch_available() else None
@@ -329,8 +348,8 @@ def section_isr(repeats):
         "| ISR taps | s / round | overhead vs 0 taps | compile s |\n|---|---|---|---|")
   runners = []
   for taps in (0, 1, 3, 5):
-    step, state, _ = jax_setup("fedavg_cnn", shape, device_data, taps=taps,
-                               strategy="auto", conv_impl="auto")
+    step, state, _, _ = jax_setup("fedavg_cnn", shape, device_data, taps=taps,
+                                  strategy="auto", conv_impl="auto")
     runners.append(jax_round_runner(step, state, device_data))
   seconds = interleaved_medians([run for _, run in runners], repeats)
   for taps, (compile_s, _), s in zip((0, 1, 3, 5), runners, seconds, strict=True):
@@ -345,6 +364,7 @@ SCALING_ROWS = [
     ("lenet5", (8, 8, 1), 1000, 5, 16, "vmap", 0),
     ("lenet5", (8, 8, 1), 1000, 5, 16, "chunked", 100),
     ("lenet5", (8, 8, 1), 1000, 5, 16, "sequential", 0),
+    ("lenet5", (8, 8, 1), 1000, 5, 16, "auto", 0),
     ("resnet18", (32, 32, 3), 10, 1, 16, "sequential", 0),
     ("resnet18", (32, 32, 3), 10, 1, 16, "chunked", 5),
     ("resnet18", (32, 32, 3), 100, 1, 16, "sequential", 0),
@@ -361,12 +381,12 @@ def scaling_child(spec_json: str):
   """
   model, shape, clients, steps, batch, strategy, chunk = json.loads(spec_json)
   data = jax.tree.map(jnp.asarray, synthetic_clients(clients, steps, batch, tuple(shape)))
-  step, state, _ = jax_setup(model, tuple(shape), data, strategy=strategy, chunk=chunk)
+  step, state, _, ran = jax_setup(model, tuple(shape), data, strategy=strategy, chunk=chunk)
   compile_s, s = time_jax_round(step, state, data, 1)
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   device_stats = jax.devices()[0].memory_stats() or {}
   device_peak = device_stats.get("peak_bytes_in_use")
-  print(json.dumps({"compile_s": compile_s, "round_s": s, "peak_gib": peak_gib,
+  print(json.dumps({"ran": ran, "compile_s": compile_s, "round_s": s, "peak_gib": peak_gib,
                     "device_peak_gib": None if device_peak is None else device_peak / 2**30}))
 
 
@@ -388,6 +408,8 @@ def section_scaling():
             flush=True)
       continue
     r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if strategy == "auto":
+      label += f" (= {r['ran'][0]}" + (f" ({r['ran'][1]}))" if r["ran"][0] == "chunked" else ")")
     device_peak = "–" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
     print(f"| {model} | {clients} | {steps} × {batch} | {label} | {r['round_s']:.2f} | "
           f"{1000 * r['round_s'] / clients:.1f} | {r['peak_gib']:.2f} | {device_peak} | "

@@ -299,12 +299,13 @@ def build_rows(w: Workload, strategies, *, rounds: int, data_dir=None):
       ids = sampled_ids(exp.state, w.num_clients, w.clients_per_round, rounds)
     elif not np.array_equal(np.asarray(exp.state.rng), np.asarray(rows[0][4].rng)):
       raise AssertionError("rows would sample different clients")
+    ran, ran_chunk = exp.fl_spec.parallelism, exp.fl_spec.chunk_size
     label = f"isr_jax round, {parallelism}"
     if parallelism == "auto":
-      label += f" (= {resolve_parallelism('auto')})"
-    if chunk:
-      label += f" (chunks of {chunk})"
-    rows.append((label, parallelism, chunk, exp.round_fn, exp.state))
+      label += f" (= {ran})"
+    if ran == "chunked":
+      label += f" (chunks of {ran_chunk})"
+    rows.append((label, ran, ran_chunk, exp.round_fn, exp.state))
   return data, train, clients, ids, rows
 
 

@@ -111,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.clients_per_round = 10
   c.fl.local_epochs = 1
   c.fl.local_steps = 0  # > 0: fixed local steps instead of epochs
-  c.fl.client_parallelism = "auto"
+  c.fl.client_parallelism = "auto"  # or vmap / chunked / sequential (fl.client.auto_parallelism)
   c.fl.chunk_size = 0
   c.fl.num_devices = 0  # 0 = every device; sampled clients are sharded over them
   c.fl.measure_heterogeneity = False  # log H_t (OmniISR Eq. 13): one extra grad per client

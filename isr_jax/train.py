@@ -43,8 +43,8 @@ from isr_jax.data import (
 )
 from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.evaluate import evaluate_classifier
-from isr_jax.fl.algorithm import bind_problem
-from isr_jax.fl.client import resolve_parallelism
+from isr_jax.fl.algorithm import Batch, bind_problem
+from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
 from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.registry import make_algorithm, personalized_eval_on
 from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
@@ -87,6 +87,8 @@ class Experiment(NamedTuple):
     client_eval_fn: ``jit``-ed ``(state, *client_eval_data) -> metrics``, the
       personalized evaluation (:mod:`isr_jax.fl.evaluate_clients`), or ``None``.
     client_eval_data: every client's training rows and its own test split.
+    fl_spec: the FL round's settings, with ``auto`` client parallelism resolved
+      (:func:`isr_jax.fl.client.auto_parallelism`); ``None`` in CL mode.
   """
 
   state: TrainState
@@ -100,6 +102,7 @@ class Experiment(NamedTuple):
   tap_names: tuple[str, ...]
   client_eval_fn: Callable[..., dict[str, jax.Array]] | None = None
   client_eval_data: tuple[ClientData, ClientData] = ()
+  fl_spec: FLSpec | None = None
 
 
 def _put_batches(data: ClientData, mesh) -> ClientData:
@@ -144,6 +147,13 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
                        allow_empty=True))
 
 
+def _create_model(config: ml_collections.ConfigDict, info: DatasetInfo, key: jax.Array,
+                  conv_impl: str) -> nnx.Module:
+  return create_model(
+      config.model.name, num_classes=info.num_classes, input_shape=info.input_shape,
+      rngs=nnx.Rngs(params=key), conv_impl=conv_impl, **config.model.options.to_dict())
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Loads data and builds model, objective, state and the jitted round."""
   validate(config)
@@ -153,13 +163,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       standardize=ds.standardize,
       image_size=tuple(ds.image_size) if ds.image_size else None, **ds.options.to_dict())
   key_model, key_adapters, key_run = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  parallelism = resolve_parallelism(config.fl.client_parallelism)
-  model = create_model(
-      config.model.name, num_classes=info.num_classes, input_shape=info.input_shape,
-      rngs=nnx.Rngs(params=key_model),
-      conv_impl=resolve_conv_impl(config.model.conv_impl, parallelism),
-      **config.model.options.to_dict(),
-  )
+  conv_impl = resolve_conv_impl(config.model.conv_impl,
+                                resolve_parallelism(config.fl.client_parallelism))
+  model = _create_model(config, info, key_model, conv_impl)
   tap_names = tuple(model.tap_names)
   isr = config.isr
   spec = make_isr_spec(
@@ -173,6 +179,22 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   problem = make_problem(graphdef, spec, ignore_index=info.ignore_index,
                          representation=tap_names[-1])
   mesh = make_mesh(config.fl.num_devices or None)
+  parallelism, chunk_size = config.fl.client_parallelism, config.fl.chunk_size
+  if config.mode != "cl":
+    b = ds.batch_size
+    one_batch = Batch(train.x[:b], train.y[:b], np.ones(len(train.y[:b]), bool))
+    parallelism, chunk_size = auto_parallelism(
+        config.fl.client_parallelism, chunk_size,
+        clients=padded_count(config.fl.clients_per_round, mesh) // mesh.size,
+        step_flops=lambda: local_step_flops(problem.loss, params, one_batch))
+    if config.fl.client_parallelism == "auto":
+      logger.info("fl.client_parallelism=auto runs %s%s", parallelism,
+                  f" (chunks of {chunk_size})" if parallelism == "chunked" else "")
+    chosen_impl = resolve_conv_impl(config.model.conv_impl, parallelism)
+    if chosen_impl != conv_impl:  # same parameters (same key), other convolution lowering
+      graphdef, _ = split_model(_create_model(config, info, key_model, chosen_impl))
+      problem = make_problem(graphdef, spec, ignore_index=info.ignore_index,
+                             representation=tap_names[-1])
   test_data = _put_batches(pack_clients(test.x, test.y, [np.arange(len(test.y))],
                                         ds.eval_batch_size), mesh)
   eval_fn = jax.jit(functools.partial(evaluate_classifier, problem.apply,
@@ -184,6 +206,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                      rng=key_run, round=jnp.zeros((), jnp.int32),
                      alpha=jnp.asarray(config.hybrid.mix_weight, jnp.float32))
 
+  fl_spec = None
   if config.mode == "cl":
     optimizer = make_optimizer(config.cl_optimizer, setting="cl_optimizer")
     data = pack_clients(train.x, train.y, [np.arange(len(train.y))], ds.batch_size)
@@ -203,7 +226,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         clients_per_round=config.fl.clients_per_round, local_epochs=config.fl.local_epochs,
         local_steps=config.fl.local_steps,
         parallelism=parallelism,
-        chunk_size=config.fl.chunk_size, aggregate_adapters=isr.aggregate_adapters,
+        chunk_size=chunk_size, aggregate_adapters=isr.aggregate_adapters,
         unroll=config.fl.unroll, num_clients=config.fl.num_clients, mesh=mesh,
         measure_heterogeneity=config.fl.measure_heterogeneity,
     )
@@ -244,6 +267,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
       eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,
       client_eval_fn=client_eval_fn, client_eval_data=client_eval_data,
+      fl_spec=fl_spec,
   )
 
 

@@ -14,6 +14,7 @@ from test_algorithms import LENET5_DIGITS, per_client_bytes
 from experiments.configs.digits import get_config
 from isr_jax.config import validate
 from isr_jax.errors import CheckpointError, ConfigError, NaNLossError
+from isr_jax.fl.client import auto_parallelism
 from isr_jax.metric_writer import read_metrics
 from isr_jax.train import build_experiment, train_and_evaluate
 
@@ -101,7 +102,7 @@ def test_one_round_on_tfds_mock_data(tmp_path, mock_tfds):
         ({"hybrid.mix_weight": 1.5}, r"hybrid\.mix_weight=1\.5 must be in \[0, 1\]"),
         ({"hybrid.mix_weight": -0.1}, r"hybrid\.mix_weight=-0\.1 must be in \[0, 1\]"),
         ({"hybrid.schedule": "cosine"}, r"hybrid\.schedule='cosine' is not one of"),
-        ({"fl.clients_per_round": 9}, r"fl\.clients_per_round=9 exceeds fl\.num_clients=6"),
+        ({"fl.clients_per_round": 9}, r"fl\.clients=9 exceeds fl\.num_clients=6"),
         ({"client_optimizer.learning_rate": 0.0}, r"client_optimizer\.learning_rate=0\.0"),
         ({"fl.partition.method": "zipf"}, r"fl\.partition\.method='zipf' is not one of"),
         ({"seed": -1}, r"seed=-1 must be an integer in \[0, 4294967295\]"),
@@ -198,3 +199,54 @@ def test_main_reports_config_errors_in_one_line(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: fl.algorithm='fedfoo' is not one of")
   assert np.all([not line.startswith("Traceback") for line in proc.stderr.splitlines()])
+
+
+def test_auto_parallelism_chunks_dispatch_bound_steps_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the rule is CPU's; accelerators vmap every client")
+  asked = []
+
+  def flops(value):
+    return lambda: asked.append(value) or value
+
+  # The divisor of the clients nearest to 100 MFLOP / step FLOPs (18.5 here).
+  assert auto_parallelism("auto", 0, clients=100, step_flops=flops(5.4e6)) == (
+      "chunked", 20)
+  assert auto_parallelism("auto", 0, clients=100, step_flops=flops(43e6)) == (
+      "chunked", 2)
+  assert auto_parallelism("auto", 0, clients=10, step_flops=flops(1e6)) == (
+      "chunked", 10)
+  assert auto_parallelism("auto", 0, clients=7, step_flops=flops(20e6)) == ("chunked", 7)
+  assert auto_parallelism("auto", 0, clients=100, step_flops=flops(71e6)) == (
+      "sequential", 0)
+  assert asked == [5.4e6, 43e6, 1e6, 20e6, 71e6]
+  # Other strategies, and a single client, need no count.
+  for strategy, chunk in [("sequential", 0), ("vmap", 0), ("chunked", 3)]:
+    assert auto_parallelism(strategy, chunk, clients=100,
+                            step_flops=flops(-1.0)) == (strategy, chunk)
+  assert auto_parallelism("auto", 0, clients=1, step_flops=flops(-1.0)) == (
+      "sequential", 0)
+  assert len(asked) == 5
+
+
+def test_auto_runs_a_dispatch_bound_round_chunked_with_sequentials_result():
+  """LeNet-5 on 8×8 digits at batch 16 (~6 MFLOP a step) is chunked; same round as sequential."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the rule is CPU's")
+  params = {}
+  for strategy in ("auto", "sequential"):
+    config = tiny("fl", True, **{"fl.client_parallelism": strategy, "dataset.batch_size": 16})
+    exp = build_experiment(config)
+    if strategy == "auto":
+      assert (exp.fl_spec.parallelism, exp.fl_spec.chunk_size) == ("chunked", 3)
+    state, _ = exp.round_fn(exp.state, *exp.round_data)
+    params[strategy] = state.params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5),
+               params["auto"], params["sequential"])
+
+
+def test_auto_keeps_compute_bound_rounds_sequential():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the rule is CPU's")
+  exp = build_experiment(tiny("fl", **{"model.name": "fedavg_cnn", "dataset.batch_size": 16}))
+  assert (exp.fl_spec.parallelism, exp.fl_spec.chunk_size) == ("sequential", 0)

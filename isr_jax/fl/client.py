@@ -15,6 +15,7 @@ sampled) and the scan walks ``T`` steps of ``B`` slot indices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,12 +33,27 @@ from isr_jax.sharding import CLIENT_AXIS
 CLIENT_PARALLELISM = ("auto", "vmap", "chunked", "sequential")
 
 
+# On CPU, a local step of at most this many FLOPs (forward and backward) is bound by
+# XLA's per-kernel dispatch rather than by arithmetic, and a vmapped chunk of clients
+# runs its kernels at that cost once for the whole chunk. Chunked against sequential,
+# measured side by side (benchmarks/RESULTS.md §2): LeNet-5 at 8×8, batch 16 (5.4
+# MFLOP) 1.16× with chunks of 20; at batch 64 (21 MFLOP) 1.05× with chunks of 5;
+# LeNet-5 at 28×28, batch 16 (43 MFLOP) 1.31× with chunks of 2; above the threshold
+# sequential wins: the FedAvg CNN at 8×8, batch 16 (71 MFLOP) 0.95×, LeNet-5 at
+# 28×28, batch 32 (85 MFLOP) 0.87× and batch 64 (170 MFLOP) 0.96× with chunks of 2.
+CPU_DISPATCH_BOUND_STEP_FLOPS = 50e6
+# ... and chunks run fastest at about this much work per vmapped step (LeNet-5 at
+# 8×8, batch 16: chunks of 10 / 20 / 50 ran 1.11× / 1.16× / 0.82× sequential's speed).
+CPU_CHUNK_STEP_FLOPS = 100e6
+
+
 def resolve_parallelism(strategy: str) -> str:
-  """``auto`` -> the strategy the benchmark found fastest on this backend.
+  """``auto`` -> the strategy the benchmark found fastest on this backend for most models.
 
   On CPU a per-client ``lax.map`` (``sequential``) with the ``xla_cpu``
   convolution beats vmapping clients, whose convolutions become grouped ones;
-  on GPU/TPU clients are vmapped (benchmarks/RESULTS.md).
+  on GPU/TPU clients are vmapped (benchmarks/RESULTS.md). Where the local step's
+  cost is known, :func:`auto_parallelism` refines this for dispatch-bound steps.
   """
   if strategy not in CLIENT_PARALLELISM:
     raise ValueError(
@@ -45,6 +61,40 @@ def resolve_parallelism(strategy: str) -> str:
   if strategy != "auto":
     return strategy
   return "sequential" if jax.default_backend() == "cpu" else "vmap"
+
+
+def auto_parallelism(strategy: str, chunk_size: int, *, clients: int,
+                     step_flops: Callable[[], float]) -> tuple[str, int]:
+  """``(strategy, chunk_size)`` that a round runs; ``auto`` becomes a concrete strategy.
+
+  ``auto`` is :func:`resolve_parallelism`'s choice, except on CPU for a local
+  step of at most :data:`CPU_DISPATCH_BOUND_STEP_FLOPS`: then chunked, with the
+  divisor of ``clients`` (those one device maps) nearest to
+  ``CPU_CHUNK_STEP_FLOPS / step_flops`` as the chunk size — a remainder would be
+  a second vmapped program, compiled separately (twice the compile time).
+  ``step_flops`` is called only then. Other strategies pass through unchanged.
+  """
+  strategy_now = resolve_parallelism(strategy)
+  if strategy != "auto" or strategy_now != "sequential" or clients < 2:
+    return strategy_now, chunk_size
+  flops = step_flops()
+  if not 0 < flops <= CPU_DISPATCH_BOUND_STEP_FLOPS:
+    return "sequential", chunk_size
+  target = CPU_CHUNK_STEP_FLOPS / flops
+  divisors = [d for d in range(2, clients + 1) if clients % d == 0]
+  return "chunked", min(divisors, key=lambda d: abs(math.log(d / target)))
+
+
+def local_step_flops(loss: Callable[[Any, Batch], Any], params: Any, batch: Batch) -> float:
+  """XLA's count of one local step's FLOPs: the loss's forward pass, × 3 for the backward.
+
+  Counted on the traced program before optimisation (lowering only, no
+  compile: ~0.1 s for a small CNN); the backward of a network costs about twice
+  its forward.
+  """
+  cost = jax.jit(loss).lower(params, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return 3.0 * float((cost or {}).get("flops", 0.0))
 
 
 def _valid_first_permutation(key: jax.Array, slot_mask: jax.Array) -> jax.Array:
