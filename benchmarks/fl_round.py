@@ -17,6 +17,10 @@ Sections (each compares side by side in one run, so the table reads as ratios):
 * ``scaling``  — round time and peak memory (each in a fresh process) for 10, 100,
   1000 clients of the small CNN and 10, 100 clients of ResNet-18, per strategy.
 * ``compile``  — compile time of the round (reported with every JAX row).
+* ``auto_rule`` — the evidence for ``auto``'s CPU rule
+  (:func:`isr_jax.fl.client.auto_parallelism`): small CNNs at a range of local
+  step costs, ``sequential`` against ``chunked`` with several chunk sizes, and
+  what ``auto`` runs.
 
 Within a section the rows are timed round-robin (:func:`interleaved_medians`), so
 the machine's drift hits every row alike. All data is synthetic (random images
@@ -67,7 +71,7 @@ _MANY_CLIENTS = flags.DEFINE_integer("many_clients", 100,
                                      "Clients per round in the many_clients section.")
 
 DEFAULT_SECTIONS = ["compute", "overhead", "isr", "scaling"]
-SECTIONS = [*DEFAULT_SECTIONS, "many_clients"]
+SECTIONS = [*DEFAULT_SECTIONS, "many_clients", "auto_rule"]
 DEFAULT_STRATEGIES = {
     "cpu": ["auto/auto", "auto/auto/xla_defaults", "vmap/auto", "chunked/auto",
             "chunked/im2col", "sequential/xla_cpu", "sequential/im2col"],
@@ -160,21 +164,26 @@ def jax_round_runner(step, state, data):
   return compile_s, one_round
 
 
-def interleaved_medians(runners, repeats):
-  """Median seconds per callable, timed round-robin so drift hits every row alike.
+def interleaved_times(runners, repeats) -> np.ndarray:
+  """Seconds ``[callable, repeat]``, timed round-robin so drift hits every row alike.
 
   This machine's speed drifts by ±15 % over minutes; rows timed one after another
   would carry that drift into their ratios. A short pause after each call lets
   PyTorch's spinning worker threads go idle before the next row starts.
   """
-  times = [[] for _ in runners]
-  for _ in range(repeats):
+  times = np.zeros((len(runners), repeats))
+  for r in range(repeats):
     for i, run in enumerate(runners):
       t0 = time.perf_counter()
       run()
-      times[i].append(time.perf_counter() - t0)
+      times[i, r] = time.perf_counter() - t0
       time.sleep(0.2)
-  return [float(np.median(t)) for t in times]
+  return times
+
+
+def interleaved_medians(runners, repeats):
+  """Median seconds per callable of :func:`interleaved_times`."""
+  return [float(np.median(t)) for t in interleaved_times(runners, repeats)]
 
 
 def time_jax_round(step, state, data, repeats):
@@ -416,6 +425,46 @@ def section_scaling():
           f"{r['compile_s']:.1f} |", flush=True)
 
 
+AUTO_RULE_ROWS = [
+    # (model, input shape, batch, clients, local steps, chunk sizes tried)
+    ("lenet5", (8, 8, 1), 16, 100, 20, (10, 20, 50)),
+    ("lenet5", (8, 8, 1), 64, 40, 20, (2, 5, 10)),
+    ("lenet5", (28, 28, 1), 16, 20, 10, (2, 4, 10)),
+    ("fedavg_cnn", (8, 8, 1), 16, 20, 10, (2, 4)),
+    ("lenet5", (28, 28, 1), 32, 10, 10, (2, 5)),
+    ("lenet5", (28, 28, 1), 64, 10, 10, (2, 5)),
+]
+
+
+def section_auto_rule(repeats):
+  """``sequential`` against ``chunked`` across local-step costs, and ``auto``'s pick."""
+  print("\n### auto's CPU rule: sequential against chunked, by the cost of a local step\n\n"
+        "Synthetic clients, fixed local steps, SGD momentum 0.9; speed relative to "
+        "`sequential` (median of the per-repeat ratios). Step MFLOP: what `auto` counts "
+        "(XLA's count of the loss's forward pass × 3).\n\n"
+        "| model | input | batch | clients × steps | step MFLOP | sequential s / round | "
+        "chunked: speed vs sequential | auto runs |\n|---|---|---|---|---|---|---|---|",
+        flush=True)
+  for model, shape, batch, clients, steps, chunks in AUTO_RULE_ROWS:
+    data = jax.tree.map(jnp.asarray, synthetic_clients(clients, steps, batch, shape))
+    runners = []
+    for strategy, chunk in [("sequential", 0)] + [("chunked", c) for c in chunks]:
+      step, state, _, _ = jax_setup(model, shape, data, strategy=strategy, chunk=chunk)
+      runners.append(jax_round_runner(step, state, data)[1])
+    problem, params = _fedavg_problem(model, shape, "auto", 0, None)
+    one_batch = Batch(data.x[0, 0], data.y[0, 0], jnp.ones(data.y[0, 0].shape, bool))
+    counted = local_step_flops(problem.loss, params, one_batch)
+    ran, ran_chunk = auto_parallelism("auto", 0, clients=clients,
+                                      step_flops=lambda counted=counted: counted)
+    times = interleaved_times(runners, repeats)
+    seq = times[0]
+    ratios = ", ".join(f"{c}: {np.median(seq / t):.2f}×"
+                       for c, t in zip(chunks, times[1:], strict=True))
+    picked = f"chunked ({ran_chunk})" if ran == "chunked" else ran
+    print(f"| {model} | {shape[0]}×{shape[1]} | {batch} | {clients} × {steps} | "
+          f"{counted / 1e6:.1f} | {np.median(seq):.3f} | {ratios} | {picked} |", flush=True)
+
+
 def main(argv):
   del argv
   if _SCALING_CHILD.value:
@@ -450,6 +499,8 @@ def main(argv):
     section_isr(repeats)
   if "scaling" in sections:
     section_scaling()
+  if "auto_rule" in sections:
+    section_auto_rule(repeats)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_one_round_on_tfds_mock_data(tmp_path, mock_tfds):
         ({"hybrid.mix_weight": 1.5}, r"hybrid\.mix_weight=1\.5 must be in \[0, 1\]"),
         ({"hybrid.mix_weight": -0.1}, r"hybrid\.mix_weight=-0\.1 must be in \[0, 1\]"),
         ({"hybrid.schedule": "cosine"}, r"hybrid\.schedule='cosine' is not one of"),
-        ({"fl.clients_per_round": 9}, r"fl\.clients=9 exceeds fl\.num_clients=6"),
+        ({"fl.clients_per_round": 9}, r"fl\.clients_per_round=9 exceeds fl\.num_clients=6"),
         ({"client_optimizer.learning_rate": 0.0}, r"client_optimizer\.learning_rate=0\.0"),
         ({"fl.partition.method": "zipf"}, r"fl\.partition\.method='zipf' is not one of"),
         ({"seed": -1}, r"seed=-1 must be an integer in \[0, 4294967295\]"),
