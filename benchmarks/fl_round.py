@@ -73,8 +73,10 @@ _MANY_CLIENTS = flags.DEFINE_integer("many_clients", 100,
 DEFAULT_SECTIONS = ["compute", "overhead", "isr", "scaling"]
 SECTIONS = [*DEFAULT_SECTIONS, "many_clients", "auto_rule"]
 DEFAULT_STRATEGIES = {
+    # auto runs one of the chunked/auto and sequential/auto rows (which one depends on
+    # the step's cost): the pair also shows how far two runs of one program differ.
     "cpu": ["auto/auto", "auto/auto/xla_defaults", "vmap/auto", "chunked/auto",
-            "chunked/im2col", "sequential/xla_cpu", "sequential/im2col"],
+            "chunked/im2col", "sequential/auto", "sequential/xla_cpu", "sequential/im2col"],
     # isr_jax's compiler options are XLA's defaults off CPU, and the CPU lowerings
     # (xla_cpu, banded, dense) are CPU workarounds: compare strategies and im2col.
     "accelerator": ["auto/auto", "chunked/xla", "sequential/xla", "vmap/im2col"],

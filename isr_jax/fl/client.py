@@ -35,15 +35,16 @@ CLIENT_PARALLELISM = ("auto", "vmap", "chunked", "sequential")
 
 # On CPU, a local step of at most this many FLOPs (forward and backward) is bound by
 # XLA's per-kernel dispatch rather than by arithmetic, and a vmapped chunk of clients
-# runs its kernels at that cost once for the whole chunk. Chunked against sequential,
-# measured side by side (benchmarks/RESULTS.md §2): LeNet-5 at 8×8, batch 16 (5.4
-# MFLOP) 1.16× with chunks of 20; at batch 64 (21 MFLOP) 1.05× with chunks of 5;
-# LeNet-5 at 28×28, batch 16 (43 MFLOP) 1.31× with chunks of 2; above the threshold
-# sequential wins: the FedAvg CNN at 8×8, batch 16 (71 MFLOP) 0.95×, LeNet-5 at
-# 28×28, batch 32 (85 MFLOP) 0.87× and batch 64 (170 MFLOP) 0.96× with chunks of 2.
+# pays that dispatch once for the whole chunk. Chunked against sequential, measured
+# side by side (benchmarks/RESULTS.md §2, `--sections=auto_rule`): LeNet-5 at 28×28,
+# batch 16 (47 MFLOP) 1.09–1.31× with chunks of 2–4 in every run; at 8×8 (6–23
+# MFLOP) 0.90–1.18×, trading places with the machine's state; above the threshold
+# sequential always won: FedAvg CNN at 8×8, batch 16 (73 MFLOP) 0.81–0.95×, LeNet-5
+# at 28×28, batch 32 / 64 (94 / 189 MFLOP) 0.86–0.87× / 0.81–0.96×.
 CPU_DISPATCH_BOUND_STEP_FLOPS = 50e6
 # ... and chunks run fastest at about this much work per vmapped step (LeNet-5 at
-# 8×8, batch 16: chunks of 10 / 20 / 50 ran 1.11× / 1.16× / 0.82× sequential's speed).
+# 8×8, batch 16, chunks of 10 / 20 / 50: 1.11× / 1.16× / 0.82× sequential's speed
+# in one run, 0.90× / 0.91× / 0.73× in another).
 CPU_CHUNK_STEP_FLOPS = 100e6
 
 
