@@ -151,6 +151,14 @@ def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strateg
   return step, state, flops, (strategy, chunk)
 
 
+def strategy_label(asked: str, ran: str, chunk: int) -> str:
+  """``asked`` as a table row names it, with what ``auto`` ran and the chunk size."""
+  ran_text = ran + (f", chunks of {chunk}" if ran == "chunked" else "")
+  if asked == "auto":
+    return f"auto (= {ran_text})"
+  return f"{ran} (chunks of {chunk})" if ran == "chunked" else ran
+
+
 def jax_round_runner(step, state, data):
   """(compile seconds, a warmed-up callable that runs one round to completion)."""
   t0 = time.perf_counter()
@@ -338,11 +346,8 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
         model_name, shape, device_data, strategy=strategy, chunk=chunk, conv_impl=conv_impl,
         xla_defaults=xla_defaults)
     compile_s, one_round = jax_round_runner(step, state, device_data)
-    label = f"isr_jax round, {strategy}"
-    if strategy == "auto":
-      label += f" (= {ran}" + (f", chunks of {ran_chunk})" if ran == "chunked" else ")")
-    label += ((f" (chunks of {chunk})" if chunk else "") + f", conv {conv_impl}"
-              + (", XLA's default options" if xla_defaults else ""))
+    label = (f"isr_jax round, {strategy_label(strategy, ran, ran_chunk)}, conv {conv_impl}"
+             + (", XLA's default options" if xla_defaults else ""))
     rows.append((label, one_round, compile_s, flops))
   seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
   torch_s = seconds[0] if _torch_available() else None
@@ -412,15 +417,14 @@ def section_scaling():
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.fl_round", f"--scaling_child={json.dumps(row)}"],
         capture_output=True, text=True, timeout=3600)
-    label = strategy + (f" ({chunk})" if chunk else "")
     if proc.returncode != 0:
+      label = strategy_label(strategy, strategy, chunk)
       reason = (proc.stderr.strip().splitlines() or ["?"])[-1][:80]
       print(f"| {model} | {clients} | {steps} × {batch} | {label} | failed: {reason} ||||||",
             flush=True)
       continue
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    if strategy == "auto":
-      label += f" (= {r['ran'][0]}" + (f" ({r['ran'][1]}))" if r["ran"][0] == "chunked" else ")")
+    label = strategy_label(strategy, *r["ran"])
     device_peak = "–" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
     print(f"| {model} | {clients} | {steps} × {batch} | {label} | {r['round_s']:.2f} | "
           f"{1000 * r['round_s'] / clients:.1f} | {r['peak_gib']:.2f} | {device_peak} | "
@@ -462,7 +466,7 @@ def section_auto_rule(repeats):
     seq = times[0]
     ratios = ", ".join(f"{c}: {np.median(seq / t):.2f}×"
                        for c, t in zip(chunks, times[1:], strict=True))
-    picked = f"chunked ({ran_chunk})" if ran == "chunked" else ran
+    picked = strategy_label(ran, ran, ran_chunk)
     print(f"| {model} | {shape[0]}×{shape[1]} | {batch} | {clients} × {steps} | "
           f"{counted / 1e6:.1f} | {np.median(seq):.3f} | {ratios} | {picked} |", flush=True)
 

@@ -46,6 +46,7 @@ from benchmarks.fl_round import (
     _torch_device,
     interleaved_medians,
     jax_round_runner,
+    strategy_label,
     torch_description,
 )
 from experiments.configs import cross_silo
@@ -300,11 +301,7 @@ def build_rows(w: Workload, strategies, *, rounds: int, data_dir=None):
     elif not np.array_equal(np.asarray(exp.state.rng), np.asarray(rows[0][4].rng)):
       raise AssertionError("rows would sample different clients")
     ran, ran_chunk = exp.fl_spec.parallelism, exp.fl_spec.chunk_size
-    label = f"isr_jax round, {parallelism}"
-    if parallelism == "auto":
-      label += f" (= {ran})"
-    if ran == "chunked":
-      label += f" (chunks of {ran_chunk})"
+    label = f"isr_jax round, {strategy_label(parallelism, ran, ran_chunk)}"
     rows.append((label, ran, ran_chunk, exp.round_fn, exp.state))
   return data, train, clients, ids, rows
 
