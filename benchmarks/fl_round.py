@@ -26,7 +26,9 @@ Within a section the rows are timed round-robin (:func:`interleaved_medians`), s
 the machine's drift hits every row alike. All data is synthetic (random images
 and labels): only speed is measured.
 Needs ``pip install -e '.[bench]'`` (torch==2.13.0) for the PyTorch rows; PyTorch
-runs on CUDA when it sees a GPU, so on a GPU machine both sides share the device.
+runs in a process of its own (:mod:`benchmarks.torch_baseline`, once as started and
+once with glibc's malloc tuned), on CUDA when it sees a GPU, so on a GPU machine
+both sides share the device.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import Batch
 from isr_jax.fl.algorithms.fedavg import fedavg
@@ -234,81 +237,6 @@ def jax_step_loop(model_name, shape, data, lr=0.01, momentum=0.9):
   return one_round
 
 
-# --------------------------------------------------------------------------- PyTorch
-def torch_model(name: str):
-  import torch.nn as nn
-
-  if name == "fedavg_cnn":
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, 10))
-  if name == "small_cnn":  # the overhead-bound workload: LeNet-5 shaped for 8×8 inputs
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(2 * 2 * 16, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-  raise ValueError(name)
-
-
-def torch_round(name, data, lr=0.01, momentum=0.9):
-  """The seed papers' loop: per client load_state_dict, local SGD, then average."""
-  import torch
-  import torch.nn.functional as F
-
-  torch.manual_seed(0)
-  device = _torch_device()
-  global_model = torch_model(name).to(device)
-  local = torch_model(name).to(device)
-  # NHWC numpy -> NCHW torch on the device, once, outside the timed loop (as the
-  # JAX rows get their data on the device).
-  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.x, -1, 3))).to(device)
-  y = torch.from_numpy(data.y.astype(np.int64)).to(device)
-
-  def one_round():
-    states = []
-    for c in range(data.num_clients):
-      local.load_state_dict(global_model.state_dict())
-      opt = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum)
-      for s in range(data.steps_per_epoch):
-        opt.zero_grad()
-        F.cross_entropy(local(x[c, s]), y[c, s]).backward()
-        opt.step()
-      states.append({k: v.clone() for k, v in local.state_dict().items()})
-    global_model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
-    if device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
-      torch.cuda.synchronize()
-
-  one_round()
-  return one_round
-
-
-def _torch_device():
-  import torch
-
-  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def torch_description() -> str:
-  """PyTorch's version and where it runs (for the tables' headers), or ``absent``."""
-  if not _torch_available():
-    return "absent"
-  import torch
-
-  device = _torch_device()
-  where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"CPU, {torch.get_num_threads()} threads")
-  return f"{torch.__version__} ({where})"
-
-
-def _torch_available() -> bool:
-  try:
-    import torch  # noqa: F401
-  except ImportError:
-    return False
-  return True
-
-
 # --------------------------------------------------------------------------- sections
 def _row(name, seconds, samples, baseline, compile_s=None, flops=None):
   ratio = baseline / seconds if baseline else float("nan")
@@ -334,9 +262,8 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
   _, _, work, _ = jax_setup(model_name, shape, device_data, strategy="sequential",
                             conv_impl="xla")
   rows = []  # (label, one-round callable, compile seconds, FLOPs)
-  if _torch_available():
-    rows.append(("PyTorch sequential loop (state_dict load/average)",
-                 torch_round(torch_name, data), None, work))
+  torch = torch_rows("round", torch_name, data.x, data.y) if torch_available() else []
+  rows += [(label, run, None, work) for label, run in torch]
   rows.append(("JAX: Python loop of one jitted step (fedjax's way)",
                jax_step_loop(model_name, shape, data), None, work))
   for strategy, conv_impl, *options in strategies:
@@ -350,7 +277,9 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
              + (", XLA's default options" if xla_defaults else ""))
     rows.append((label, one_round, compile_s, flops))
   seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
-  torch_s = seconds[0] if _torch_available() else None
+  for _, process in torch:
+    process.close()
+  torch_s = seconds[0] if torch else None
   for (label, _, compile_s, flops), s in zip(rows, seconds, strict=True):
     print(_row(label, s, samples, torch_s, compile_s, flops), flush=True)
 

@@ -41,14 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.fl_round import (
-    _torch_available,
-    _torch_device,
-    interleaved_medians,
-    jax_round_runner,
-    strategy_label,
-    torch_description,
-)
+from benchmarks.fl_round import interleaved_medians, jax_round_runner, strategy_label
+from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from experiments.configs import cross_silo
 from isr_jax.data import ClientData, load_dataset, partition
 from isr_jax.errors import DataNotFoundError
@@ -187,75 +181,6 @@ def executed_steps(sizes, *, batch_size: int, epochs: int, parallelism: str,
   return total
 
 
-# --------------------------------------------------------------------------- PyTorch
-def torch_lenet5():
-  """LeNet-5 as :class:`isr_jax.models.cnn.LeNet5` builds it for 28×28×1 (61,706 params)."""
-  import torch.nn as nn
-
-  return nn.Sequential(
-      nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-      nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-
-
-def torch_fedavg_runner(x, y, clients, round_ids, *, epochs: int, batch_size: int = 64,
-                        lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-5,
-                        seed: int = 0, log: list | None = None):
-  """A callable that runs the next round of FedAvg as the seed papers' loop does.
-
-  Round ``r`` (the ``r``-th call) trains the clients ``round_ids[r]`` in that
-  order: each loads the global state_dict, runs ``epochs`` epochs over its own
-  examples ``x[clients[c]]``, reshuffled every epoch (``torch.randperm`` from a
-  seeded generator), in batches of ``batch_size`` with the last partial batch,
-  one SGD step per batch (``weight_decay`` adds wd·θ to the gradient before
-  momentum, as isr_jax's SGD); the global model becomes the |D_n|-weighted mean
-  of the clients' state_dicts. The data becomes tensors once, here. ``log``
-  receives ``(client, examples, steps)`` of every client trained.
-  """
-  import torch
-  import torch.nn.functional as F
-
-  torch.manual_seed(seed)
-  device = _torch_device()
-  global_model = torch_lenet5().to(device)
-  local = torch_lenet5().to(device)
-  nchw = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
-  labels = torch.from_numpy(np.asarray(y).astype(np.int64))
-  own = [(nchw[torch.from_numpy(np.asarray(ix))].to(device),
-          labels[torch.from_numpy(np.asarray(ix))].to(device)) for ix in clients]
-  generator = torch.Generator().manual_seed(seed)
-  rounds = iter(round_ids)
-
-  def one_round():
-    states, sizes = [], []
-    for c in next(rounds):
-      cx, cy = own[int(c)]
-      n = len(cy)
-      local.load_state_dict(global_model.state_dict())
-      opt = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum,
-                            weight_decay=weight_decay)
-      steps = 0
-      for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch_size):
-          b = perm[start:start + batch_size]
-          opt.zero_grad()
-          F.cross_entropy(local(cx[b]), cy[b]).backward()
-          opt.step()
-          steps += 1
-      states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
-      sizes.append(n)
-      if log is not None:
-        log.append((int(c), n, steps))
-    w = [n / sum(sizes) for n in sizes]
-    global_model.load_state_dict(
-        {k: sum(wi * s[k] for wi, s in zip(w, states, strict=True)) for k in states[0]})
-    if device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
-      torch.cuda.synchronize()
-
-  return one_round
-
-
 # --------------------------------------------------------------------------- section
 def parse_strategy(entry: str) -> tuple[str, int]:
   """``"chunked/5"`` -> ``("chunked", 5)``; ``"vmap"`` -> ``("vmap", 0)``."""
@@ -326,10 +251,9 @@ def section(name: str, strategies, repeats: int, rounds_warmup: int, data_dir=No
         f"(mean of the {repeats} timed rounds)\n\n{HEADER}", flush=True)
   mesh = make_mesh(None)
   rows = []  # (label, one-round callable, compile seconds, executed steps per round)
-  if _torch_available():
-    rows.append(("PyTorch sequential loop (state_dict load/average)",
-                 torch_fedavg_runner(train.x, train.y, clients, ids, epochs=epochs,
-                                     batch_size=batch), None, real))
+  torch = (torch_rows("fedavg", train.x, train.y, clients, ids, epochs=epochs, batch_size=batch)
+           if torch_available() else [])
+  rows += [(label, run, None, real) for label, run in torch]
   for label, parallelism, chunk, step, state in jax_rows:
     compile_s, one_round = jax_round_runner(step, state, data)
     executed = sum(executed_steps(sizes[r], batch_size=batch, epochs=epochs,
@@ -337,11 +261,13 @@ def section(name: str, strategies, repeats: int, rounds_warmup: int, data_dir=No
                    for r in timed) / repeats
     rows.append((label, one_round, compile_s, executed))
   del jax_rows
-  for _, run, compile_s, _ in rows:  # jax_round_runner ran the first warm-up round
-    for _ in range(rounds_warmup - (0 if compile_s is None else 1)):
+  for _, run, _, _ in rows:  # PyTorch's processes and jax_round_runner ran the first
+    for _ in range(rounds_warmup - 1):
       run()
   seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
-  torch_s = seconds[0] if _torch_available() else None
+  for _, process in torch:
+    process.close()
+  torch_s = seconds[0] if torch else None
   for (label, _, compile_s, executed), s in zip(rows, seconds, strict=True):
     print(_row(label, s, samples, torch_s, compile_s, executed, real), flush=True)
 

@@ -9,7 +9,9 @@ real-workload benchmark (``benchmarks.real_workload``) inherits. Each row runs
 gradient, as ``torch.optim.SGD`` does) on 28×28×1 inputs: isr_jax as one jitted
 ``fori_loop`` over the steps (the model and compiler options the ``sequential``
 round uses, without its masking and bookkeeping), PyTorch as a Python loop over
-``zero_grad / forward / backward / step``. The two sides' rows are timed
+``zero_grad / forward / backward / step`` in this process (where it runs as
+fast as :mod:`benchmarks.torch_baseline`'s tuned-malloc row, not as its
+own-process row). The two sides' rows are timed
 alternately, ``--repeats`` times; the ratio column is the median of the
 per-repeat ratios (this machine's speed drifts by tens of percent within
 minutes, which hits both sides of one repeat alike). Inputs and labels are
@@ -31,19 +33,18 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from benchmarks.fl_round import _torch_available, torch_description, torch_model
-from benchmarks.real_workload import torch_lenet5
+from benchmarks.torch_baseline import torch_available, torch_description, torch_lenet5, torch_model
 from isr_jax.models import create_model
 from isr_jax.models.layers import xla_compiler_options
 
 MODELS = ("lenet5", "fedavg_cnn", "convnet3", "convnet4")
 
-# Importing benchmarks.real_workload defined its own --repeats.
-delattr(flags.FLAGS, "repeats")
 _MODELS = flags.DEFINE_list("models", list(MODELS), f"Models among {list(MODELS)}.")
 _BATCHES = flags.DEFINE_list("batches", ["32", "64"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Local steps per timed call.")
-_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed calls per row (alternating rows).")
+# allow_override: the other benchmarks define --repeats too, and the tests import them all.
+_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed calls per row (alternating rows).",
+                                allow_override=True)
 _WIDTH = flags.DEFINE_integer("width", 32, "ConvNet channels (the personalized preset's).")
 
 SHAPE = (28, 28, 1)
@@ -120,7 +121,7 @@ def main(argv):
   del argv
   if unknown := set(_MODELS.value) - set(MODELS):
     raise app.UsageError(f"--models {sorted(unknown)} not among {list(MODELS)}")
-  if not _torch_available():
+  if not torch_available():
     raise app.UsageError("PyTorch is not installed: pip install -e '.[bench]'")
   batches = [int(b) for b in _BATCHES.value]
   print(f"# Local step cost, 28×28×1, SGD momentum 0.9\n\nmachine: {platform.machine()}, "

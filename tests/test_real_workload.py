@@ -8,6 +8,7 @@ import pytest
 from test_cross_silo import _write_idx
 
 from benchmarks import real_workload as rw
+from benchmarks import torch_baseline
 from isr_jax.train import build_experiment
 
 TINY = rw.Workload("tiny", "dirichlet", num_clients=6, clients_per_round=4, local_epochs=2)
@@ -43,7 +44,7 @@ def fmnist_dir(tmp_path_factory):
 
 def test_lenet5_sizes_match():
   pytest.importorskip("torch")
-  n = sum(p.numel() for p in rw.torch_lenet5().parameters())
+  n = sum(p.numel() for p in torch_baseline.torch_lenet5().parameters())
   assert n == 61_706
 
 
@@ -78,10 +79,10 @@ def test_jax_round_and_torch_loop_train_the_same_clients(fmnist_dir):
     want = rw.real_steps(sizes[ids[r]], 64, TINY.local_epochs) / TINY.clients_per_round
     assert float(metrics["fl/local_steps"]) == pytest.approx(want)
 
-  if not rw._torch_available():
+  if not torch_baseline.torch_available():
     return
   log = []
-  one_round = rw.torch_fedavg_runner(train.x, train.y, clients, ids,
+  one_round = torch_baseline.torch_fedavg_runner(train.x, train.y, clients, ids,
                                      epochs=TINY.local_epochs, log=log)
   one_round()
   one_round()

@@ -1,0 +1,262 @@
+r"""The PyTorch side of the benchmarks, run in a process of its own.
+
+The loops here are the seed papers' FedAvg: per client ``load_state_dict``,
+local SGD, then the average of the clients' state_dicts. The benchmarks time
+them in a child process that imports PyTorch and NumPy only, as a researcher's
+own script runs, not next to JAX: a PyTorch loop in the benchmark's process ran
+1.13–1.19× faster than the same loop alone (FedAvg CNN, 10 clients × 10 steps,
+2026-12-03), because what XLA allocated and freed before had moved glibc's
+malloc thresholds, so PyTorch's per-step activations (6 MB at batch 64) stopped
+being fresh ``mmap`` pages. The rows therefore come in two flavours: the
+process as a user starts it, and the same process with glibc's thresholds set
+by environment (:data:`TUNED_MALLOC`), which is as fast as the in-process loop
+was and is the stronger baseline.
+
+Protocol of ``python -m benchmarks.torch_baseline SPEC.pkl``: the child builds
+the loop from the pickled spec, runs the warm-up round, prints ``ready``; then
+for every ``run`` line on stdin it runs one round and prints its seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# glibc malloc by environment: blocks up to 32 MiB (the largest threshold glibc
+# takes) from the heap, and the heap's free top kept up to 256 MiB, so a step's
+# activations reuse memory instead of faulting in fresh pages every step.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def torch_device():
+  import torch
+
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_description() -> str:
+  """PyTorch's version and where it runs (for the tables' headers), or ``absent``."""
+  if not torch_available():
+    return "absent"
+  import torch
+
+  device = torch_device()
+  where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"CPU, {torch.get_num_threads()} threads")
+  return f"{torch.__version__} ({where})"
+
+
+def torch_model(name: str):
+  """The synthetic sections' models, as :mod:`isr_jax.models.cnn` builds them."""
+  import torch.nn as nn
+
+  if name == "fedavg_cnn":
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, 10))
+  if name == "small_cnn":  # the overhead-bound workload: LeNet-5 shaped for 8×8 inputs
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2 * 2 * 16, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+  if name == "lenet5":
+    return torch_lenet5()
+  raise ValueError(name)
+
+
+def torch_lenet5():
+  """LeNet-5 as :class:`isr_jax.models.cnn.LeNet5` builds it for 28×28×1 (61,706 params)."""
+  import torch.nn as nn
+
+  return nn.Sequential(
+      nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+      nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def torch_round(name, x, y, lr=0.01, momentum=0.9):
+  """A callable running one equal-clients round on ``x [C, S, B, H, W, 1]``, ``y [C, S, B]``.
+
+  The seed papers' loop: per client load_state_dict, one SGD step per batch,
+  then the unweighted average. The warm-up round runs here.
+  """
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  device = torch_device()
+  global_model = torch_model(name).to(device)
+  local = torch_model(name).to(device)
+  # NHWC numpy -> NCHW torch on the device, once, outside the timed loop (as the
+  # JAX rows get their data on the device).
+  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 3))).to(device)
+  y = torch.from_numpy(y.astype(np.int64)).to(device)
+  clients, steps = y.shape[:2]
+
+  def one_round():
+    states = []
+    for c in range(clients):
+      local.load_state_dict(global_model.state_dict())
+      opt = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum)
+      for s in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(local(x[c, s]), y[c, s]).backward()
+        opt.step()
+      states.append({k: v.clone() for k, v in local.state_dict().items()})
+    global_model.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
+    if device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
+      torch.cuda.synchronize()
+
+  one_round()
+  return one_round
+
+
+def torch_fedavg_runner(x, y, clients, round_ids, *, epochs: int, batch_size: int = 64,
+                        lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-5,
+                        seed: int = 0, log: list | None = None):
+  """A callable that runs the next round of FedAvg as the seed papers' loop does.
+
+  Round ``r`` (the ``r``-th call) trains the clients ``round_ids[r]`` in that
+  order: each loads the global state_dict, runs ``epochs`` epochs over its own
+  examples ``x[clients[c]]``, reshuffled every epoch (``torch.randperm`` from a
+  seeded generator), in batches of ``batch_size`` with the last partial batch,
+  one SGD step per batch (``weight_decay`` adds wd·θ to the gradient before
+  momentum, as isr_jax's SGD); the global model becomes the |D_n|-weighted mean
+  of the clients' state_dicts. The data becomes tensors once, here. ``log``
+  receives ``(client, examples, steps)`` of every client trained.
+  """
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(seed)
+  device = torch_device()
+  global_model = torch_lenet5().to(device)
+  local = torch_lenet5().to(device)
+  nchw = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
+  labels = torch.from_numpy(np.asarray(y).astype(np.int64))
+  own = [(nchw[torch.from_numpy(np.asarray(ix))].to(device),
+          labels[torch.from_numpy(np.asarray(ix))].to(device)) for ix in clients]
+  generator = torch.Generator().manual_seed(seed)
+  rounds = iter(round_ids)
+
+  def one_round():
+    states, sizes = [], []
+    for c in next(rounds):
+      cx, cy = own[int(c)]
+      n = len(cy)
+      local.load_state_dict(global_model.state_dict())
+      opt = torch.optim.SGD(local.parameters(), lr=lr, momentum=momentum,
+                            weight_decay=weight_decay)
+      steps = 0
+      for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+          b = perm[start:start + batch_size]
+          opt.zero_grad()
+          F.cross_entropy(local(cx[b]), cy[b]).backward()
+          opt.step()
+          steps += 1
+      states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
+      sizes.append(n)
+      if log is not None:
+        log.append((int(c), n, steps))
+    w = [n / sum(sizes) for n in sizes]
+    global_model.load_state_dict(
+        {k: sum(wi * s[k] for wi, s in zip(w, states, strict=True)) for k in states[0]})
+    if device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
+      torch.cuda.synchronize()
+
+  return one_round
+
+
+def _fedavg_with_warmup(*args, **kwargs):
+  one_round = torch_fedavg_runner(*args, **kwargs)
+  one_round()
+  return one_round
+
+
+LOOPS = {"round": torch_round, "fedavg": _fedavg_with_warmup}
+
+
+class TorchProcess:
+  """``LOOPS[loop](*args, **kwargs)`` in a child process; calling it runs one round.
+
+  The arguments travel pickled through a temporary file (the data sets are
+  hundreds of MB, too much for a pipe's first write to be quick); the child has
+  run its warm-up round when the constructor returns. ``tuned_malloc`` starts it
+  with :data:`TUNED_MALLOC` in its environment.
+  """
+
+  def __init__(self, loop: str, *args, tuned_malloc: bool = False, **kwargs):
+    env = dict(os.environ, **(TUNED_MALLOC if tuned_malloc else {}))
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
+      pickle.dump((loop, args, kwargs), f, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+      self._child = subprocess.Popen(
+          [sys.executable, "-m", "benchmarks.torch_baseline", f.name], env=env, text=True,
+          cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE)
+      self._expect("ready")
+    finally:
+      os.unlink(f.name)
+
+  def _expect(self, what: str) -> str:
+    line = self._child.stdout.readline().strip()
+    if not line:
+      raise RuntimeError(f"the PyTorch child process exited (code {self._child.wait()}) "
+                         f"before it printed {what}")
+    return line
+
+  def __call__(self) -> float:
+    """One round; returns the child's own timing of it (seconds)."""
+    self._child.stdin.write("run\n")
+    self._child.stdin.flush()
+    return float(self._expect("a round's seconds"))
+
+  def close(self):
+    if self._child.poll() is None:
+      self._child.stdin.close()
+      self._child.wait()
+
+
+def torch_rows(loop: str, *args, **kwargs) -> list[tuple[str, TorchProcess]]:
+  """A table's PyTorch rows: the loop in its own process as a user starts it, then tuned.
+
+  The first is the baseline the ratios divide by; close the processes after timing.
+  """
+  label = "PyTorch sequential loop (state_dict load/average), own process"
+  return [(label + (", glibc malloc tuned" if tuned else ""),
+           TorchProcess(loop, *args, tuned_malloc=tuned, **kwargs)) for tuned in (False, True)]
+
+
+def _serve(spec_path: str):
+  with open(spec_path, "rb") as f:
+    loop, args, kwargs = pickle.load(f)
+  one_round = LOOPS[loop](*args, **kwargs)
+  print("ready", flush=True)
+  for line in sys.stdin:
+    if line.strip() != "run":
+      break
+    t0 = time.perf_counter()
+    one_round()
+    print(time.perf_counter() - t0, flush=True)
+
+
+if __name__ == "__main__":
+  _serve(sys.argv[1])
