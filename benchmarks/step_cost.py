@@ -9,9 +9,9 @@ real-workload benchmark (``benchmarks.real_workload``) inherits. Each row runs
 gradient, as ``torch.optim.SGD`` does) on 28×28×1 inputs: isr_jax as one jitted
 ``fori_loop`` over the steps (the model and compiler options the ``sequential``
 round uses, without its masking and bookkeeping), PyTorch as a Python loop over
-``zero_grad / forward / backward / step`` in this process (where it runs as
-fast as :mod:`benchmarks.torch_baseline`'s tuned-malloc row, not as its
-own-process row). The two sides' rows are timed
+``zero_grad / forward / backward / step`` in this process, next to JAX, where
+PyTorch can run faster than in a process of its own
+(:mod:`benchmarks.torch_baseline`). The two sides' rows are timed
 alternately, ``--repeats`` times; the ratio column is the median of the
 per-repeat ratios (this machine's speed drifts by tens of percent within
 minutes, which hits both sides of one repeat alike). Inputs and labels are

@@ -3,14 +3,15 @@ r"""The PyTorch side of the benchmarks, run in a process of its own.
 The loops here are the seed papers' FedAvg: per client ``load_state_dict``,
 local SGD, then the average of the clients' state_dicts. The benchmarks time
 them in a child process that imports PyTorch and NumPy only, as a researcher's
-own script runs, not next to JAX: a PyTorch loop in the benchmark's process ran
-1.13–1.19× faster than the same loop alone (FedAvg CNN, 10 clients × 10 steps,
-2026-12-03), because what XLA allocated and freed before had moved glibc's
-malloc thresholds, so PyTorch's per-step activations (6 MB at batch 64) stopped
-being fresh ``mmap`` pages. The rows therefore come in two flavours: the
-process as a user starts it, and the same process with glibc's thresholds set
-by environment (:data:`TUNED_MALLOC`), which is as fast as the in-process loop
-was and is the stronger baseline.
+own script runs, not next to JAX. A PyTorch loop in a process where JAX had run
+a round ran 1.13–1.19× faster than the same loop alone (FedAvg CNN, 10 clients
+× 10 steps, 2026-12-03), and the loop alone with glibc's malloc thresholds set
+by environment (:data:`TUNED_MALLOC`) ran as fast as that: what XLA allocated
+and freed had most likely moved glibc's dynamic thresholds, so PyTorch's
+per-step activations (6 MB at batch 64) stopped being fresh ``mmap`` pages
+faulted in every step. The rows therefore come in two flavours: the process as
+a user starts it (the baseline of the ratios), and the same with
+:data:`TUNED_MALLOC`, the stronger baseline.
 
 Protocol of ``python -m benchmarks.torch_baseline SPEC.pkl``: the child builds
 the loop from the pickled spec, runs the warm-up round, prints ``ready``; then
@@ -229,10 +230,11 @@ class TorchProcess:
     self._child.stdin.flush()
     return float(self._expect("a round's seconds"))
 
-  def close(self):
+  def close(self) -> int:
+    """Ends the child (it exits at the end of its input); returns its exit status."""
     if self._child.poll() is None:
       self._child.stdin.close()
-      self._child.wait()
+    return self._child.wait()
 
 
 def torch_rows(loop: str, *args, **kwargs) -> list[tuple[str, TorchProcess]]:
