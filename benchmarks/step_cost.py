@@ -9,18 +9,16 @@ real-workload benchmark (``benchmarks.real_workload``) inherits. Each row runs
 gradient, as ``torch.optim.SGD`` does) on 28×28×1 inputs: isr_jax as one jitted
 ``fori_loop`` over the steps (the model and compiler options the ``sequential``
 round uses, without its masking and bookkeeping), PyTorch as a Python loop over
-``zero_grad / forward / backward / step`` in this process, next to JAX, where
-PyTorch can run faster than in a process of its own
-(:mod:`benchmarks.torch_baseline`). The two sides' rows are timed
-alternately, ``--repeats`` times; the ratio column is the median of the
-per-repeat ratios (this machine's speed drifts by tens of percent within
-minutes, which hits both sides of one repeat alike). Inputs and labels are
+``zero_grad / forward / backward / step`` in two processes of its own
+(:mod:`benchmarks.torch_baseline`: as started, and with glibc's malloc tuned).
+The three rows are timed alternately, ``--repeats`` times; the ratio columns
+are medians of the per-repeat ratios (this machine's speed drifts by tens of
+percent within minutes, which hits every side of one repeat alike). Inputs and labels are
 synthetic (uniform noise, random labels): only speed is measured.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -33,7 +31,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from benchmarks.torch_baseline import torch_available, torch_description, torch_lenet5, torch_model
+from benchmarks.torch_baseline import TorchProcess, torch_available, torch_description
 from isr_jax.models import create_model
 from isr_jax.models.layers import xla_compiler_options
 
@@ -49,48 +47,6 @@ _WIDTH = flags.DEFINE_integer("width", 32, "ConvNet channels (the personalized p
 
 SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
-
-
-def torch_convnet(depth: int, width: int):
-  """:class:`isr_jax.models.cnn.ConvNet` in PyTorch: conv 3×3 → GroupNorm → ReLU → pool."""
-  import torch.nn as nn
-
-  layers, c, h = [], SHAPE[2], SHAPE[0]
-  for _ in range(depth):
-    layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(math.gcd(width, 32), width),
-               nn.ReLU()]
-    if h >= 2:
-      layers.append(nn.MaxPool2d(2))
-      h //= 2
-    c = width
-  return nn.Sequential(*layers, nn.Flatten(), nn.Linear(h * h * width, NUM_CLASSES))
-
-
-def torch_builder(name: str, width: int):
-  """``name``'s PyTorch twin, as a constructor (ConvNets of ``width`` channels)."""
-  return {"lenet5": torch_lenet5, "fedavg_cnn": lambda: torch_model("fedavg_cnn"),
-          "convnet3": lambda: torch_convnet(3, width),
-          "convnet4": lambda: torch_convnet(4, width)}[name]
-
-
-def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
-  """A callable running one SGD step per batch of ``x [T, B, H, W, C]`` in PyTorch."""
-  import torch
-  import torch.nn.functional as F
-
-  torch.manual_seed(0)
-  model = torch_builder(name, width)()
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
-  tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 2)))
-  ty = torch.from_numpy(y.astype(np.int64))
-
-  def run():
-    for t in range(len(tx)):
-      opt.zero_grad()
-      F.cross_entropy(model(tx[t]), ty[t]).backward()
-      opt.step()
-
-  return run
 
 
 def jax_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
@@ -128,27 +84,33 @@ def main(argv):
         f"{os.cpu_count()} cores; backend {jax.default_backend()}; jax {jax.__version__}; "
         f"torch {torch_description()}; {time.strftime('%Y-%m-%d')}; {_STEPS.value} steps per "
         f"call, {_REPEATS.value} alternating calls per row; ConvNet width {_WIDTH.value}\n\n"
-        "| model | batch | PyTorch ms / step | isr_jax ms / step | isr_jax speed vs PyTorch "
-        "(median [quartiles] of per-repeat ratios) |\n|---|---|---|---|---|", flush=True)
+        "| model | batch | PyTorch ms / step | PyTorch, malloc tuned | isr_jax ms / step | "
+        "isr_jax speed vs PyTorch (median [quartiles] of per-repeat ratios) | "
+        "vs PyTorch, malloc tuned |\n|---|---|---|---|---|---|---|", flush=True)
   rng = np.random.default_rng(0)
   for name in _MODELS.value:
     for batch in batches:
       x = rng.uniform(size=(_STEPS.value, batch, *SHAPE)).astype(np.float32)
       y = rng.integers(0, NUM_CLASSES, size=(_STEPS.value, batch))
-      runs = [torch_steps(name, x, y, _WIDTH.value), jax_steps(name, x, y, _WIDTH.value)]
-      for run in runs:  # warm-up
-        run()
-      times = [[], []]
-      for _ in range(_REPEATS.value):
+      torch = [TorchProcess("steps", name, x, y, _WIDTH.value, tuned_malloc=tuned)
+               for tuned in (False, True)]
+      jax_run = jax_steps(name, x, y, _WIDTH.value)
+      jax_run()  # warm-up (the PyTorch processes ran theirs)
+      runs = [*torch, jax_run]
+      times = np.zeros((len(runs), _REPEATS.value))
+      for r in range(_REPEATS.value):
         for i, run in enumerate(runs):
           t0 = time.perf_counter()
           run()
-          times[i].append(time.perf_counter() - t0)
+          times[i, r] = time.perf_counter() - t0
           time.sleep(0.1)  # let PyTorch's worker threads go idle before the next row
-      ratio = np.array(times[0]) / np.array(times[1])
-      ms = [1e3 * float(np.median(t)) / _STEPS.value for t in times]
-      print(f"| {name} | {batch} | {ms[0]:.2f} | {ms[1]:.2f} | {np.median(ratio):.2f}× "
-            f"[{np.percentile(ratio, 25):.2f}, {np.percentile(ratio, 75):.2f}] |", flush=True)
+      for process in torch:
+        process.close()
+      ms = 1e3 * np.median(times, axis=1) / _STEPS.value
+      ratios = [times[i] / times[-1] for i in (0, 1)]
+      print(f"| {name} | {batch} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | "
+            + " | ".join(f"{np.median(q):.2f}× [{np.percentile(q, 25):.2f}, "
+                         f"{np.percentile(q, 75):.2f}]" for q in ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ for every ``run`` line on stdin it runs one round and prints its seconds.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -95,7 +96,7 @@ def torch_round(name, x, y, lr=0.01, momentum=0.9):
   """A callable running one equal-clients round on ``x [C, S, B, H, W, 1]``, ``y [C, S, B]``.
 
   The seed papers' loop: per client load_state_dict, one SGD step per batch,
-  then the unweighted average. The warm-up round runs here.
+  then the unweighted average.
   """
   import torch
   import torch.nn.functional as F
@@ -124,7 +125,6 @@ def torch_round(name, x, y, lr=0.01, momentum=0.9):
     if device.type == "cuda":  # CUDA runs asynchronously: time the work, not its launch
       torch.cuda.synchronize()
 
-  one_round()
   return one_round
 
 
@@ -186,13 +186,54 @@ def torch_fedavg_runner(x, y, clients, round_ids, *, epochs: int, batch_size: in
   return one_round
 
 
-def _fedavg_with_warmup(*args, **kwargs):
-  one_round = torch_fedavg_runner(*args, **kwargs)
-  one_round()
-  return one_round
+def torch_convnet(depth: int, width: int, shape=(28, 28, 1), num_classes: int = 10):
+  """:class:`isr_jax.models.cnn.ConvNet` in PyTorch: conv 3×3 → GroupNorm → ReLU → pool."""
+  import torch.nn as nn
+
+  layers, c, h = [], shape[2], shape[0]
+  for _ in range(depth):
+    layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(math.gcd(width, 32), width),
+               nn.ReLU()]
+    if h >= 2:
+      layers.append(nn.MaxPool2d(2))
+      h //= 2
+    c = width
+  return nn.Sequential(*layers, nn.Flatten(), nn.Linear(h * h * width, num_classes))
 
 
-LOOPS = {"round": torch_round, "fedavg": _fedavg_with_warmup}
+def torch_builder(name: str, width: int):
+  """``name``'s PyTorch twin at 28×28×1, as a constructor (ConvNets of ``width`` channels)."""
+  return {"lenet5": torch_lenet5, "fedavg_cnn": lambda: torch_model("fedavg_cnn"),
+          "convnet3": lambda: torch_convnet(3, width),
+          "convnet4": lambda: torch_convnet(4, width)}[name]
+
+
+def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
+  """A callable running one SGD step per batch of ``x [T, B, H, W, C]`` in PyTorch.
+
+  SGD lr 0.01, momentum 0.9, weight decay 1e-5 (``benchmarks.step_cost``).
+  """
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  model = torch_builder(name, width)()
+  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
+  tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 2)))
+  ty = torch.from_numpy(y.astype(np.int64))
+
+  def run():
+    for t in range(len(tx)):
+      opt.zero_grad()
+      F.cross_entropy(model(tx[t]), ty[t]).backward()
+      opt.step()
+
+  return run
+
+
+# What a child process can run: each builds its data and model, and returns the
+# callable of one timed unit (a round, a call of steps).
+LOOPS = {"round": torch_round, "fedavg": torch_fedavg_runner, "steps": torch_steps}
 
 
 class TorchProcess:
@@ -251,6 +292,7 @@ def _serve(spec_path: str):
   with open(spec_path, "rb") as f:
     loop, args, kwargs = pickle.load(f)
   one_round = LOOPS[loop](*args, **kwargs)
+  one_round()  # warm-up
   print("ready", flush=True)
   for line in sys.stdin:
     if line.strip() != "run":
