@@ -1,9 +1,10 @@
 r"""The PyTorch side of the benchmarks, run in a process of its own.
 
-The loops here are the seed papers' FedAvg: per client ``load_state_dict``,
-local SGD, then the average of the clients' state_dicts. The benchmarks time
-them in a child process that imports PyTorch and NumPy only, as a researcher's
-own script runs, not next to JAX. A PyTorch loop in a process where JAX had run
+The loops here are the seed papers' FedAvg (per client ``load_state_dict``,
+local SGD, then the average of the clients' state_dicts) and the plain step
+loop of ``benchmarks.step_cost``. The benchmarks time them in a child process
+that imports PyTorch and NumPy only, as a researcher's own script runs, not
+next to JAX. A PyTorch loop in a process where JAX had run
 a round ran 1.13–1.19× faster than the same loop alone (FedAvg CNN, 10 clients
 × 10 steps, 2026-12-03), and the loop alone with glibc's malloc thresholds set
 by environment (:data:`TUNED_MALLOC`) ran as fast as that: what XLA allocated
@@ -14,8 +15,8 @@ a user starts it (the baseline of the ratios), and the same with
 :data:`TUNED_MALLOC`, the stronger baseline.
 
 Protocol of ``python -m benchmarks.torch_baseline SPEC.pkl``: the child builds
-the loop from the pickled spec, runs the warm-up round, prints ``ready``; then
-for every ``run`` line on stdin it runs one round and prints its seconds.
+the loop from the pickled spec, runs it once as a warm-up, prints ``ready``;
+then for every ``run`` line on stdin it runs it once more and prints the seconds.
 """
 
 from __future__ import annotations
