@@ -262,8 +262,8 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
   _, _, work, _ = jax_setup(model_name, shape, device_data, strategy="sequential",
                             conv_impl="xla")
   rows = []  # (label, one-round callable, compile seconds, FLOPs)
-  torch = torch_rows("round", torch_name, data.x, data.y) if torch_available() else []
-  rows += [(label, run, None, work) for label, run in torch]
+  pytorch = torch_rows("round", torch_name, data.x, data.y) if torch_available() else []
+  rows += [(label, run, None, work) for label, run in pytorch]
   rows.append(("JAX: Python loop of one jitted step (fedjax's way)",
                jax_step_loop(model_name, shape, data), None, work))
   for strategy, conv_impl, *options in strategies:
@@ -277,9 +277,9 @@ def section_round(title, model_name, torch_name, shape, clients, steps, batch, r
              + (", XLA's default options" if xla_defaults else ""))
     rows.append((label, one_round, compile_s, flops))
   seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
-  for _, process in torch:
+  for _, process in pytorch:
     process.close()
-  torch_s = seconds[0] if torch else None
+  torch_s = seconds[0] if pytorch else None
   for (label, _, compile_s, flops), s in zip(rows, seconds, strict=True):
     print(_row(label, s, samples, torch_s, compile_s, flops), flush=True)
 

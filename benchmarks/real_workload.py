@@ -251,9 +251,9 @@ def section(name: str, strategies, repeats: int, rounds_warmup: int, data_dir=No
         f"(mean of the {repeats} timed rounds)\n\n{HEADER}", flush=True)
   mesh = make_mesh(None)
   rows = []  # (label, one-round callable, compile seconds, executed steps per round)
-  torch = (torch_rows("fedavg", train.x, train.y, clients, ids, epochs=epochs, batch_size=batch)
+  pytorch = (torch_rows("fedavg", train.x, train.y, clients, ids, epochs=epochs, batch_size=batch)
            if torch_available() else [])
-  rows += [(label, run, None, real) for label, run in torch]
+  rows += [(label, run, None, real) for label, run in pytorch]
   for label, parallelism, chunk, step, state in jax_rows:
     compile_s, one_round = jax_round_runner(step, state, data)
     executed = sum(executed_steps(sizes[r], batch_size=batch, epochs=epochs,
@@ -265,9 +265,9 @@ def section(name: str, strategies, repeats: int, rounds_warmup: int, data_dir=No
     for _ in range(rounds_warmup - 1):
       run()
   seconds = interleaved_medians([run for _, run, _, _ in rows], repeats)
-  for _, process in torch:
+  for _, process in pytorch:
     process.close()
-  torch_s = seconds[0] if torch else None
+  torch_s = seconds[0] if pytorch else None
   for (label, _, compile_s, executed), s in zip(rows, seconds, strict=True):
     print(_row(label, s, samples, torch_s, compile_s, executed, real), flush=True)
 

@@ -92,11 +92,11 @@ def main(argv):
     for batch in batches:
       x = rng.uniform(size=(_STEPS.value, batch, *SHAPE)).astype(np.float32)
       y = rng.integers(0, NUM_CLASSES, size=(_STEPS.value, batch))
-      torch = [TorchProcess("steps", name, x, y, _WIDTH.value, tuned_malloc=tuned)
+      pytorch = [TorchProcess("steps", name, x, y, _WIDTH.value, tuned_malloc=tuned)
                for tuned in (False, True)]
       jax_run = jax_steps(name, x, y, _WIDTH.value)
       jax_run()  # warm-up (the PyTorch processes ran theirs)
-      runs = [*torch, jax_run]
+      runs = [*pytorch, jax_run]
       times = np.zeros((len(runs), _REPEATS.value))
       for r in range(_REPEATS.value):
         for i, run in enumerate(runs):
@@ -104,7 +104,7 @@ def main(argv):
           run()
           times[i, r] = time.perf_counter() - t0
           time.sleep(0.1)  # let PyTorch's worker threads go idle before the next row
-      for process in torch:
+      for process in pytorch:
         process.close()
       ms = 1e3 * np.median(times, axis=1) / _STEPS.value
       ratios = [times[i] / times[-1] for i in (0, 1)]

@@ -4,10 +4,10 @@ The loops here are the seed papers' FedAvg (per client ``load_state_dict``,
 local SGD, then the average of the clients' state_dicts) and the plain step
 loop of ``benchmarks.step_cost``. The benchmarks time them in a child process
 that imports PyTorch and NumPy only, as a researcher's own script runs, not
-next to JAX. A PyTorch loop in a process where JAX had run
-a round ran 1.13–1.19× faster than the same loop alone (FedAvg CNN, 10 clients
-× 10 steps, 2026-12-03), and the loop alone with glibc's malloc thresholds set
-by environment (:data:`TUNED_MALLOC`) ran as fast as that: what XLA allocated
+next to JAX. A PyTorch loop in a process where JAX had run a round ran
+1.13–1.19× faster than the same loop alone (FedAvg CNN, 10 clients × 10 steps,
+2026-12-03), and the loop alone with glibc's malloc thresholds set by
+environment (:data:`TUNED_MALLOC`) ran as fast as that: what XLA allocated
 and freed had most likely moved glibc's dynamic thresholds, so PyTorch's
 per-step activations (6 MB at batch 64) stopped being fresh ``mmap`` pages
 faulted in every step. The rows therefore come in two flavours: the process as
@@ -64,8 +64,8 @@ def torch_description() -> str:
   return f"{torch.__version__} ({where})"
 
 
-def torch_model(name: str):
-  """The synthetic sections' models, as :mod:`isr_jax.models.cnn` builds them."""
+def torch_model(name: str, width: int = 32):
+  """``name``'s PyTorch twin, as :mod:`isr_jax.models.cnn` builds it (ConvNets of ``width``)."""
   import torch.nn as nn
 
   if name == "fedavg_cnn":
@@ -80,6 +80,8 @@ def torch_model(name: str):
         nn.Linear(2 * 2 * 16, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
   if name == "lenet5":
     return torch_lenet5()
+  if name in ("convnet3", "convnet4"):
+    return torch_convnet(int(name[-1]), width)
   raise ValueError(name)
 
 
@@ -202,13 +204,6 @@ def torch_convnet(depth: int, width: int, shape=(28, 28, 1), num_classes: int = 
   return nn.Sequential(*layers, nn.Flatten(), nn.Linear(h * h * width, num_classes))
 
 
-def torch_builder(name: str, width: int):
-  """``name``'s PyTorch twin at 28×28×1, as a constructor (ConvNets of ``width`` channels)."""
-  return {"lenet5": torch_lenet5, "fedavg_cnn": lambda: torch_model("fedavg_cnn"),
-          "convnet3": lambda: torch_convnet(3, width),
-          "convnet4": lambda: torch_convnet(4, width)}[name]
-
-
 def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
   """A callable running one SGD step per batch of ``x [T, B, H, W, C]`` in PyTorch.
 
@@ -218,7 +213,7 @@ def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
   import torch.nn.functional as F
 
   torch.manual_seed(0)
-  model = torch_builder(name, width)()
+  model = torch_model(name, width)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
   tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 2)))
   ty = torch.from_numpy(y.astype(np.int64))
@@ -249,15 +244,17 @@ class TorchProcess:
   def __init__(self, loop: str, *args, tuned_malloc: bool = False, **kwargs):
     env = dict(os.environ, **(TUNED_MALLOC if tuned_malloc else {}))
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
-      pickle.dump((loop, args, kwargs), f, protocol=pickle.HIGHEST_PROTOCOL)
+      spec = f.name
     try:
+      with open(spec, "wb") as f:
+        pickle.dump((loop, args, kwargs), f, protocol=pickle.HIGHEST_PROTOCOL)
       self._child = subprocess.Popen(
-          [sys.executable, "-m", "benchmarks.torch_baseline", f.name], env=env, text=True,
+          [sys.executable, "-m", "benchmarks.torch_baseline", spec], env=env, text=True,
           cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
           stdout=subprocess.PIPE)
       self._expect("ready")
     finally:
-      os.unlink(f.name)
+      os.unlink(spec)
 
   def _expect(self, what: str) -> str:
     line = self._child.stdout.readline().strip()

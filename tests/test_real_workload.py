@@ -83,7 +83,7 @@ def test_jax_round_and_torch_loop_train_the_same_clients(fmnist_dir):
     return
   log = []
   one_round = torch_baseline.torch_fedavg_runner(train.x, train.y, clients, ids,
-                                     epochs=TINY.local_epochs, log=log)
+                                                 epochs=TINY.local_epochs, log=log)
   one_round()
   one_round()
   k = TINY.clients_per_round

@@ -24,7 +24,7 @@ def test_torch_models_have_the_libraries_parameter_count(name):
   model = create_model(name, num_classes=step_cost.NUM_CLASSES, input_shape=step_cost.SHAPE,
                        rngs=nnx.Rngs(0), **options)
   ours = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  torch_model = torch_baseline.torch_builder(name, width)()
+  torch_model = torch_baseline.torch_model(name, width)
   assert sum(p.numel() for p in torch_model.parameters()) == ours
 
 
