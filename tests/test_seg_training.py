@@ -8,8 +8,10 @@ paths are what is tested there; the model families are tested above).
 Every ``train_and_evaluate`` run is one round of a CPU-sized setting (32×64
 images, 8 training images in 2 cities = 2 clients, one local step, XLA
 convolutions: the im2col lowering compiles slower and is covered by the model
-tests); the round's compile time dominates. Runs are cached so that a setting
-shared by two tests runs once.
+tests); the round's compile time dominates, so every round here is compiled
+without LLVM's optimisations (``support.FAST_COMPILE_OPTIONS``: these tests check
+what runs, not the numbers). Runs are cached so that a setting shared by two
+tests runs once.
 """
 
 import functools
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from support import fast_compiler_options
 from test_algorithms import TEST_SETTINGS, algorithm_config, per_client_bytes
 
 from experiments.configs.segmentation import MODELS, get_config
@@ -66,6 +69,13 @@ def seg_config(model, mode, isr, algorithm, partition):
   for key, value in TEST_SETTINGS.get(algorithm, {}).items():
     c.fl[algorithm][key] = value
   return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr("isr_jax.train.xla_compiler_options", fast_compiler_options)
+    yield
 
 
 @functools.cache
@@ -148,7 +158,8 @@ def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
                      init_client_states(alg, params, data, True), jax.random.PRNGKey(2),
                      jnp.zeros((), jnp.int32), jnp.float32(0))
   step = jax.jit(functools.partial(fl_round, fns=fns,
-                                   spec=FLSpec(clients_per_round=2, local_steps=2)))
+                                   spec=FLSpec(clients_per_round=2, local_steps=2)),
+                 compiler_options=fast_compiler_options())
   for _ in range(2):  # round 2 uses what round 1 stored per client (MOON, SCAFFOLD, ...)
     state, m = step(state, data)
   m = jax.device_get(m)
