@@ -75,10 +75,12 @@ def test_auto_policy_on_cpu():
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1) == "xla_cpu"
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, dense_applies=True) == "dense"
   assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, banded_applies=True) == "banded"
-  # First layers (1–3 input channels, stride 1) are banded; strided, dilated, grouped
-  # and wide-input convolutions are not.
+  # Narrow inputs (1–6 channels, stride 1) are banded; strided, dilated, grouped
+  # and wider-input convolutions are not.
   assert layers._banded_applies((5, 5, 1, 32), (1, 1), (1, 1), groups=1)
   assert layers._banded_applies((3, 3, 3, 64), (1, 1), (1, 1), groups=1)
+  assert layers._banded_applies((5, 5, 6, 16), (1, 1), (1, 1), groups=1)  # LeNet-5's conv2
+  assert not layers._banded_applies((3, 3, 8, 8), (1, 1), (1, 1), groups=1)
   assert not layers._banded_applies((5, 5, 32, 64), (1, 1), (1, 1), groups=1)
   assert not layers._banded_applies((7, 7, 3, 64), (2, 2), (1, 1), groups=1)
   assert not layers._banded_applies((3, 3, 3, 8), (1, 1), (2, 2), groups=1)

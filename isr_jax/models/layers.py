@@ -26,8 +26,9 @@ lowerings:
   ``vmap`` and ``scan`` (the fastest form when clients are vmapped on CPU);
 * ``impl="banded"``: each output row in blocks of columns, every block one row of
   a product with the band of the kernel's Toeplitz matrix along the width
-  (:func:`conv2d_banded`) — for first layers (1–3 input channels), where the
-  library convolution and im2col's short contractions leave the machine idle;
+  (:func:`conv2d_banded`) — for first layers and other narrow inputs (1–6
+  input channels), where the library convolution and im2col's short
+  contractions leave the machine idle;
 * ``impl="dense"``: the convolution as one product with its dense (doubly
   block-Toeplitz) matrix, gathered from the kernel (:func:`conv2d_dense`) — for
   maps no larger than the kernel's window, where that product needs no more
@@ -39,7 +40,7 @@ lowerings:
   never a library convolution.
 
 ``impl="auto"`` picks at trace time: ``xla`` on GPU/TPU; on CPU ``dense`` where
-it applies, else ``banded`` where it applies (first layers), else ``im2col`` for
+it applies, else ``banded`` where it applies (narrow inputs), else ``im2col`` for
 small convolutions (patch matrix up to :data:`IM2COL_MAX_PATCH_ELEMENTS` entries,
 e.g. anything on 8×8 inputs, where its single matmul beats the library call) and
 ``xla_cpu`` for large ones. When clients are vmapped on CPU the training loop asks for
@@ -87,8 +88,10 @@ IM2COL_MAX_PATCH_ELEMENTS = 1 << 20
 DENSE_MAX_MATRIX_ELEMENTS = 1 << 20
 # "banded" is used (by "auto"/"matmul") for stride-1, undilated convolutions with at
 # most this many input channels: first layers on grey or RGB images, where a library
-# convolution or im2col's kh·kw-wide patches waste most of the machine.
-BANDED_MAX_IN_FEATURES = 3
+# convolution or im2col's kh·kw-wide patches waste most of the machine, and LeNet-5's
+# 6-channel conv2 (a 28×28 training step 1.11–1.16× faster than with im2col, also
+# under vmap; benchmarks/RESULTS.md §7).
+BANDED_MAX_IN_FEATURES = 6
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -378,10 +381,11 @@ def conv2d_banded(
   zero elsewhere: the band of the convolution's Toeplitz matrix along the width,
   gathered from the kernel. Against im2col it builds ``kh + U`` slices instead of
   ``kh·kw`` and a contraction ``kh·U·C`` long instead of ``kh·kw·C`` with ``block``×
-  more output columns, which is what a matmul kernel needs when ``C`` is 1–3 (a first
-  layer): the FedAvg CNN's 28×28×1 → 32 convolution runs ~2× faster than XLA:CPU's
-  library convolution, and the LeNet-5 round on 8×8 digits ~1.1× faster than with
-  im2col (benchmarks/RESULTS.md). Same values and gradients as
+  more output columns, which is what a matmul kernel needs when ``C`` is small (a first
+  layer, LeNet-5's 6-channel conv2): the FedAvg CNN's 28×28×1 → 32 convolution runs ~2×
+  faster than XLA:CPU's library convolution, the LeNet-5 round on 8×8 digits ~1.1×
+  faster than with im2col, and LeNet-5's conv2 at 28×28 1.11–1.16× (benchmarks/RESULTS.md).
+  Same values and gradients as
   ``lax.conv_general_dilated`` up to float rounding.
   """
   kh, kw, cin, cout = kernel.shape
