@@ -252,7 +252,7 @@ def section(name: str, strategies, repeats: int, rounds_warmup: int, data_dir=No
   mesh = make_mesh(None)
   rows = []  # (label, one-round callable, compile seconds, executed steps per round)
   pytorch = (torch_rows("fedavg", train.x, train.y, clients, ids, epochs=epochs, batch_size=batch)
-           if torch_available() else [])
+             if torch_available() else [])
   rows += [(label, run, None, real) for label, run in pytorch]
   for label, parallelism, chunk, step, state in jax_rows:
     compile_s, one_round = jax_round_runner(step, state, data)

@@ -31,7 +31,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from benchmarks.torch_baseline import TorchProcess, torch_available, torch_description
+from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from isr_jax.models import create_model
 from isr_jax.models.layers import xla_compiler_options
 
@@ -92,8 +92,7 @@ def main(argv):
     for batch in batches:
       x = rng.uniform(size=(_STEPS.value, batch, *SHAPE)).astype(np.float32)
       y = rng.integers(0, NUM_CLASSES, size=(_STEPS.value, batch))
-      pytorch = [TorchProcess("steps", name, x, y, _WIDTH.value, tuned_malloc=tuned)
-               for tuned in (False, True)]
+      pytorch = [process for _, process in torch_rows("steps", name, x, y, _WIDTH.value)]
       jax_run = jax_steps(name, x, y, _WIDTH.value)
       jax_run()  # warm-up (the PyTorch processes ran theirs)
       runs = [*pytorch, jax_run]

@@ -17,6 +17,7 @@ from isr_jax.fl.algorithm import Batch, bind_problem
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.round import RoundFns, init_client_states
 from isr_jax.models import create_model
+from isr_jax.models.layers import xla_compiler_options
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.optim import learning_rate_at, make_optimizer
 from isr_jax.state import TrainState
@@ -202,7 +203,6 @@ FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
 
 def fast_compiler_options() -> dict:
   """The round's own ``compiler_options`` plus :data:`FAST_COMPILE_OPTIONS`."""
-  from isr_jax.models.layers import xla_compiler_options
   return {**(xla_compiler_options() or {}), **FAST_COMPILE_OPTIONS}
 
 
