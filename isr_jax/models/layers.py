@@ -379,13 +379,13 @@ def conv2d_banded(
   ``y[b, r, n·block + o, d] = Σ_{i, u, c} strip[b, r, n, i, u, c] · B[i, u, c, o, d]``
   with ``B[i, u, c, o, d] = kernel[i, (u - o·sw)/dw, c, d]`` where that is a tap and
   zero elsewhere: the band of the convolution's Toeplitz matrix along the width,
-  gathered from the kernel. Against im2col it builds ``kh + U`` slices instead of
-  ``kh·kw`` and a contraction ``kh·U·C`` long instead of ``kh·kw·C`` with ``block``×
-  more output columns, which is what a matmul kernel needs when ``C`` is small (a first
-  layer, LeNet-5's 6-channel conv2): the FedAvg CNN's 28×28×1 → 32 convolution runs ~2×
-  faster than XLA:CPU's library convolution, the LeNet-5 round on 8×8 digits ~1.1×
-  faster than with im2col, and LeNet-5's conv2 at 28×28 1.11–1.16× (benchmarks/RESULTS.md).
-  Same values and gradients as
+  gathered from the kernel. Against im2col it builds ``kh + ceil(U / (block·sw))``
+  slices instead of ``kh·kw`` and a contraction ``kh·U·C`` long instead of ``kh·kw·C``
+  with ``block``× more output columns, which is what a matmul kernel needs when ``C``
+  is small (a first layer, LeNet-5's 6-channel conv2): the FedAvg CNN's 28×28×1 → 32
+  convolution runs ~2× faster than XLA:CPU's library convolution, the LeNet-5 round
+  on 8×8 digits ~1.1× faster than with im2col, and LeNet-5's conv2 at 28×28
+  1.11–1.16× (benchmarks/RESULTS.md). Same values and gradients as
   ``lax.conv_general_dilated`` up to float rounding.
   """
   kh, kw, cin, cout = kernel.shape
@@ -395,15 +395,22 @@ def conv2d_banded(
   oh, ow = _output_hw(x.shape[1:3], (kh, kw), strides, padding, dilation)
   n_blocks = -(-ow // block)
   span = (block - 1) * sw + (kw - 1) * dw + 1
-  # Pad the width so that the last block's strip exists (its extra columns are cropped).
-  right = max(0, (n_blocks - 1) * block * sw + span - x.shape[2] - padding[1][0])
-  x = jnp.pad(x, ((0, 0), padding[0], (padding[1][0], right), (0, 0)))
-  rows = [x[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh] for i in range(kh)]
-  rows = jnp.stack(rows, axis=2)  # [B, oh, kh, W, C]
   step = block * sw
-  strips = [rows[:, :, :, u : u + (n_blocks - 1) * step + 1 : step] for u in range(span)]
-  strips = jnp.stack(strips, axis=4)  # [B, oh, kh, n, U, C]
-  strips = strips.transpose(0, 1, 3, 2, 4, 5).reshape(b * oh * n_blocks, kh * span * cin)
+  # Block n's strip is input columns n·step … n·step + U − 1: the concatenation of
+  # G = ceil(U / step) whole runs of ``step`` columns, each run a reshape of a
+  # contiguous slice of the row. Built so, the backward pass adds G shifted copies
+  # instead of padding and adding U single columns (U + 2 fusions, a fifth of a 28×28
+  # LeNet-5 step): that step 1.18–1.20× faster, 1.26× with 4 clients vmapped.
+  runs = -(-span // step)
+  # Pad the width so that the last block's runs exist (their extra columns are cropped).
+  right = max(0, (n_blocks + runs - 1) * step - x.shape[2] - padding[1][0])
+  x = jnp.pad(x, ((0, 0), padding[0], (padding[1][0], right), (0, 0)))
+  hp = x.shape[1]
+  cols = jnp.concatenate(
+      [x[:, :, k * step : (k + n_blocks) * step].reshape(b, hp, n_blocks, step, cin)
+       for k in range(runs)], axis=3)[:, :, :, :span]  # [B, H, n, U, C]
+  strips = [cols[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh] for i in range(kh)]
+  strips = jnp.stack(strips, axis=3).reshape(b * oh * n_blocks, kh * span * cin)
   q = np.arange(span)[:, None] - np.arange(block)[None, :] * sw  # [U, block]
   taps = np.where((q >= 0) & (q % dw == 0) & (q // dw < kw), q // dw, kw)
   band = jnp.take(kernel, taps, axis=1, mode="fill", fill_value=0)  # [kh, U, block, C, D]
