@@ -93,6 +93,16 @@ DENSE_MAX_MATRIX_ELEMENTS = 1 << 20
 # under vmap; benchmarks/RESULTS.md §7).
 BANDED_MAX_IN_FEATURES = 6
 
+# :func:`matmul`'s kernel gradient contracts the ``M`` rows of its operands. From this
+# many rows on (a convolution's patches: LeNet-5's conv1 / conv2 at 28×28, batch 32–64,
+# 6,272–12,544 / 960–1,920 rows) it is the plain transposed-operand product, which
+# XLA:CPU runs faster than a transpose and a product (the transpose of a 12,544-row
+# gradient fused with the max-pool backward took 0.6 ms, as long as the product): a
+# 28×28 LeNet-5 training step 1.18–1.20× faster, also with 4 clients vmapped. Short
+# contractions keep the transposed forms: batched small matrices (LeNet-5 on 8×8 digits,
+# 20 clients vmapped, ≤ 256 rows) ran 0.90× with the plain product.
+PLAIN_KERNEL_GRADIENT_MIN_ROWS = 512
+
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
@@ -223,9 +233,12 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   gradient is a plain matmul.
 
   Autodiff writes the kernel gradient as ``xᵀ @ dy``, contracting ``x``'s
-  leading axes: a transposed-operand dot that XLA:CPU's YNNPACK does not take and
-  Eigen ran at 7–29 GFLOP/s under ``vmap`` (profile of the LeNet-5 round). On CPU
-  it is an ordinary product with one operand transposed first, whichever moves
+  leading axes: a transposed-operand dot that XLA:CPU's YNNPACK does not take.
+  Eigen runs it faster than any rewrite when the contraction is long (at least
+  :data:`PLAIN_KERNEL_GRADIENT_MIN_ROWS` rows: a convolution's patches), so those
+  keep it, but at 7–29 GFLOP/s on the short ones of batched small matrices
+  (LeNet-5 on 8×8 digits under ``vmap``). On CPU a short one is an ordinary
+  product with one operand transposed first, whichever moves
   less memory: ``(xᵀ) @ dy`` when ``x`` is smaller than ``dy`` and the gradient
   together (a dense layer: transposing the [M, K] activations, not the [K, O]
   gradient, which the optimizer would otherwise read transposed — 1.5 ms of a
@@ -245,9 +258,9 @@ def _matmul_bwd(residuals, dy):
   x, kernel = residuals
   dx = jnp.einsum("...o,ko->...k", dy, kernel)
   x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if jax.default_backend() != "cpu":
-    return dx, x.T @ dy
   (m, k), o = x.shape, dy.shape[1]
+  if jax.default_backend() != "cpu" or m >= PLAIN_KERNEL_GRADIENT_MIN_ROWS:
+    return dx, x.T @ dy
   if m * k <= (m + k) * o:  # transposing x moves no more than dy and the gradient
     return dx, lax.optimization_barrier(x.T) @ dy
   dy_t = lax.optimization_barrier(dy.T)
