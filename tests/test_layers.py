@@ -135,17 +135,26 @@ def test_every_lowering_has_laxs_gradients_under_vmap(impl, size):
   chex.assert_trees_all_close(grads(impl), grads("xla"), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stored_input", [False, True])
 @pytest.mark.parametrize("window", [2, 3])
-def test_max_pool_gradient_shares_ties_like_jax(window):
+def test_max_pool_gradient_shares_ties_like_jax(window, stored_input):
   relu_ints = jnp.maximum(jax.random.randint(jax.random.PRNGKey(5), (2, 7, 9, 3), -2, 3), 0)
   x = relu_ints.astype(jnp.float32)  # many tied maxima, as after a ReLU
   oh, ow = 7 // window, 9 // window
   ref = lambda x: x[:, : oh * window, : ow * window].reshape(
       2, oh, window, ow, window, 3).max(axis=(2, 4))
-  pool = lambda x: layers.max_pool(x, window)
+  pool = lambda x: layers.max_pool(x, window, stored_input=stored_input)
   np.testing.assert_array_equal(pool(x), ref(x))
   for a, b in zip(_grads(pool, x), _grads(ref, x), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Compiled, on a convolution's output (what stored_input is for), with ties.
+  w = jnp.zeros((3, 3, 3, 3)).at[1, 1].set(jnp.eye(3))  # the identity: x itself
+  conv_pool = jax.jit(lambda pool, x: pool(conv2d_banded(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                         (1, 1))), static_argnums=0)
+  np.testing.assert_array_equal(conv_pool(pool, x), ref(x))
+  grad = jax.jit(jax.grad(lambda x, pool: jnp.sum(jnp.sin(conv_pool(pool, x))),
+                          argnums=0), static_argnums=1)
+  np.testing.assert_allclose(grad(x, pool), grad(x, ref), rtol=1e-6, atol=1e-7)
 
 
 def test_cpu_rounds_compile_convolutions_for_eigen():

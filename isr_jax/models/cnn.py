@@ -66,9 +66,11 @@ def _pool_size(h: int, w: int) -> tuple[int, int]:
   return (h // 2, w // 2) if _can_pool(h, w) else (h, w)
 
 
-def _pool2(x: jax.Array) -> jax.Array:
+def _pool2(x: jax.Array, stored_input: bool = False) -> jax.Array:
   """2x2/2 max-pool, or the identity once the map is smaller than 2x2."""
-  return max_pool(x, 2, 2) if _can_pool(x.shape[1], x.shape[2]) else x
+  if not _can_pool(x.shape[1], x.shape[2]):
+    return x
+  return max_pool(x, 2, 2, stored_input=stored_input)
 
 
 def _conv_relu_pool(conv: Conv, x: jax.Array, taps: dict[str, jax.Array], conv_tap: str,
@@ -79,13 +81,15 @@ def _conv_relu_pool(conv: Conv, x: jax.Array, taps: dict[str, jax.Array], conv_t
   they commute with the max (also in float arithmetic). Pooling first puts the
   bias, the ReLU and their backward on a map 4× smaller, and the pool's backward
   no longer recomputes them: XLA's per-step kernel time of a 28×28 LeNet-5 step
-  fell from 8.1 to 6.9 ms (benchmarks/RESULTS.md §7). The ``conv_tap`` (after
-  ReLU, before pooling) is only computed when a loss reads it.
+  fell from 8.1 to 6.9 ms (benchmarks/RESULTS.md §7). It also pools a stored
+  convolution output, whose backward pass may compare with the stored maxima
+  (``max_pool(stored_input=True)``). The ``conv_tap`` (after ReLU, before
+  pooling) is only computed when a loss reads it.
   """
   z = conv.convolve(x)
   b = conv.bias[...]
   taps[conv_tap] = nnx.relu(z + b)
-  taps[pool_tap] = nnx.relu(_pool2(z) + b)
+  taps[pool_tap] = nnx.relu(_pool2(z, stored_input=True) + b)
   return taps[pool_tap]
 
 
