@@ -55,12 +55,15 @@ other path, keeps both busy (a FedAvg-CNN training step: 49.5 → 36.1 ms).
 :func:`xla_compiler_options` therefore compiles rounds on CPU with YNNPACK
 limited to dots and reductions (the rest of XLA's default).
 
-Max-pooling is written as elementwise maxima of strided views, with a
-hand-written elementwise backward, because the backward pass of
-``reduce_window`` (select-and-scatter) is slow on XLA CPU and that of a
-``reshape`` + ``max`` counts ties with a slow reduction. Dense layers and im2col
-patches are multiplied by :func:`matmul`, whose kernel gradient is a plain
-matrix product (the transposed form autodiff writes is slow under ``vmap``).
+Max-pooling is written as elementwise maxima of strided views (or, for a
+stored convolution output, ``reshape`` + ``max``), with a hand-written
+elementwise backward, because the backward pass of ``reduce_window``
+(select-and-scatter) is slow on XLA CPU and that of a ``reshape`` + ``max``
+counts ties with a slow reduction. Dense layers and im2col / banded patches
+are multiplied by :func:`matmul`, whose kernel gradient on CPU is the
+transposed-operand product autodiff writes only for long contractions (a
+convolution's patches); shorter ones, slow in that form under ``vmap``, are
+plain products of a transposed copy.
 """
 
 from __future__ import annotations
