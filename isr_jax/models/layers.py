@@ -101,7 +101,7 @@ BANDED_MAX_IN_FEATURES = 6
 # 6,272–12,544 / 960–1,920 rows) it is the plain transposed-operand product, which
 # XLA:CPU runs faster than a transpose and a product (the transpose of a 12,544-row
 # gradient fused with the max-pool backward took 0.6 ms, as long as the product): a
-# 28×28 LeNet-5 training step 1.18–1.20× faster, also with 4 clients vmapped. Short
+# 28×28 LeNet-5 training step 1.17–1.19× faster, 1.07× with 4 clients vmapped. Short
 # contractions keep the transposed forms: batched small matrices (LeNet-5 on 8×8 digits,
 # 20 clients vmapped, ≤ 256 rows) ran 0.90× with the plain product.
 PLAIN_KERNEL_GRADIENT_MIN_ROWS = 512
@@ -630,17 +630,13 @@ def _tiled_max_fwd(x, window):
 
 
 def _tiled_max_bwd(window, residuals, dy):
-  x, y = residuals
-  return (_share_among_maxima(x, y, dy, window),)
-
-
-def _share_among_maxima(x, y, dy, window):
   """``dx``: each window's ``dy`` shared equally among its elements equal to ``y``."""
+  x, y = residuals
   tiles, views = _window_views(x, window)
   ties = functools.reduce(jnp.add, [(v == y).astype(dy.dtype) for v in views])
   share = (dy / ties)[:, :, None, :, None, :]
   dx = jnp.where(tiles == y[:, :, None, :, None, :], share, 0)
-  return dx.reshape(x.shape)
+  return (dx.reshape(x.shape),)
 
 
 _tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
@@ -656,7 +652,7 @@ def _tiled_max_of_stored(x: jax.Array, window: int) -> jax.Array:
   consumer, which recomputed them in its own order (the FedAvg CNN's conv2
   weight gradient transposes its input: 5.5 ms of a 33 ms step), and its
   backward pass recomputed each maximum at every element of the window. A
-  training step 1.12× (LeNet-5) and 1.16× (FedAvg CNN) faster at 28×28, batch 64.
+  training step 1.12× (LeNet-5) and 1.17× (FedAvg CNN) faster at 28×28, batch 64.
   Only for a stored map: where XLA recomputes the map in the backward pass (a
   normalisation fused into it), the recomputed values can round otherwise than
   those the reduction saw, and a window whose maximum equals none of them would
@@ -671,12 +667,7 @@ def _tiled_max_of_stored_fwd(x, window):
   return y, (x, y)
 
 
-def _tiled_max_of_stored_bwd(window, residuals, dy):
-  x, y = residuals
-  return (_share_among_maxima(x, y, dy, window),)
-
-
-_tiled_max_of_stored.defvjp(_tiled_max_of_stored_fwd, _tiled_max_of_stored_bwd)
+_tiled_max_of_stored.defvjp(_tiled_max_of_stored_fwd, _tiled_max_bwd)
 
 
 def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None) -> jax.Array:
