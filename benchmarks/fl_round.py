@@ -362,8 +362,8 @@ def section_scaling():
 
 AUTO_RULE_ROWS = [
     # (model, input shape, batch, clients, local steps, chunk sizes tried)
-    ("lenet5", (8, 8, 1), 16, 100, 20, (10, 20, 50)),
-    ("lenet5", (8, 8, 1), 64, 40, 20, (2, 5, 10)),
+    ("lenet5", (8, 8, 1), 16, 100, 20, (10, 25, 50)),
+    ("lenet5", (8, 8, 1), 64, 40, 20, (4, 8, 20)),
     ("lenet5", (28, 28, 1), 16, 20, 10, (2, 4, 10)),
     ("fedavg_cnn", (8, 8, 1), 16, 20, 10, (2, 4)),
     ("lenet5", (28, 28, 1), 32, 10, 10, (2, 5)),

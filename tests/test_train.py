@@ -209,11 +209,11 @@ def test_auto_parallelism_chunks_dispatch_bound_steps_on_cpu():
   def flops(value):
     return lambda: asked.append(value) or value
 
-  # The divisor of the clients nearest to 100 MFLOP / step FLOPs (18.5 here).
+  # The divisor of the clients nearest (in ratio) to 150 MFLOP / step FLOPs.
   assert auto_parallelism("auto", 0, clients=100, step_flops=flops(5.4e6)) == (
-      "chunked", 20)
+      "chunked", 25)  # 27.8
   assert auto_parallelism("auto", 0, clients=100, step_flops=flops(43e6)) == (
-      "chunked", 2)
+      "chunked", 4)  # 3.5
   assert auto_parallelism("auto", 0, clients=10, step_flops=flops(1e6)) == (
       "chunked", 10)
   assert auto_parallelism("auto", 0, clients=7, step_flops=flops(20e6)) == ("chunked", 7)
@@ -229,8 +229,38 @@ def test_auto_parallelism_chunks_dispatch_bound_steps_on_cpu():
   assert len(asked) == 5
 
 
+def test_local_step_flops_counts_textbook_convolutions():
+  """The count is the model's arithmetic, the same whichever lowering its layers pick."""
+  import optax
+  from flax import nnx
+
+  from isr_jax.fl.algorithm import Batch
+  from isr_jax.fl.client import local_step_flops
+  from isr_jax.models import create_model
+
+  counts = {}
+  for impl in ("auto", "banded", "im2col", "xla"):
+    model = create_model("lenet5", num_classes=10, input_shape=(28, 28, 1),
+                         conv_impl=impl, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p, b, graphdef=graphdef):
+      logits, _ = nnx.merge(graphdef, p)(b.x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b.y).mean()
+
+    batch = Batch(np.zeros((16, 28, 28, 1), np.float32), np.zeros(16, np.int32),
+                  np.ones(16, bool))
+    counts[impl] = local_step_flops(loss, params, batch)
+    if impl == "banded":  # the lowering itself multiplies its band's zeros
+      banded = jax.jit(loss).lower(params, batch).cost_analysis()
+      banded = banded[0] if isinstance(banded, list) else banded
+      assert 3 * banded["flops"] > 1.2 * counts[impl]
+  assert len(set(counts.values())) == 1, counts
+  assert 35e6 < counts["xla"] < 45e6  # 3 × 2 × 0.42 M multiply-adds per example × 16
+
+
 def test_auto_runs_a_dispatch_bound_round_chunked_with_sequentials_result():
-  """LeNet-5 on 8×8 digits at batch 16 (~6 MFLOP a step) is chunked; same round as sequential."""
+  """LeNet-5 on 8×8 digits at batch 16 (~4 MFLOP a step) is chunked; same round as sequential."""
   if jax.default_backend() != "cpu":
     pytest.skip("the rule is CPU's")
   params = {}

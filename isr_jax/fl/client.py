@@ -28,24 +28,27 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from isr_jax.fl.algorithm import Batch
+from isr_jax.models.layers import textbook_lowering
 from isr_jax.sharding import CLIENT_AXIS
 
 CLIENT_PARALLELISM = ("auto", "vmap", "chunked", "sequential")
 
 
-# On CPU, a local step of at most this many FLOPs (forward and backward) is bound by
-# XLA's per-kernel dispatch rather than by arithmetic, and a vmapped chunk of clients
-# pays that dispatch once for the whole chunk. Chunked against sequential, measured
-# side by side (benchmarks/RESULTS.md §2, `--sections=auto_rule`): LeNet-5 at 28×28,
-# batch 16 (47 MFLOP) 1.09–1.31× with chunks of 2–4 in every run; at 8×8 (6–23
-# MFLOP) 0.90–1.18×, trading places with the machine's state; above the threshold
-# sequential always won: FedAvg CNN at 8×8, batch 16 (73 MFLOP) 0.81–0.95×, LeNet-5
-# at 28×28, batch 32 / 64 (94 / 189 MFLOP) 0.86–0.87× / 0.81–0.96×.
+# On CPU, a local step of at most this many FLOPs (forward and backward, textbook
+# convolutions: :func:`local_step_flops`) is bound by XLA's per-kernel dispatch rather
+# than by arithmetic, and a vmapped chunk of clients pays that dispatch once for the
+# whole chunk. Chunked against sequential, measured side by side (benchmarks/RESULTS.md
+# §2, `--sections=auto_rule`): LeNet-5 at 28×28, batch 16 (39 MFLOP) 1.09–1.31× with
+# chunks of 4 in every run; at 8×8 (4–17 MFLOP) 0.90–1.18× with chunks of 10–20,
+# trading places with the machine's state; above the threshold sequential won or
+# tied: FedAvg CNN at 8×8, batch 16 (55 MFLOP) 0.81–0.98×, LeNet-5 at 28×28, batch
+# 32 / 64 (79 / 158 MFLOP) 0.86–1.05× / 0.81–0.96×.
 CPU_DISPATCH_BOUND_STEP_FLOPS = 50e6
-# ... and chunks run fastest at about this much work per vmapped step (LeNet-5 at
-# 8×8, batch 16, chunks of 10 / 20 / 50: 1.11× / 1.16× / 0.82× sequential's speed
-# in one run, 0.90× / 0.91× / 0.73× in another).
-CPU_CHUNK_STEP_FLOPS = 100e6
+# ... and chunks run fastest at about this much work per vmapped step: LeNet-5 at
+# 28×28, batch 16, chunks of 2 / 4 / 10: 0.99× / 1.09× / 1.12× sequential's speed;
+# at 8×8, batch 64, chunks of 5 / 8 / 10: 0.95× / 1.05× / 1.01×; at 8×8, batch 16, chunks of
+# 20 / 50: 1.01× / 0.93× (0.91× / 0.73× in a slower run).
+CPU_CHUNK_STEP_FLOPS = 150e6
 
 
 def resolve_parallelism(strategy: str) -> str:
@@ -90,10 +93,13 @@ def local_step_flops(loss: Callable[[Any, Batch], Any], params: Any, batch: Batc
   """XLA's count of one local step's FLOPs: the loss's forward pass, × 3 for the backward.
 
   Counted on the traced program before optimisation (lowering only, no
-  compile: ~0.1 s for a small CNN); the backward of a network costs about twice
-  its forward.
+  compile: ~0.1 s for a small CNN), with textbook convolutions
+  (:func:`~isr_jax.models.layers.textbook_lowering`): the count measures the
+  model's arithmetic, not the zeros a CPU lowering multiplies. The backward of
+  a network costs about twice its forward.
   """
-  cost = jax.jit(loss).lower(params, batch).cost_analysis()
+  with textbook_lowering():  # a fresh function: a cached trace would keep its lowering
+    cost = jax.jit(lambda p, b: loss(p, b)).lower(params, batch).cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return 3.0 * float((cost or {}).get("flops", 0.0))
 
