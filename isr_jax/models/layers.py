@@ -119,7 +119,7 @@ def textbook_lowering():
 
   For counting a model's arithmetic with XLA's cost analysis: ``banded`` and
   ``dense`` also multiply the zeros of their Toeplitz matrices (a 28×28 LeNet-5
-  step at batch 16 counts 68 MFLOP banded against the textbook 47), so a count
+  step at batch 16 counts 68 MFLOP banded against the textbook 39), so a count
   of the CPU lowering would depend on which lowering the layer picked.
   """
   token = _TEXTBOOK_LOWERING.set(True)
