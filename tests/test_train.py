@@ -8,14 +8,18 @@ import shutil
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from test_algorithms import LENET5_DIGITS, per_client_bytes
 
 from experiments.configs.digits import get_config
 from isr_jax.config import validate
 from isr_jax.errors import CheckpointError, ConfigError, NaNLossError
-from isr_jax.fl.client import auto_parallelism
+from isr_jax.fl.algorithm import Batch
+from isr_jax.fl.client import auto_parallelism, local_step_flops
 from isr_jax.metric_writer import read_metrics
+from isr_jax.models import create_model
 from isr_jax.train import build_experiment, train_and_evaluate
 
 
@@ -231,13 +235,6 @@ def test_auto_parallelism_chunks_dispatch_bound_steps_on_cpu():
 
 def test_local_step_flops_counts_textbook_convolutions():
   """The count is the model's arithmetic, the same whichever lowering its layers pick."""
-  import optax
-  from flax import nnx
-
-  from isr_jax.fl.algorithm import Batch
-  from isr_jax.fl.client import local_step_flops
-  from isr_jax.models import create_model
-
   counts = {}
   for impl in ("auto", "banded", "im2col", "xla"):
     model = create_model("lenet5", num_classes=10, input_shape=(28, 28, 1),
