@@ -235,6 +235,8 @@ def test_auto_parallelism_chunks_dispatch_bound_steps_on_cpu():
 
 def test_local_step_flops_counts_textbook_convolutions():
   """The count is the model's arithmetic, the same whichever lowering its layers pick."""
+  batch = Batch(np.zeros((16, 28, 28, 1), np.float32), np.zeros(16, np.int32),
+                np.ones(16, bool))
   counts = {}
   for impl in ("auto", "banded", "im2col", "xla"):
     model = create_model("lenet5", num_classes=10, input_shape=(28, 28, 1),
@@ -245,8 +247,6 @@ def test_local_step_flops_counts_textbook_convolutions():
       logits, _ = nnx.merge(graphdef, p)(b.x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, b.y).mean()
 
-    batch = Batch(np.zeros((16, 28, 28, 1), np.float32), np.zeros(16, np.int32),
-                  np.ones(16, bool))
     counts[impl] = local_step_flops(loss, params, batch)
     if impl == "banded":  # the lowering itself multiplies its band's zeros
       banded = jax.jit(loss).lower(params, batch).cost_analysis()

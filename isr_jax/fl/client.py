@@ -46,8 +46,8 @@ CLIENT_PARALLELISM = ("auto", "vmap", "chunked", "sequential")
 CPU_DISPATCH_BOUND_STEP_FLOPS = 50e6
 # ... and chunks run fastest at about this much work per vmapped step: LeNet-5 at
 # 28×28, batch 16, chunks of 2 / 4 / 10: 0.99× / 1.09× / 1.12× sequential's speed;
-# at 8×8, batch 64, chunks of 5 / 8 / 10: 0.95× / 1.05× / 1.01×; at 8×8, batch 16, chunks of
-# 20 / 50: 1.01× / 0.93× (0.91× / 0.73× in a slower run).
+# at 8×8, batch 64, chunks of 5 / 8 / 10: 0.95× / 1.05× / 1.01×; at 8×8, batch 16,
+# chunks of 20 / 50: 1.01× / 0.93× (0.91× / 0.73× in a slower run).
 CPU_CHUNK_STEP_FLOPS = 150e6
 
 
