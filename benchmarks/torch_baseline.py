@@ -227,9 +227,45 @@ def torch_steps(name: str, x: np.ndarray, y: np.ndarray, width: int):
   return run
 
 
+def torch_conv_loop(op: str, x: np.ndarray, kernel: np.ndarray, dy: np.ndarray, padding: int,
+                    iterations: int):
+  """A callable running one convolution's ``op`` ``iterations`` times (``benchmarks.conv_cost``).
+
+  ``op``: ``forward`` (``conv2d``), ``input_grad`` or ``kernel_grad``
+  (``aten.convolution_backward`` with only that output asked for, as autograd
+  calls it); ``x`` NHWC, ``kernel`` HWIO, ``dy`` the output's gradient, NHWC.
+  """
+  import torch
+
+  tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  tk = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+  tdy = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
+  mask = [op == "input_grad", op == "kernel_grad", False]
+
+  def once():
+    if op == "forward":
+      return torch.nn.functional.conv2d(tx, tk, padding=padding)
+    grads = torch.ops.aten.convolution_backward(
+        tdy, tx, tk, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, mask)
+    return grads[0] if op == "input_grad" else grads[1]
+
+  with torch.no_grad():
+    total = torch.zeros_like(once())
+
+  def run():
+    # Each result is added into a running total, as isr_jax's timed loop does.
+    with torch.no_grad():
+      for _ in range(iterations):
+        total.add_(once())
+    return total
+
+  return run
+
+
 # What a child process can run: each builds its data and model, and returns the
 # callable of one timed unit (a round, a call of steps).
-LOOPS = {"round": torch_round, "fedavg": torch_fedavg_runner, "steps": torch_steps}
+LOOPS = {"round": torch_round, "fedavg": torch_fedavg_runner, "steps": torch_steps,
+         "conv": torch_conv_loop}
 
 
 class TorchProcess:

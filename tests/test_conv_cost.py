@@ -1,0 +1,63 @@
+"""benchmarks/conv_cost.py: both sides time the same three operations, and the table prints."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax import lax
+from support import driver_env
+
+torch = pytest.importorskip("torch")
+from benchmarks import conv_cost, torch_baseline  # noqa: E402  (skip without torch)
+
+REPO = os.path.dirname(os.path.dirname(__file__))
+
+
+def _reference(name, op, x, kernel, dy):
+  pad = conv_cost.CONVS[name][5]
+
+  def conv(v, k):
+    return lax.conv_general_dilated(v, k, (1, 1), [(pad, pad)] * 2,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  if op == "forward":
+    return conv(x, kernel)
+  _, pullback = jax.vjp(conv, x, kernel)
+  return pullback(dy)[0 if op == "input_grad" else 1]
+
+
+@pytest.mark.parametrize("name", conv_cost.CONVS)
+def test_each_side_computes_the_operation_it_names(name):
+  x, kernel, dy = conv_cost.conv_operands(name, batch=2)
+  for op in conv_cost.OPS:
+    want = np.asarray(_reference(name, op, x, kernel, dy))
+    scale = np.abs(want).max()
+    for impl in ("auto", "xla_cpu"):
+      got = jax.jit(conv_cost.jax_operation(name, impl, op))(x, kernel, dy)
+      np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * scale, err_msg=(impl, op))
+    # One iteration of the PyTorch loop adds one result to a zero total (NCHW / OIHW).
+    total = torch_baseline.torch_conv_loop(op, x, kernel, dy, conv_cost.CONVS[name][5], 1)()
+    layout = (0, 2, 3, 1) if op != "kernel_grad" else (2, 3, 1, 0)
+    np.testing.assert_allclose(total.numpy().transpose(layout), want, atol=1e-5 * scale,
+                               err_msg=("torch", op))
+
+
+def test_table_end_to_end():
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.conv_cost", "--convs=lenet5.conv2", "--batches=2",
+       "--iterations=2", "--repeats=1", "--impls=auto,xla_cpu"],
+      capture_output=True, text=True, cwd=REPO, timeout=600, env=driver_env())
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [line for line in proc.stdout.splitlines() if line.startswith("| lenet5.conv2 |")]
+  assert [row.split(" | ")[2] for row in rows] == list(conv_cost.OPS)
+  assert all(row.count("|") == 8 and row.count("×") == 1 for row in rows)
+
+
+def test_unknown_lowering_is_a_usage_error():
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.conv_cost", "--impls=fft"],
+      capture_output=True, text=True, cwd=REPO, timeout=600, env=driver_env())
+  assert proc.returncode != 0 and "--impls ['fft'] not among" in proc.stderr
