@@ -15,9 +15,15 @@ glibc's malloc tuned (:mod:`benchmarks.torch_baseline`: the stronger of its two
 baselines; an allocator's page faults are not what this table is about).
 Every timed call runs one operation ``--iterations`` times on the same operands
 (isr_jax as one jitted ``fori_loop``, PyTorch as a Python loop), and both add
-each result into a running total. Rows alternate, ``--repeats``
-times; the ratio is the median of per-repeat ratios.
-Inputs are synthetic (normal noise): only speed is measured.
+each result into a running total. Rows alternate, ``--repeats`` times; the
+ratio is the median of per-repeat ratios. Inputs are synthetic (normal
+noise): only speed is measured.
+
+Operations alone are not a step: there XLA fuses a lowering's patch building
+into the kernel that produced its input, which no row here can, so the small
+layers' rows add up to more than their share of a step (benchmarks/RESULTS.md
+§7, 2026-12-04). Compare their lowerings with each other; compare with PyTorch
+in ``benchmarks.step_cost``.
 """
 
 from __future__ import annotations
