@@ -45,6 +45,16 @@ def test_each_side_computes_the_operation_it_names(name):
                                err_msg=("torch", op))
 
 
+@pytest.mark.parametrize("op", conv_cost.OPS)
+def test_timed_call_runs_the_operation_every_iteration(op):
+  # The drift that keeps XLA from hoisting the operation is far below float32's
+  # resolution, so three iterations add up to three results.
+  operands = conv_cost.conv_operands("fedavg_cnn.conv2", batch=2)
+  want = 3 * np.asarray(_reference("fedavg_cnn.conv2", op, *operands))
+  got = conv_cost.jax_timed_call("fedavg_cnn.conv2", "auto", op, operands, iterations=3)()
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+
+
 def test_table_end_to_end():
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.conv_cost", "--convs=lenet5.conv2", "--batches=2",
