@@ -39,6 +39,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
+from benchmarks.fl_round import interleaved_times
 from benchmarks.torch_baseline import TorchProcess, torch_available, torch_description
 from isr_jax.models.layers import CONV_IMPLS, Conv, xla_compiler_options
 
@@ -142,13 +143,7 @@ def main(argv):
         runs = [pytorch] + [jax_timed_call(name, impl, op, operands, n) for impl in impls]
         for run in runs[1:]:
           run()  # warm-up (the PyTorch process ran its own)
-        times = np.zeros((len(runs), _REPEATS.value))
-        for r in range(_REPEATS.value):
-          for i, run in enumerate(runs):
-            t0 = time.perf_counter()
-            run()
-            times[i, r] = time.perf_counter() - t0
-            time.sleep(0.2)  # let PyTorch's worker threads go idle before the next row
+        times = interleaved_times(runs, _REPEATS.value)
         pytorch.close()
         ms = 1e3 * np.median(times, axis=1) / n
         q = times[0] / times[1]

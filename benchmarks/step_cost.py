@@ -31,6 +31,7 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
+from benchmarks.fl_round import interleaved_times
 from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from isr_jax.models import create_model
 from isr_jax.models.layers import xla_compiler_options
@@ -96,13 +97,7 @@ def main(argv):
       jax_run = jax_steps(name, x, y, _WIDTH.value)
       jax_run()  # warm-up (the PyTorch processes ran theirs)
       runs = [*pytorch, jax_run]
-      times = np.zeros((len(runs), _REPEATS.value))
-      for r in range(_REPEATS.value):
-        for i, run in enumerate(runs):
-          t0 = time.perf_counter()
-          run()
-          times[i, r] = time.perf_counter() - t0
-          time.sleep(0.1)  # let PyTorch's worker threads go idle before the next row
+      times = interleaved_times(runs, _REPEATS.value)
       for process in pytorch:
         process.close()
       ms = 1e3 * np.median(times, axis=1) / _STEPS.value
