@@ -7,8 +7,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 from support import driver_env
+
+from isr_jax.models import create_model, layers
 
 torch = pytest.importorskip("torch")
 from benchmarks import conv_cost, torch_baseline  # noqa: E402  (skip without torch)
@@ -27,6 +30,30 @@ def _reference(name, op, x, kernel, dy):
     return conv(x, kernel)
   _, pullback = jax.vjp(conv, x, kernel)
   return pullback(dy)[0 if op == "input_grad" else 1]
+
+
+def test_table_of_convolutions_is_what_the_models_build(monkeypatch):
+  # CONVS is written out by hand; every entry must be the model's own layer at 28×28×1,
+  # with the input it sees there and an output of the same size.
+  seen = {}
+  convolve = layers.Conv.convolve
+
+  def recording(self, x):
+    y = convolve(self, x)
+    seen.setdefault(current, []).append((x.shape[1:], self.kernel.shape, y.shape[1:3]))
+    return y
+
+  monkeypatch.setattr(layers.Conv, "convolve", recording)
+  for current, options in (("fedavg_cnn", {}), ("lenet5", {}), ("convnet3", {"width": 32})):
+    model = create_model(current, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(0),
+                         **options)
+    model(np.zeros((1, 28, 28, 1), np.float32))
+  for name, (h, w, cin, cout, k, _) in conv_cost.CONVS.items():
+    model_name, index = name.split(".conv")
+    built = seen["convnet3" if model_name == "convnet" else model_name]
+    x_shape, kernel_shape, out_hw = built[int(index) - 1]
+    assert (x_shape, kernel_shape) == ((h, w, cin), (k, k, cin, cout)), name
+    assert out_hw == conv_cost.conv_operands(name, batch=1)[2].shape[1:3], name
 
 
 @pytest.mark.parametrize("name", conv_cost.CONVS)
