@@ -48,6 +48,7 @@ SETTINGS_ADDED_LATER = {
     "fl.scaffold.momentum_correction": "full",  # the literal step, SCAFFOLD's only one before
     "fl.personalized_eval": "auto",  # off for every algorithm that existed then
     "fl.client_test_fraction": 0.25,  # read only when personalized_eval is on
+    "isr.decouple_adapters": False,  # adapters' updates were scaled by mi_weight before
 }
 
 _MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
@@ -94,6 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.isr.mi_weight = 0.1  # MI weight α_m: one value or one per tap
   c.isr.ne_weight = 0.01  # NE weight λ_m: one value or one per tap
   c.isr.ne_normalize = False
+  # The adapters learn at their own rate: mi_weight scales only the MI term's
+  # gradient into the backbone (isr_jax.losses.isr_loss). False: Eq. 5 taken
+  # literally, the adapters' updates scaled by mi_weight as well.
+  c.isr.decouple_adapters = True
   c.isr.aggregate_adapters = True
 
   # The optimizer of CL mode (paper: Adam, weight decay 1e-4).
@@ -175,6 +180,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(isr.placement, PLACEMENTS, "isr.placement")
   _positive_int(isr.spacing, "isr.spacing")
   _positive_int(isr.num_taps, "isr.num_taps", minimum=0)
+  for name in ("decouple_adapters", "aggregate_adapters", "ne_normalize", "enabled"):
+    if not isinstance(isr[name], bool):
+      raise ConfigError(f"isr.{name}={isr[name]!r} must be True or False")
   for name in ("mi_weight", "ne_weight"):
     values = isr[name] if isinstance(isr[name], (tuple, list)) else (isr[name],)
     for v in values:

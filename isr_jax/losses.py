@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from isr_jax.adapters import apply_adapter
 from isr_jax.errors import ConfigError
@@ -87,6 +88,39 @@ def cross_entropy(
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return masked_mean(nll, valid, weight)
+
+
+def accuracy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    ignore_index: int | None = None,
+) -> jax.Array:
+  """Top-1 accuracy over the positions :func:`cross_entropy` counts (examples or pixels)."""
+  valid = _example_mask(mask, labels.shape)
+  if ignore_index is not None:
+    keep = labels != ignore_index
+    valid = keep if valid is None else valid & keep
+  hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return masked_mean(hits, valid)
+
+
+@jax.custom_vjp
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+  """The identity whose cotangent is multiplied by ``scale`` (a constant, not differentiated)."""
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  return x, scale
+
+
+def _scale_gradient_bwd(scale, g):
+  return g * jnp.asarray(scale, g.dtype), None
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 def mi_loss(
@@ -172,6 +206,16 @@ def isr_loss(
   weights zero) this is *exactly* :func:`cross_entropy` — ISR off is plain
   training, bit for bit.
 
+  With ``spec.decouple_adapters`` (the default) the value is the same but the
+  gradient of the MI term is split: the backbone receives ``α_m ∇_z L_MI^m``
+  (through the tap ``z^m``), exactly as in Eq. 5, while the adapter receives
+  ``∇_φ L_MI^m`` unscaled — the gradient of
+  ``L_CE + Σ_m (α_m L_MI^m(sg φ_m, z^m) + L_MI^m(φ_m, sg z^m) + λ_m L_NE^m)``.
+  Differentiated literally, Eq. 5 gives the adapter ``α_m ∇_φ L_MI^m``: under
+  SGD its learning rate is ``α_m η`` and at α = 0.1 it barely trains in FL
+  (Adam, the paper's CL optimizer, is invariant to that scale). α_m then
+  weighs only the supervision's pull on the backbone.
+
   Args:
     logits: output of the model's head.
     taps: the model's named intermediate features.
@@ -183,8 +227,9 @@ def isr_loss(
     weight: optional per-example importance weight ``[B]`` for every term.
 
   Returns:
-    ``(L_T, aux)`` with ``aux`` holding ``ce``, ``mi/<tap>``, ``ne/<tap>`` and
-    ``total``, for ``jax.value_and_grad(..., has_aux=True)``.
+    ``(L_T, aux)`` with ``aux`` holding ``ce``, ``mi/<tap>``, the adapter's
+    accuracy ``mi_accuracy/<tap>``, ``ne/<tap>`` and ``total``, for
+    ``jax.value_and_grad(..., has_aux=True)``.
   """
   ce = cross_entropy(logits, labels, mask=mask, ignore_index=ignore_index, weight=weight)
   total = ce
@@ -196,10 +241,18 @@ def isr_loss(
       )
     z = taps[term.name]
     if term.alpha > 0:
-      mi = mi_loss(adapter_params[term.name], z, labels, mask=mask, ignore_index=ignore_index,
-                   weight=weight)
+      z_mi = scale_gradient(z, term.alpha) if spec.decouple_adapters else z
+      q_logits = apply_adapter(adapter_params[term.name], z_mi, labels.shape[1:])
+      mi = cross_entropy(q_logits, labels, mask=mask, ignore_index=ignore_index, weight=weight)
       aux[f"mi/{term.name}"] = mi
-      total = total + term.alpha * mi
+      aux[f"mi_accuracy/{term.name}"] = lax.stop_gradient(
+          accuracy(q_logits, labels, mask=mask, ignore_index=ignore_index))
+      if spec.decouple_adapters:
+        # Value α·L_MI; gradient α·∇_z L_MI into the backbone (through scale_gradient)
+        # and ∇_φ L_MI into the adapter: mi − sg(mi) is exactly 0 but carries weight 1.
+        total = total + term.alpha * lax.stop_gradient(mi) + (mi - lax.stop_gradient(mi))
+      else:
+        total = total + term.alpha * mi
     if term.lam > 0:
       ne = negative_entropy(z, mask=mask, normalize=spec.ne_normalize, weight=weight)
       aux[f"ne/{term.name}"] = ne

@@ -32,10 +32,20 @@ class TapTerm(NamedTuple):
 
 
 class ISRSpec(NamedTuple):
-  """The ISR part of Eq. 5; hashable, so it can be a static argument under jit."""
+  """The ISR part of Eq. 5; hashable, so it can be a static argument under jit.
+
+  Attributes:
+    terms: the taps and their weights.
+    ne_normalize: divide each NE term by ``log C_m``.
+    decouple_adapters: α_m weighs only the MI term's pull on the backbone; the
+      adapter ``φ_m`` gets ``∇_φ L_MI^m`` unscaled (see :func:`isr_jax.losses.isr_loss`).
+      ``False`` is Eq. 5 differentiated literally, where the adapter's update is
+      scaled by α_m too.
+  """
 
   terms: tuple[TapTerm, ...]
   ne_normalize: bool = False
+  decouple_adapters: bool = True
 
   @property
   def tap_names(self) -> tuple[str, ...]:
@@ -123,6 +133,7 @@ def make_isr_spec(
     alpha: float | Sequence[float] = 0.1,
     lam: float | Sequence[float] = 0.01,
     ne_normalize: bool = False,
+    decouple_adapters: bool = True,
 ) -> ISRSpec | None:
   """Builds the ISR spec for a model, or ``None`` when ISR is off.
 
@@ -135,4 +146,5 @@ def make_isr_spec(
   alphas = _per_tap(alpha, chosen, "isr.mi_weight")
   lams = _per_tap(lam, chosen, "isr.ne_weight")
   terms = tuple(TapTerm(n, a, m) for n, a, m in zip(chosen, alphas, lams, strict=True))
-  return ISRSpec(terms=terms, ne_normalize=bool(ne_normalize))
+  return ISRSpec(terms=terms, ne_normalize=bool(ne_normalize),
+                 decouple_adapters=bool(decouple_adapters))

@@ -171,7 +171,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   spec = make_isr_spec(
       tap_names, enabled=isr.enabled, taps=tuple(isr.taps), num_taps=isr.num_taps,
       spacing=isr.spacing, placement=isr.placement, alpha=isr.mi_weight, lam=isr.ne_weight,
-      ne_normalize=isr.ne_normalize,
+      ne_normalize=isr.ne_normalize, decouple_adapters=isr.decouple_adapters,
   )
   graphdef, model_params = split_model(model)
   params = init_params(graphdef, model_params, spec, num_classes=info.num_classes,

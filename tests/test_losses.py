@@ -170,7 +170,8 @@ def test_isr_loss_is_eq5_sum_of_terms():
           + 0.7 * mi_loss(adapters["b"], taps["b"], labels)
           + 0.5 * negative_entropy(taps["b"]))
   np.testing.assert_allclose(total, want, rtol=1e-6)
-  assert set(aux) == {"ce", "mi/a", "ne/a", "mi/b", "ne/b", "total"}
+  assert set(aux) == {"ce", "mi/a", "ne/a", "mi/b", "ne/b", "mi_accuracy/a", "mi_accuracy/b",
+                      "total"}
   np.testing.assert_allclose(aux["total"], total)
 
 
