@@ -49,6 +49,8 @@ SETTINGS_ADDED_LATER = {
     "fl.personalized_eval": "auto",  # off for every algorithm that existed then
     "fl.client_test_fraction": 0.25,  # read only when personalized_eval is on
     "isr.decouple_adapters": False,  # adapters' updates were scaled by mi_weight before
+    "fl.fedaims.absent_classes": "zero",  # a class with no global prototype was pulled to σ(0)
+    "fl.fedaims_full.absent_classes": "zero",
 }
 
 _MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed

@@ -127,6 +127,51 @@ def test_trainer_freezes_what_is_not_trainable_even_with_momentum_and_weight_dec
                             state.params["model"]["conv1"]["kernel"])
 
 
+def test_trainer_freezes_per_client_with_a_traced_flag():
+  """``trainable`` may return a traced boolean (a per-client decision inside the round,
+  as FedAIMS's sampled block): under vmap each client freezes its own leaves, bit for
+  bit, with momentum and weight decay on; a non-scalar flag is refused."""
+  big = 20  # the clients with more examples train their head, the others only the body
+
+  def head_if_big(start, ctx, trainer):
+    trains_head = trainer.data.num_examples > big
+    params, aux, n = trainer.train(
+        start, lambda p, b, k: fns.algorithm.client_grad(p, ctx, b, trainer.problem, k),
+        trainable=lambda path: trains_head if is_head(path) else True)
+    return params, ctx, aux, n
+
+  local = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.9,
+                                         weight_decay=0.1))
+  fedper = fedavg()._replace(name="fedper", personal="head", local_update=head_if_big)
+  data = uneven_clients()
+  state, fns, _ = small_setup(isr=False, algorithm=fedper, local=local, data=data)
+  new, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=FLSpec(clients_per_round=4)))(
+      state, data)
+  sampled = np.asarray(sample_clients(round_keys(state)[0], 6, 4)).tolist()
+  sizes = np.asarray(data.num_examples)
+  assert {bool(sizes[c] > big) for c in sampled} == {False, True}  # both kinds sampled
+  heads = lambda s: s.client_states["personal"]["model"]["head"]
+  for c in sampled:
+    before, after = (jax.tree.map(lambda a, c=c: a[c], heads(s)) for s in (state, new))
+    if sizes[c] > big:
+      assert not np.array_equal(before["kernel"], after["kernel"]), c
+    else:
+      chex.assert_trees_all_equal(before, after)
+  assert not np.array_equal(new.params["model"]["conv1"]["kernel"],
+                            state.params["model"]["conv1"]["kernel"])
+
+  def vector_flag(start, ctx, trainer):
+    flags = jnp.ones((2,), bool)
+    trainer.train(start, lambda p, b, k: ({}, {}), trainable=lambda path: flags)
+    return start, ctx, {}, 0
+
+  bad = fedavg()._replace(local_update=vector_flag)
+  state, fns, _ = small_setup(isr=False, algorithm=bad, data=data)
+  with pytest.raises(ValueError, match=r"trainable\(.*boolean scalar"):
+    jax.jit(functools.partial(fl_round, fns=fns, spec=FLSpec(clients_per_round=2)))(
+        state, data)
+
+
 def test_personalized_evaluation_of_the_global_model_counts_each_clients_own_hits():
   train, _, _ = digits()
   parts = [np.arange(i * 30, i * 30 + n) for i, n in enumerate((12, 30, 5, 0 + 1))]

@@ -186,7 +186,9 @@ class LocalTrainer(NamedTuple):
       batch, key) -> (grads, aux)`` for ``epochs`` epochs (``None``: the round's
       ``fl.local_epochs`` / ``fl.local_steps``); ``trainable(path) -> bool`` freezes
       the other leaves (their update is zeroed after the optimizer, so weight decay
-      and momentum cannot move them); ``stream`` picks an independent shuffle.
+      and momentum cannot move them); it may return a traced boolean scalar when
+      the choice is made inside the round (FedAIMS's sampled block, from
+      ``broadcast.plan``); ``stream`` picks an independent shuffle.
     problem: the client objective.
     data: the client's row of ``ClientData`` (``[S, B, ...]``).
     key: the client's PRNG key this round.

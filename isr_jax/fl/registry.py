@@ -18,7 +18,13 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import FLAlgorithm
 from isr_jax.fl.algorithms.balancefl import balancefl
 from isr_jax.fl.algorithms.ditto import ditto
-from isr_jax.fl.algorithms.fedaims import AGGREGATIONS, PROTOTYPE_TIMES, REDUCTIONS, fedaims
+from isr_jax.fl.algorithms.fedaims import (
+    ABSENT_CLASSES,
+    AGGREGATIONS,
+    PROTOTYPE_TIMES,
+    REDUCTIONS,
+    fedaims,
+)
 from isr_jax.fl.algorithms.fedala import ALA_LAYERS, fedala
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedavgm import fedavgm
@@ -160,7 +166,8 @@ def _build_fedsol(config):
 
 
 _FEDAIMS_DEFAULTS = dict(mu=1.0, lam=None, hidden=64, reduction="mse", aggregation="present",
-                         pool=False, blocks=(), adapt_last=False, prototype_at="start")
+                         pool=False, blocks=(), adapt_last=False, prototype_at="start",
+                         absent_classes="zero")
 
 
 def _build_fedaims(config, name: str) -> FLAlgorithm:
@@ -180,6 +187,7 @@ def _build_fedaims(config, name: str) -> FLAlgorithm:
       pool=_one_of(c.pool, (False, True), f"fl.{name}.pool"), blocks=blocks,
       adapt_last=_one_of(c.adapt_last, (False, True), f"fl.{name}.adapt_last"),
       prototype_at=_one_of(c.prototype_at, PROTOTYPE_TIMES, f"fl.{name}.prototype_at"),
+      absent_classes=_one_of(c.absent_classes, ABSENT_CLASSES, f"fl.{name}.absent_classes"),
       full=name == "fedaims_full", seed=int(config.seed))
 
 
@@ -357,6 +365,8 @@ ALGORITHMS: dict[str, Entry] = {
     # the printed sum over examples: with "sum" local SGD diverges at the paper's
     # lr 0.1 (and at 0.01 on ConvNet3) once R switches on; "mse" trains. Eq. 4 over the clients
     # that have the class ("present"); C_i^m before training (Algorithm 1, line 9).
+    # A class no sampled client held keeps its zero global prototype in R
+    # (absent_classes "zero", what the paper's formulas give; "mask" leaves it out).
     "fedaims": Entry(_FEDAIMS_DEFAULTS, lambda config: _build_fedaims(config, "fedaims")),
     "fedaims_full": Entry(_FEDAIMS_DEFAULTS,
                           lambda config: _build_fedaims(config, "fedaims_full")),

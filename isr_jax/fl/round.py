@@ -89,16 +89,34 @@ def round_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
   return tuple(jax.random.split(key, 3))  # type: ignore[return-value]
 
 
+def _trainable_flag(value, path):
+  """``trainable(path)`` as a Python bool, or as a boolean scalar array when it is traced."""
+  if isinstance(value, jax.Array):
+    if value.shape != () or value.dtype != jnp.bool_:
+      raise ValueError(f"trainable({jax.tree_util.keystr(path)}) must be a bool or a boolean "
+                       f"scalar; got {value.dtype}{list(value.shape)}")
+    return value
+  return bool(value)
+
+
 def _freeze(optimizer: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
   """``optimizer`` whose updates of the leaves where ``trainable`` is False are zero.
 
   Zeroing the update (not the gradient) keeps weight decay and momentum from
-  moving a frozen leaf; the optimizer's state keeps its structure.
+  moving a frozen leaf; the optimizer's state keeps its structure. A flag may be
+  a traced boolean scalar, decided per client inside the round (FedAIMS's
+  sampled block): that leaf's update is selected with ``jnp.where``, the update or
+  exactly zero. Python flags stay static, so their graph is unchanged.
   """
+
+  def freeze(u, t):
+    if isinstance(t, jax.Array):
+      return jnp.where(t, u, jnp.zeros_like(u))
+    return u if t else jnp.zeros_like(u)
 
   def update(grads, state, params=None):
     updates, state = optimizer.update(grads, state, params)
-    return jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable), state
+    return jax.tree.map(freeze, updates, trainable), state
 
   return optax.GradientTransformation(optimizer.init, update)
 
@@ -118,7 +136,8 @@ def make_trainer(cdata: ClientData, key: jax.Array, lr: jax.Array, fns: RoundFns
         steps=spec.local_steps if round_schedule else 0)
     optimizer = fns.local_optimizer
     if trainable is not None:
-      mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(trainable(path)), start)
+      mask = jax.tree_util.tree_map_with_path(
+          lambda path, _: _trainable_flag(trainable(path), path), start)
       optimizer = _freeze(optimizer, mask)
     opt_state = with_learning_rate(optimizer.init(start), lr)
     params, _, aux_sum, num_steps = run_local_steps(

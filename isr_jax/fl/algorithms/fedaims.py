@@ -22,6 +22,13 @@ FedAIMS-Full (§5.3.5, ``full=True``) supervises every block: ``Φ_i = λ F_i +
 (1 − λ)/(m − 1) Σ_j A_i^j``. Both run one code path: ``A = Σ_j w_j A^j`` with
 block weights ``w`` one-hot at ``b_i`` (sampled) or uniform (Full).
 
+Algorithm 1, line 12 updates only ``σ_i^{b_i}`` (and ``L_CE^{b_i}``'s classifier):
+the other blocks' σ and classifiers get a zero gradient, but the local optimizer's
+weight decay and momentum would still move them (relative drift 3e-5 to 2e-4 per
+round at wd 1e-4, momentum 0.9), so they are frozen through the trainer's
+``trainable`` hook with the per-client flag ``w_j > 0``, a traced boolean. Full
+freezes nothing.
+
 Readings where the paper is silent (SPEC §4, followed as written):
 
 * Blocks: the model's taps in block order, block m = the last tap (the head's
@@ -32,9 +39,12 @@ Readings where the paper is silent (SPEC §4, followed as written):
   classes (``aggregation``): ``"present"`` averages over the clients that have
   the class, ``p_i`` renormalised among them; ``"literal"`` is ``Σ_i p_i C_i``
   with missing prototypes 0. A class no sampled client has gets a zero global
-  prototype either way (its examples are still pulled toward ``σ(0)``; only the
-  prototypes travel down, not which classes were present). ``C_g`` is recomputed
-  each round from that round's clients.
+  prototype either way. The paper is silent on what that row then does in Eq.
+  5/8 (``absent_classes``): ``"zero"`` uses it as it is, its examples are pulled
+  toward ``σ(0)`` (and ``C_g^m = 0`` for ``R^m``); ``"mask"`` drops the examples
+  whose class has global count 0 from every ``R``, and ``"mean"``/``"mse"``
+  divide by the examples kept. ``C_g`` is recomputed each round from that
+  round's clients.
 * Prototypes are constants in the loss; before the first aggregation there is no
   ``C_g`` and every ``R`` is 0 (``alg_state["ready"]``).
 * Reduction of Eq. 5/8 (``reduction``): ``"sum"`` over the batch's real examples
@@ -60,7 +70,8 @@ Readings where the paper is silent (SPEC §4, followed as written):
   block r, so larger groups get deeper blocks.
 * Communication (Table 6, ``2βΣ + π`` per round and client): up = backbone delta
   + ``C_i^m`` + its class counts (K floats, for Eq. 4's renormalisation); down =
-  backbone + ``C_g^m``. The block index is not counted.
+  backbone + ``C_g^m`` (+ which classes have a global prototype, K bools, with
+  ``absent_classes="mask"``). The block index is not counted.
 
 Two choices where the paper's own numbers decide (Table 8, adapter storage):
 ``σ`` has ``h = 64`` hidden units and there is no σ for block m (``R^m`` compares
@@ -103,6 +114,7 @@ from isr_jax.models.layers import global_avg_pool, matmul
 REDUCTIONS = ("sum", "mean", "mse")
 AGGREGATIONS = ("present", "literal")
 PROTOTYPE_TIMES = ("start", "end")
+ABSENT_CLASSES = ("zero", "mask")
 COSINE_EPS = 1e-8
 
 # -- blocks and their features --
@@ -296,8 +308,8 @@ def prototype_distance(target: jax.Array, features: jax.Array, mask: jax.Array,
 def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
             reduction: str = "sum", aggregation: str = "present", pool: bool = False,
             blocks: Sequence[str] = (), adapt_last: bool = False,
-            prototype_at: str = "start", full: bool = False, seed: int = 0,
-            problem=None) -> FLAlgorithm:
+            prototype_at: str = "start", absent_classes: str = "zero", full: bool = False,
+            seed: int = 0, problem=None) -> FLAlgorithm:
   """FedAIMS (``full=False``) or FedAIMS-Full, see the module docstring.
 
   Args:
@@ -311,6 +323,9 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     adapt_last: a σ^m for ``R^m`` (else ``C_g^m`` is compared directly).
     prototype_at: ``"start"``: ``C_i^m`` with the received backbone, before
       training (Algorithm 1, line 9); ``"end"``: with the trained one.
+    absent_classes: Eq. 5/8 for a class with no global prototype (no sampled
+      client held it last round), one of :data:`ABSENT_CLASSES`: ``"zero"``
+      pulls its examples toward the zero row, ``"mask"`` leaves them out of R.
     full: FedAIMS-Full (every block, no sampling).
     seed: the adapters' initialisation.
     problem: the run's :class:`LocalProblem`; ``None`` returns the algorithm
@@ -324,12 +339,14 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     raise ValueError(f"hidden={hidden} must be >= 1")
   for value, allowed, name in ((reduction, REDUCTIONS, "reduction"),
                                (aggregation, AGGREGATIONS, "aggregation"),
-                               (prototype_at, PROTOTYPE_TIMES, "prototype_at")):
+                               (prototype_at, PROTOTYPE_TIMES, "prototype_at"),
+                               (absent_classes, ABSENT_CLASSES, "absent_classes")):
     if value not in allowed:
       raise ValueError(f"{name}={value!r} is not one of {allowed}")
   settings = dict(mu=mu, lam=lam, hidden=hidden, reduction=reduction, aggregation=aggregation,
                   pool=pool, blocks=tuple(blocks), adapt_last=adapt_last,
-                  prototype_at=prototype_at, full=full, seed=seed)
+                  prototype_at=prototype_at, absent_classes=absent_classes, full=full,
+                  seed=seed)
   name = "fedaims_full" if full else "fedaims"
 
   if problem is None:
@@ -344,6 +361,9 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
 
   apply, representation = problem.apply, problem.representation
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xFEDA)
+  # The global class counts travel (and are stored) only when they are read, so a
+  # "zero" run's state and bytes are those of the runs before the setting existed.
+  masked = absent_classes == "mask"
 
   def layout(model_params, x):
     """``(names of blocks 1..m, {name: tap shape})`` for one example ``x [1, ...]``."""
@@ -364,9 +384,12 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
   def init_server_state(params, data):
     check_labels(data.y, 3)
     names, shapes = layout(params["model"], data.x[0, 0, :1])
-    return {"prototype": jnp.zeros((num_classes_of(params), feature_dim(shapes[names[-1]])),
-                                   jnp.float32),
-            "ready": jnp.asarray(False)}
+    k = num_classes_of(params)
+    state = {"prototype": jnp.zeros((k, feature_dim(shapes[names[-1]])), jnp.float32),
+             "ready": jnp.asarray(False)}
+    if masked:
+      state["count"] = jnp.zeros((k,), jnp.float32)
+    return state
 
   def init_client_state(params, client_data):
     """The personal σ^j and L_CE^j classifiers (+ the backbone for Algorithm 2)."""
@@ -400,8 +423,11 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     num_groups = len(client_state["ce"])
     weights = (jnp.full((num_groups,), 1.0 / num_groups, jnp.float32) if broadcast.plan is None
                else broadcast.plan)
-    return {"own": own, "prototype": broadcast.alg_state["prototype"],
-            "ready": broadcast.alg_state["ready"], "weights": weights}
+    ctx = {"own": own, "prototype": broadcast.alg_state["prototype"],
+           "ready": broadcast.alg_state["ready"], "weights": weights}
+    if masked:
+      ctx["present"] = broadcast.alg_state["count"] > 0
+    return ctx
 
   def objective(params, ctx, batch, problem):
     """Eq. 12 on a batch: ``(Φ_i, aux)`` at ``params = {"model", "adapters", "fedaims"}``."""
@@ -414,9 +440,11 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     protos = lax.stop_gradient(ctx["prototype"])
     ready = ctx["ready"]
     y = jnp.where(batch.mask, batch.y, 0)
+    # "mask": an example whose class has no global prototype is not an example of R.
+    kept = batch.mask & ctx["present"][y] if masked else batch.mask
 
     def regulariser(name, target):
-      r = prototype_distance(target[y], block_features(taps[name], pool), batch.mask, reduction)
+      r = prototype_distance(target[y], block_features(taps[name], pool), kept, reduction)
       return jnp.where(ready, r, 0.0)  # no C_g before the first aggregation
 
     last = names[-1]
@@ -446,13 +474,28 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     return client_prototypes(trainer.problem.apply, model_params, trainer.data, names[-1],
                              pool=pool, num_classes=model_params["head"]["kernel"].shape[-1])
 
+  def supervised_only(model_params, trainer, weights):
+    """Algorithm 1, line 12: ``trainable(path)``, False for σ^j and L_CE^j of the blocks j
+    with ``w_j = 0`` (traced: the block is this client's row of the round's plan)."""
+    names, _ = layout(model_params, trainer.data.x[0, :1])
+    index = {name: j for j, name in enumerate(names[:-1])}
+
+    def trainable(path):
+      keys = [getattr(k, "key", k) for k in path]
+      if len(keys) > 2 and keys[0] == "fedaims" and keys[2] in index:
+        return weights[index[keys[2]]] > 0
+      return True  # θ_i (line 11), the ISR adapters, σ^m (R^m is in F_i, every round)
+
+    return trainable
+
   def local_update(start, ctx, trainer):
-    """Algorithm 1, lines 9–12: ``C_i^m``, then joint training of θ_i and σ_i."""
+    """Algorithm 1, lines 9–12: ``C_i^m``, then joint training of θ_i and σ_i^{b_i}."""
     if prototype_at == "start":
       proto, count = prototypes(start["model"], trainer)
     tree = {**start, "fedaims": ctx["own"]}
+    trainable = None if full else supervised_only(start["model"], trainer, ctx["weights"])
     trained, aux_sum, num_steps = trainer.train(
-        tree, lambda p, b, k: client_grad(p, ctx, b, trainer.problem, k))
+        tree, lambda p, b, k: client_grad(p, ctx, b, trainer.problem, k), trainable=trainable)
     local = {k: trained[k] for k in start}
     if prototype_at == "end":
       proto, count = prototypes(local["model"], trainer)
@@ -471,13 +514,19 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     return message, state
 
   def server_update(params, alg_state, messages, weights):
-    """FedAvg on the backbone; Eq. 4 on the last block's prototypes."""
+    """FedAvg on the backbone (line 15); Eq. 4 on the last block's prototypes (line 16)."""
     pseudo_grad, _ = fedavg_server_update(params, alg_state, messages, weights)
     proto = aggregate_prototypes(messages["prototype"], messages["count"], weights, aggregation)
-    return pseudo_grad, {"prototype": proto, "ready": jnp.asarray(True)}
+    state = {"prototype": proto, "ready": jnp.asarray(True)}
+    if masked:  # padding clients count 0 (no real example)
+      state["count"] = jnp.sum(messages["count"], axis=0)
+    return pseudo_grad, state
 
   def downlink(broadcast):
-    return {"params": broadcast.params, "prototype": broadcast.alg_state["prototype"]}
+    down = {"params": broadcast.params, "prototype": broadcast.alg_state["prototype"]}
+    if masked:
+      down["present"] = broadcast.alg_state["count"] > 0
+    return down
 
   return FLAlgorithm(
       name=name,
