@@ -2,8 +2,9 @@ r"""The main experiment on the embedded default data (``make demo``).
 
 Trains the FedAvg CNN on scikit-learn's digits in CL, FL (FedAvg, Dirichlet
 0.3 over 20 clients) and hybrid CL–FL mode, each without and with ISR, then
-prints one table — test accuracy per mode × ISR, the CL–FL gap without and
-with ISR and its relative reduction (papers/omniisr.txt §4.2.1, RQ4) — and
+prints one table — test accuracy per mode × ISR with 95 % intervals over the
+seeds and ISR's paired effect, then the CL–FL gap without and with ISR
+(OmniISR §4.2.1, RQ4), flagged when it shrank only because both ends fell — and
 writes the learning curves to ``<workdir>/learning_curves.png``.
 
   python -m experiments.demo --workdir=runs/demo [--rounds=60] [--seeds=0,1]
@@ -20,8 +21,10 @@ import time
 from absl import app, flags, logging
 
 from experiments.configs.digits import get_config
-from isr_jax.analysis import cl_fl_gap, relative_gap_reduction
+from experiments.stats import mean_interval, paired_difference
+from isr_jax.analysis import relative_gap_reduction
 from isr_jax.plotting import plot_learning_curves
+from isr_jax.progress import format_duration
 from isr_jax.train import train_and_evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where each run's workdir goes.")
@@ -31,56 +34,71 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; the table shows mean ± 
 MODES = ("cl", "fl", "hybrid")
 
 
-def _fmt(values: list[float]) -> str:
-  if len(values) == 1:
-    return f"{values[0]:.4f}"
-  return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def run_grid(workdir: str, rounds: int | None, seeds: list[int]):
-  """Trains every (mode, ISR, seed); returns final accuracies and curves."""
-  acc: dict[tuple[str, bool], list[float]] = {}
+  """Trains every (mode, ISR, seed); returns ``{(mode, isr): {seed: accuracy}}`` and curves."""
+  acc: dict[tuple[str, bool], dict[int, float]] = {}
   curves = {}
   num_test = 0
-  for mode in MODES:
-    for isr in (False, True):
-      for seed in seeds:
-        config = get_config(mode + (",isr" if isr else ""))
-        config.seed = seed
-        if rounds:
-          config.num_rounds = rounds
-        name = f"{mode}_{'isr' if isr else 'base'}_seed{seed}"
-        t0 = time.perf_counter()
-        result = train_and_evaluate(config, os.path.join(workdir, name))
-        a = result["metrics"]["test/accuracy"]
-        num_test = int(result["metrics"]["test/num_examples"])
-        print(f"  {name:22s} test accuracy {a:.4f}  ({time.perf_counter() - t0:.0f}s)",
-              flush=True)
-        acc.setdefault((mode, isr), []).append(a)
-        if seed == seeds[0]:
-          curves[f"{mode.upper()}{' + ISR' if isr else ''}"] = result["history"]
+  total = len(MODES) * 2 * len(seeds)
+  started = time.perf_counter()
+  for k, (mode, isr, seed) in enumerate(
+      ((m, i, s) for m in MODES for i in (False, True) for s in seeds), start=1):
+    config = get_config(mode + (",isr" if isr else ""))
+    config.seed = seed
+    if rounds:
+      config.num_rounds = rounds
+    name = f"{mode}_{'isr' if isr else 'base'}_seed{seed}"
+    t0 = time.perf_counter()
+    result = train_and_evaluate(config, os.path.join(workdir, name))
+    a = result["metrics"]["test/accuracy"]
+    num_test = int(result["metrics"]["test/num_examples"])
+    reused = " (finished earlier, read back)" if result["compile_s"] == 0.0 else ""
+    eta = (time.perf_counter() - started) / k * (total - k)
+    print(f"  [{k}/{total}] {name:22s} test accuracy {a:.4f}  "
+          f"({time.perf_counter() - t0:.0f}s{reused}; ETA {format_duration(eta)})", flush=True)
+    acc.setdefault((mode, isr), {})[seed] = a
+    if seed == seeds[0]:
+      curves[f"{mode.upper()}{' + ISR' if isr else ''}"] = result["history"]
   return acc, curves, num_test
 
 
-def format_table(acc: dict[tuple[str, bool], list[float]], num_test: int) -> str:
-  """The demo's result table (Markdown)."""
-  lines = ["| mode | without ISR | with ISR | ISR − base |", "|---|---|---|---|"]
+def format_table(acc: dict[tuple[str, bool], dict[int, float]], num_test: int) -> str:
+  """The demo's result (Markdown): accuracies with their intervals first, the gap beside.
+
+  Accuracies are in %, mean ± the 95 % Student-t half-width over seeds; ISR's
+  effect is the paired difference (same seed: same data split, partition and
+  initial model). The CL–FL gap D = acc_CL − acc_FL and its change come after
+  them, and a gap that shrank while both CL and FL fell is flagged: a ratio of
+  two gaps is not an improvement when both ends moved down.
+  """
+  lines = ["| mode | without ISR | with ISR | ISR − without (paired) |", "|---|---|---|---|"]
   for mode in MODES:
     off, on = acc[(mode, False)], acc[(mode, True)]
-    diff = statistics.mean(on) - statistics.mean(off)
-    lines.append(f"| {mode.upper()} | {_fmt(off)} | {_fmt(on)} | {diff:+.4f} |")
-  mean = {k: statistics.mean(v) for k, v in acc.items()}
-  gap_off = cl_fl_gap(mean[("cl", False)], mean[("fl", False)])
-  gap_on = cl_fl_gap(mean[("cl", True)], mean[("fl", True)])
-  reduction = relative_gap_reduction(gap_off, gap_on)
-  red = "n/a (no gap without ISR)" if math.isnan(reduction) else f"{100 * reduction:+.1f} %"
+    lines.append(f"| {mode.upper()} | {mean_interval(list(off.values())).format(100)} | "
+                 f"{mean_interval(list(on.values())).format(100)} | "
+                 f"{paired_difference(on, off).format(100, signed=True)} |")
+  gap = {isr: {s: acc[("cl", isr)][s] - acc[("fl", isr)][s] for s in acc[("fl", isr)]
+               if s in acc[("cl", isr)]} for isr in (False, True)}
+  gap_off, gap_on = (mean_interval(list(gap[i].values())) for i in (False, True))
+  change = paired_difference(gap[False], gap[True])
+  reduction = relative_gap_reduction(gap_off.mean, gap_on.mean)
+  relative = "n/a: no gap without ISR" if math.isnan(reduction) else f"{100 * reduction:+.1f} %"
+  fell = [m.upper() for m in ("cl", "fl")
+          if statistics.fmean(acc[(m, True)].values()) < statistics.fmean(acc[(m, False)].values())]
+  flag = ""
+  if change.mean > 0 and len(fell) == 2:
+    flag = " — **both ends fell**: the gap shrank only because CL lost more than FL"
+  elif change.mean > 0 and "FL" in fell:
+    flag = " — FL fell: not an improvement of FL"
   lines += [
       "",
-      f"CL–FL gap D = acc_CL − acc_FL: without ISR {gap_off:+.4f}, with ISR {gap_on:+.4f}; "
-      f"relative reduction by ISR (D_without − D_with) / D_without = {red}",
+      f"CL–FL gap D = acc_CL − acc_FL (points): without ISR {gap_off.format(100)}, with ISR "
+      f"{gap_on.format(100)}; shrink D_without − D_with {change.format(100, signed=True)} "
+      f"(relative {relative}){flag}.",
       "",
-      f"Resolution: one test example is {1 / num_test:.4f} of accuracy ({num_test} test "
-      f"examples); differences within the seeds' spread are noise.",
+      f"Mean ± 95 % interval over {len(next(iter(acc.values())))} seeds (Student t). One test "
+      f"example is {100 / num_test:.2f} points ({num_test} test examples); a difference whose "
+      "interval contains 0 is not resolved by these seeds.",
   ]
   return "\n".join(lines)
 

@@ -1,0 +1,115 @@
+"""A finished (or unfinished) run's workdir as one compact record, and a sweep's records.
+
+A record is what every table and figure of experiments/RESULTS.md is computed
+from: the run's labels and seed, its final metrics, the best test accuracy, the
+curve of the evaluated rounds and anything a measurement wrote beside it
+(``flatness.json``). Records are one JSON line each in a sweep's
+``results.jsonl``; committed copies under ``experiments/results/`` let
+``experiments.report`` rebuild RESULTS.md without the workdirs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Mapping
+
+from isr_jax.metric_writer import METRICS_FILE, read_metrics
+from isr_jax.workdir import CONFIG_FILE, read_json
+
+RESULTS_FILE = "results.jsonl"
+SWEEP_FILE = "sweep.json"
+DIVERGED_FILE = "DIVERGED"
+# Measurements other commands add to a run's workdir, merged into its record.
+EXTRA_FILES = ("machine.json", "flatness.json", "isr_diagnostics.json")
+# Metrics kept per evaluated round (the curves of the figures); prefixes.
+CURVE_PREFIXES = ("test/accuracy", "test/loss", "personal/accuracy", "train/mi",
+                  "train/ce", "fl/client_drift")
+
+
+def run_record(workdir: str, run: Mapping) -> dict:
+  """The record of the run ``run`` (a :class:`experiments.sweeps.Run` as a dict) in ``workdir``.
+
+  ``status`` is ``done`` (trained its ``num_rounds``), ``diverged`` (stopped on a
+  non-finite loss; the sweep left a DIVERGED file), ``partial`` (stopped
+  before the end) or ``missing`` (never started).
+  """
+  record = {"name": run["name"], "labels": dict(run["labels"]), "seed": run["seed"],
+            "settings": dict(run["settings"])}
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  # A run another process has just started has a workdir but no metrics yet.
+  history = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+  config = read_json(os.path.join(workdir, CONFIG_FILE)) if history else None
+  diverged = os.path.join(workdir, DIVERGED_FILE)
+  if os.path.exists(diverged):
+    with open(diverged) as f:
+      record.update(status="diverged", reason=f.read().strip())
+  if not history:
+    record.setdefault("status", "missing")
+    return record
+  num_rounds = (config or {}).get("num_rounds")
+  last = history[-1]
+  record.setdefault("status", "done" if num_rounds and last["round"] >= num_rounds
+                    else "partial")
+  record["round"] = last["round"]
+  evaluated = [r for r in history if "test/accuracy" in r]
+  final = dict(evaluated[-1]) if evaluated else {}
+  final.update({k: v for k, v in last.items() if k.startswith(("train/", "fl/", "comm/"))})
+  record["final"] = {k: v for k, v in final.items() if k != "round"}
+  if evaluated:
+    record["best"] = {"test/accuracy": max(r["test/accuracy"] for r in evaluated)}
+    personal = [r["personal/accuracy_mean"] for r in evaluated if "personal/accuracy_mean" in r]
+    if personal:
+      record["best"]["personal/accuracy_mean"] = max(personal)
+  record["curve"] = [{k: v for k, v in r.items() if k == "round" or k.startswith(CURVE_PREFIXES)}
+                     for r in evaluated]
+  times = [r["time/round_s"] for r in history if "time/round_s" in r]
+  if times:
+    record["round_s"] = statistics.median(times)
+  for name in EXTRA_FILES:
+    extra = read_json(os.path.join(workdir, name))
+    if extra is not None:
+      record[name.removesuffix(".json")] = extra
+  return record
+
+
+def sweep_records(sweep_dir: str) -> list[dict]:
+  """Records of every run listed in ``<sweep_dir>/sweep.json``, in its order."""
+  spec = read_json(os.path.join(sweep_dir, SWEEP_FILE))
+  if spec is None:
+    raise FileNotFoundError(f"{os.path.join(sweep_dir, SWEEP_FILE)} not found: not a sweep "
+                            "workdir (run experiments.sweep there first)")
+  shared = {"sweep": spec["name"], "report": spec.get("report", ""),
+            "command": spec.get("command", "")}
+  return [{**shared, **run_record(os.path.join(sweep_dir, run["name"]), run)}
+          for run in spec["runs"]]
+
+
+def write_records(records: Iterable[dict], path: str) -> None:
+  """One JSON line per record, written to a temporary file and renamed (shards collect too)."""
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(_finite(r), sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a ``results.jsonl``, or of a sweep workdir (collected afresh)."""
+  if os.path.isdir(path):
+    return sweep_records(path)
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _finite(value):
+  """JSON has no NaN: non-finite floats become None."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  return value

@@ -1,0 +1,155 @@
+"""ISR and the CL–FL gap (sweeps ``isr_gap`` and ``isr_taps``, experiments/sweeps/isr_gap.py).
+
+The gap of a variant v is ``D_v = acc_CL,v − acc_FL,v`` (OmniISR §4.2), per
+seed; its change against ISR off is ``D_none − D_v`` (positive: ISR shrank the
+gap), paired by seed. A gap can shrink because FL rose or because CL fell; the
+tables show both ends so that a shrinking gap with both ends lower is seen for
+what it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+from experiments.sections.common import (
+  by_seed,
+  figure_link,
+  interval,
+  labels_of,
+  markdown_table,
+  percent,
+  provenance,
+  select,
+)
+from experiments.sections.figures import plot_seed_bands
+from experiments.stats import Interval, mean_interval, paired_difference
+
+ACC = "test/accuracy"
+SKEW_NAMES = {"iid": "IID", "dir01": "Dir(0.1)", "c2": "#C = 2"}
+VARIANT_NAMES = {
+    "none": "no ISR",
+    "literal": "α = 0.1, Eq. 5 literal (old default)",
+    "dec0.03": "decoupled, α = 0.03",
+    "dec0.1": "decoupled, α = 0.1",
+    "dec0.3": "decoupled, α = 0.3",
+    "ne": "NE only (α = 0)",
+}
+
+
+def _gap_change(cl: list[dict], fl: list[dict], cl_none: list[dict],
+                fl_none: list[dict]) -> tuple[Interval, Interval]:
+  """``(D_v per seed, D_none − D_v per seed)`` as intervals over the shared seeds."""
+  d_v = _gap_by_seed(cl, fl)
+  return mean_interval(list(d_v.values())), paired_difference(_gap_by_seed(cl_none, fl_none),
+                                                              d_v)
+
+
+def _gap_by_seed(cl: list[dict], fl: list[dict]) -> dict[int, float]:
+  a, b = by_seed(cl, ACC), by_seed(fl, ACC)
+  return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
+def _verdict(change: Interval, cl_change: Interval, fl_change: Interval) -> str:
+  if change.n < 2:
+    return "one seed"
+  if not change.excludes_zero:
+    return "not resolved"
+  if change.mean > 0 and fl_change.mean < 0:
+    return "shrank, **both ends fell**"
+  if change.mean > 0:
+    return "shrank" + (" (FL rose)" if fl_change.excludes_zero else "")
+  return "grew"
+
+
+def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
+  """The accuracy, gap and adapter tables of the ``isr_gap`` sweep, and its figure."""
+  cl_all = select(records, grid="cl")
+  fl_all = select(records, grid="fl")
+  variants = labels_of(records, "isr")
+  skews = labels_of(fl_all, "skew")
+
+  rows = []
+  for v in variants:
+    row = [VARIANT_NAMES.get(v, v), percent(interval(select(cl_all, isr=v), ACC))]
+    row += [percent(interval(select(fl_all, isr=v, skew=s), ACC)) for s in skews]
+    rows.append(row)
+  accuracy = markdown_table(
+      ["ISR", "CL", *(f"FL {SKEW_NAMES.get(s, s)}" for s in skews)], rows)
+
+  gap_rows, findings = [], []
+  cl_none = select(cl_all, isr="none")
+  for s in skews:
+    fl_none = select(fl_all, isr="none", skew=s)
+    for v in variants:
+      cl_v, fl_v = select(cl_all, isr=v), select(fl_all, isr=v, skew=s)
+      gap, change = _gap_change(cl_v, fl_v, cl_none, fl_none)
+      fl_change = paired_difference(by_seed(fl_v, ACC), by_seed(fl_none, ACC))
+      cl_change = paired_difference(by_seed(cl_v, ACC), by_seed(cl_none, ACC))
+      verdict = "reference" if v == "none" else _verdict(change, cl_change, fl_change)
+      gap_rows.append([
+          SKEW_NAMES.get(s, s), VARIANT_NAMES.get(v, v), percent(gap),
+          "–" if v == "none" else percent(change, signed=True),
+          "–" if v == "none" else percent(cl_change, signed=True),
+          "–" if v == "none" else percent(fl_change, signed=True), verdict])
+      if v != "none" and change.excludes_zero and change.mean > 0 and fl_change.mean > 0:
+        findings.append(
+            f"- {SKEW_NAMES.get(s, s)}: {VARIANT_NAMES.get(v, v)} shrinks the gap by "
+            f"{percent(change)} points (FL {percent(fl_change, signed=True)}).")
+  gap = markdown_table(
+      ["skew", "ISR", "gap D = CL − FL", "D_none − D (shrink > 0)", "CL vs none",
+       "FL vs none", "reading"], gap_rows)
+  if not findings:
+    findings.append("- No variant shrinks the gap with FL rising and an interval that "
+                    "excludes zero, on any skew.")
+
+  taps = sorted({k.split("/", 2)[2] for r in records for k in r.get("final", {})
+                 if k.startswith("train/mi_accuracy/")})
+  adapter_rows = []
+  for v in variants:
+    if v in ("none", "ne"):
+      continue
+    for tap in taps:
+      key = f"train/mi_accuracy/{tap}"
+      row = [VARIANT_NAMES.get(v, v), f"`{tap}`", percent(interval(select(cl_all, isr=v), key))]
+      row += [percent(interval(select(fl_all, isr=v, skew=s), key)) for s in skews]
+      adapter_rows.append(row)
+  adapters = markdown_table(
+      ["ISR", "tap", "CL", *(f"FL {SKEW_NAMES.get(s, s)}" for s in skews)], adapter_rows)
+
+  figure = _figure(fl_all, variants, skews, figures)
+  return {
+      "isr_gap/setup": provenance(records),
+      "isr_gap/accuracy": accuracy,
+      "isr_gap/gap": gap,
+      "isr_gap/findings": "\n".join(findings),
+      "isr_gap/adapters": adapters,
+      "isr_gap/figure": figure_link(
+          figure, "FL test accuracy per round, mean and 95 % band over seeds"),
+  }
+
+
+def _figure(fl_all: list[dict], variants: list[str], skews: list[str], figures: str) -> str:
+  path = os.path.join(figures, "isr_gap_fl_accuracy.png")
+  panels = {}
+  for s in skews:
+    panels[f"FL, {SKEW_NAMES.get(s, s)}"] = {
+        VARIANT_NAMES.get(v, v): select(fl_all, isr=v, skew=s) for v in variants}
+  return plot_seed_bands(panels, ACC, path, ylabel="test accuracy (%)",
+                         title="LeNet-5 on Fashion-MNIST, FedAvg: test accuracy with and "
+                               "without ISR (mean over seeds, 95 % band)")
+
+
+def taps_blocks(records: list[dict], figures: str) -> dict[str, str]:
+  """Where ISR supervises: FL accuracy per tap preset, against the isr_gap sweep's reference."""
+  del figures
+  rows = []
+  for label in labels_of(records, "taps"):
+    runs = select(records, taps=label)
+    taps = sorted({k.split("/", 2)[2] for r in runs for k in r.get("final", {})
+                   if k.startswith("train/mi_accuracy/")})
+    adapter = ", ".join(
+        f"`{t}` {percent(interval(runs, f'train/mi_accuracy/{t}'))}" for t in taps)
+    rows.append([label, percent(interval(runs, ACC)), adapter])
+  table = markdown_table(["taps (placement, count)", "FL #C = 2 accuracy",
+                          "adapter accuracy per tap (train)"], rows)
+  return {"isr_taps/setup": provenance(records), "isr_taps/table": table}

@@ -1,0 +1,269 @@
+r"""Runs a grid of experiments × seeds, resumably, and collects them into one table.
+
+  python -m experiments.sweep --sweep=experiments/sweeps/isr_gap.py --workdir=runs/isr_gap
+  python -m experiments.sweep --config=experiments/configs/isr_gap.py:fl,c2 \
+      --axis=isr.mi_weight=0.03,0.1,0.3 --set=isr.enabled=True --seeds=0,1 \
+      --workdir=runs/alpha
+
+``--sweep`` names a sweep file (``experiments/sweeps/``, see
+:mod:`experiments.sweeps`); without it, ``--config`` and any number of
+``--axis=<setting>=<v1>,<v2>,…`` make a one-grid sweep. ``--set`` overrides a
+setting in every run. Every run trains in ``<workdir>/<run name>`` with
+:func:`isr_jax.train.train_and_evaluate`, so starting the same command again
+resumes the unfinished runs and reads back the finished ones; several
+processes may share one sweep with ``--shard=i/n``. Every config is built and
+validated before the first run trains: a wrong setting stops the sweep in one
+line. At the end (and with ``--collect``, without training) every run's record
+goes into ``<workdir>/results.jsonl`` and ``results.csv``
+(:mod:`experiments.records`), which ``experiments.report`` turns into tables.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import logging as std_logging
+import os
+import platform
+import re
+import sys
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from experiments.records import (
+    DIVERGED_FILE,
+    RESULTS_FILE,
+    SWEEP_FILE,
+    sweep_records,
+    write_records,
+)
+from experiments.reporting import train_unless_diverged, write_csv
+from experiments.sweeps import Grid, Run, Sweep, axis, expand
+from isr_jax.config import validate
+from isr_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataNotFoundError,
+    Preempted,
+    WorkdirError,
+)
+from isr_jax.progress import format_duration
+from isr_jax.workdir import write_atomic
+
+_SWEEP = flags.DEFINE_string("sweep", None, "A sweep file, optionally with ':<argument>'.")
+_CONFIG = flags.DEFINE_string("config", None, "Without --sweep: the config file[:argument].")
+_AXES = flags.DEFINE_multi_string("axis", [], "Without --sweep: <setting>=<v1>,<v2>,… (repeat).")
+_SET = flags.DEFINE_multi_string("set", [], "<setting>=<value> for every run (repeat).")
+_NAME = flags.DEFINE_string("name", "sweep", "Without --sweep: the grid's name.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent of every run's workdir.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds for every grid (default: the sweep's).")
+_ONLY = flags.DEFINE_string("only", None, "Run only the runs whose name matches this regex.")
+_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at the i-th.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their settings; train nothing.")
+_COLLECT = flags.DEFINE_bool("collect", False, "Only collect the records of runs already made.")
+flags.mark_flag_as_required("workdir")
+
+
+def load_python_file(spec: str, function: str):
+  """``<path>[:<argument>]`` -> ``module.<function>(argument)`` (the argument may be absent)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such file")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, function):
+    raise ConfigError(f"{path} defines no {function}()")
+  try:
+    return getattr(module, function)(arg) if arg else getattr(module, function)()
+  except ValueError as e:  # the file's own check of its argument
+    raise ConfigError(f"{spec}: {e}") from None
+
+
+def parse_value(text: str):
+  """A Python literal (``0.1``, ``True``, ``(1, 2)``, ``'x'``) or else the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_assignment(text: str, flag: str) -> tuple[str, str]:
+  setting, eq, value = text.partition("=")
+  if not eq or not setting:
+    raise ConfigError(f"--{flag}={text!r}: write <setting>=<value>")
+  return setting.strip(), value
+
+
+def build_config(run: Run) -> ml_collections.ConfigDict:
+  """The run's config: its file's, with the run's settings and seed written in, validated."""
+  config = load_python_file(run.config, "get_config")
+  for setting, value in {**run.settings, "seed": run.seed}.items():
+    *path, leaf = setting.split(".")
+    node = config
+    try:
+      for part in path:
+        node = node[part]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = value
+    except (KeyError, AttributeError):
+      raise ConfigError(f"run {run.name}: the config has no setting {setting!r}") from None
+    except TypeError as e:  # ml_collections refuses a value of another type
+      raise ConfigError(f"run {run.name}: {setting}={value!r}: {e}") from None
+  validate(config)
+  return config
+
+
+def sweep_from_flags() -> Sweep:
+  if _SWEEP.value:
+    sweep = load_python_file(_SWEEP.value, "get_sweep")
+    if not isinstance(sweep, Sweep):
+      raise ConfigError(f"{_SWEEP.value}: get_sweep() must return experiments.sweeps.Sweep")
+    if _AXES.value or _CONFIG.value:
+      raise ConfigError("--axis and --config build a sweep without a file; --sweep names one")
+  else:
+    if not _CONFIG.value:
+      raise ConfigError("give --sweep=<sweep file> or --config=<config file> with --axis")
+    axes = []
+    for text in _AXES.value:
+      setting, values = parse_assignment(text, "axis")
+      axes.append(axis(setting.replace(".", "_"), setting=setting,
+                       options=[parse_value(v) for v in values.split(",")]))
+    sweep = Sweep(_NAME.value, [Grid(_NAME.value, _CONFIG.value, axes)])
+  common = dict(parse_assignment(t, "set") for t in _SET.value)
+  common = {k: parse_value(v) for k, v in common.items()}
+  if common:
+    sweep = sweep._replace(grids=[g._replace(settings={**g.settings, **common})
+                                  for g in sweep.grids])
+  return sweep
+
+
+def sweep_command() -> str:
+  """The command that makes (or resumes) the whole sweep: these flags without --shard."""
+  parts = ["python -m experiments.sweep"]
+  if _SWEEP.value:
+    parts.append(f"--sweep={_SWEEP.value}")
+  else:
+    parts += [f"--config={_CONFIG.value}", f"--name={_NAME.value}"]
+    parts += [f"--axis={a}" for a in _AXES.value]
+  parts += [f"--set={a}" for a in _SET.value]
+  if _SEEDS.value is not None:
+    parts.append(f"--seeds={','.join(_SEEDS.value)}")
+  if _ONLY.value:
+    parts.append(f"--only={_ONLY.value}")
+  parts.append(f"--workdir={_WORKDIR.value}")
+  return " ".join(parts)
+
+
+def machine_info() -> dict:
+  """What a run ran on, kept beside it (``machine.json``) for the tables' provenance."""
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  return {"device": cpu if device.platform == "cpu" else device.device_kind,
+          "platform": device.platform, "cores": os.cpu_count(), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def shard_of(runs: list[Run], shard: str) -> list[Run]:
+  m = re.fullmatch(r"(\d+)/(\d+)", shard)
+  if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+    raise ConfigError(f"--shard={shard!r}: write i/n with 0 <= i < n")
+  i, n = int(m.group(1)), int(m.group(2))
+  return runs[i::n]
+
+
+def collect(sweep_dir: str) -> list[dict]:
+  """Writes ``results.jsonl`` and ``results.csv`` from the runs' workdirs; returns the records."""
+  records = sweep_records(sweep_dir)
+  write_records(records, os.path.join(sweep_dir, RESULTS_FILE))
+  rows = []
+  for r in records:
+    row = {"name": r["name"], **r["labels"], "seed": r["seed"], "status": r["status"],
+           "round": r.get("round", 0)}
+    row.update({k: v for k, v in r.get("final", {}).items()
+                if k.startswith(("test/", "personal/accuracy_mean", "train/mi"))})
+    rows.append(row)
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  write_csv([{c: row.get(c, "") for c in columns} for row in rows],
+            os.path.join(sweep_dir, "results.csv"))
+  return records
+
+
+def train_runs(runs: list[Run], configs: list, sweep_dir: str) -> None:
+  """Trains (or resumes, or reads back) each run in turn, one line per run with an ETA."""
+  started = time.perf_counter()
+  trained = 0
+  for k, (run, config) in enumerate(zip(runs, configs, strict=True), start=1):
+    workdir = os.path.join(sweep_dir, run.name)
+    t0 = time.perf_counter()
+    prefix = f"[{k}/{len(runs)}] {run.name}"
+    out = train_unless_diverged(config, workdir, prefix)
+    seconds = time.perf_counter() - t0
+    if out is None:
+      write_atomic(os.path.join(workdir, DIVERGED_FILE), "train/loss became non-finite\n")
+      continue
+    if out["compile_s"] == 0.0:  # nothing trained: the run had finished before
+      print(f"{prefix}: finished earlier, read back", flush=True)
+      continue
+    trained += 1
+    write_atomic(os.path.join(workdir, "machine.json"), json.dumps(machine_info()) + "\n")
+    rate = (time.perf_counter() - started) / trained
+    metrics = out["metrics"]
+    shown = " ".join(f"{key}={metrics[key]:.4f}" for key in
+                     ("test/accuracy", "personal/accuracy_mean") if key in metrics)
+    print(f"{prefix}: {shown} ({format_duration(seconds)}; sweep ETA "
+          f"{format_duration(rate * (len(runs) - k))})", flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("isr_jax").setLevel(std_logging.WARNING)
+  sweep_dir = _WORKDIR.value
+  try:
+    sweep = sweep_from_flags()
+    seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
+    every = expand(sweep, seeds)
+    runs = [r for r in every if _ONLY.value is None or re.search(_ONLY.value, r.name)]
+    runs = shard_of(runs, _SHARD.value)
+    configs = [build_config(r) for r in runs]  # every mistake before anything trains
+  except (ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if _DRY_RUN.value:
+    for run in runs:
+      print(run.name, json.dumps(dict(run.settings), sort_keys=True))
+    print(f"{len(runs)} runs")
+    return
+  os.makedirs(sweep_dir, exist_ok=True)
+  spec = {"name": sweep.name, "report": sweep.report, "command": sweep_command(),
+          "runs": [r._asdict() for r in every]}
+  write_atomic(os.path.join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=1) + "\n")
+  if not _COLLECT.value:
+    print(f"sweep {sweep.name}: {len(runs)} runs in {sweep_dir}", flush=True)
+    try:
+      train_runs(runs, configs, sweep_dir)
+    except Preempted as e:
+      print(f"stopped: {e}; the same command resumes the sweep", file=sys.stderr)
+      sys.exit(128 + e.signum)
+    except (ConfigError, DataNotFoundError, CheckpointError, WorkdirError) as e:
+      sys.exit(f"error: {e}")
+  records = collect(sweep_dir)
+  done = sum(r["status"] == "done" for r in records)
+  print(f"{done}/{len(records)} runs done; records in {os.path.join(sweep_dir, RESULTS_FILE)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,197 @@
+"""Sweeps, run records, intervals and the report that rebuilds RESULTS.md's blocks."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+from support import driver_env
+
+from experiments import report
+from experiments.demo import format_table
+from experiments.records import read_records
+from experiments.sections import BUILDERS
+from experiments.stats import mean_interval, paired_difference
+from experiments.sweeps import Grid, Sweep, axis, expand
+
+REPO = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_mean_interval_is_students_t():
+  iv = mean_interval([0.80, 0.82, 0.87])
+  s = np.std([0.80, 0.82, 0.87], ddof=1)
+  assert iv.n == 3
+  np.testing.assert_allclose(iv.mean, 0.83)
+  np.testing.assert_allclose(iv.half_width, scipy_stats.t.ppf(0.975, 2) * s / math.sqrt(3))
+  np.testing.assert_allclose(scipy_stats.t.ppf(0.975, 2), 4.302652729911275)
+  one = mean_interval([0.5])
+  assert one.n == 1 and math.isnan(one.half_width) and one.format(100) == "50.00 (n = 1)"
+  assert mean_interval([]).n == 0 and mean_interval([float("nan"), None]).n == 0
+
+
+def test_paired_difference_uses_shared_seeds_only():
+  a = {0: 0.9, 1: 0.8, 2: 0.7, 5: 0.1}
+  b = {0: 0.85, 1: 0.78, 2: 0.66}
+  d = paired_difference(a, b)
+  assert d.n == 3
+  np.testing.assert_allclose(d.mean, np.mean([0.05, 0.02, 0.04]))
+  # t(0.975, 2) = 4.30: three seeds do not resolve a 3.7-point difference with this spread.
+  assert not d.excludes_zero and d.format(100, signed=True).startswith("+3.67 ± 3.79")
+  assert paired_difference({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.85, 1: 0.75, 2: 0.66}).excludes_zero
+
+
+def test_expand_is_the_product_of_axes_times_seeds():
+  sweep = Sweep("s", [
+      Grid("g", "cfg.py:a", [axis("x", setting="p.x", options=(1, 2)),
+                             axis("y", {"on": {"q": True, "r": 1}, "off": {"q": False}})],
+           seeds=(0, 1), settings={"common": 3}),
+      Grid("h", "cfg.py:b", [axis("x", setting="p.x", options=(-0.5,))], seeds=(7,)),
+  ])
+  runs = expand(sweep)
+  assert [r.name for r in runs] == [
+      "g-1-on-seed0", "g-1-on-seed1", "g-1-off-seed0", "g-1-off-seed1",
+      "g-2-on-seed0", "g-2-on-seed1", "g-2-off-seed0", "g-2-off-seed1", "h-m0.5-seed7"]
+  assert runs[0].settings == {"common": 3, "p.x": 1, "q": True, "r": 1}
+  assert runs[0].labels == {"grid": "g", "x": "1", "y": "on"}
+  assert [r.seed for r in expand(sweep, seeds=[4])] == [4] * 5
+  with pytest.raises(ValueError, match="label"):
+    axis("x", {"a-b": {}})
+  with pytest.raises(ValueError, match="different settings"):
+    expand(Sweep("s", [Grid("g", "c", [axis("x", {"a": {"k": 1}})]),
+                       Grid("g", "c", [axis("x", {"a": {"k": 2}})])]))
+
+
+def run_sweep(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", *args], cwd=REPO, env=driver_env(),
+      capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+  """Two CL runs of the isr_gap sweep's local variant, one epoch each."""
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  args = ["--sweep=experiments/sweeps/isr_gap.py:local", f"--workdir={workdir}",
+          "--only=^cl-(none|dec0.1)-", "--set=num_rounds=1"]
+  first = run_sweep(*args)
+  assert first.returncode == 0, first.stderr[-2000:]
+  return workdir, args, first
+
+
+def test_sweep_trains_records_and_resumes(small_sweep):
+  workdir, args, first = small_sweep
+  assert "[1/2] cl-none-seed0: test/accuracy=" in first.stdout
+  assert "2/24 runs done" in first.stdout
+  records = read_records(os.path.join(workdir, "results.jsonl"))
+  assert len(records) == 24  # every run of the sweep has a record; the others are missing
+  done = {r["name"]: r for r in records if r["status"] == "done"}
+  assert set(done) == {"cl-none-seed0", "cl-dec0.1-seed0"}
+  rec = done["cl-dec0.1-seed0"]
+  assert rec["labels"] == {"grid": "cl", "isr": "dec0.1"} and rec["settings"]["isr.mi_weight"] == 0.1
+  assert 0 < rec["final"]["test/accuracy"] <= 1 and rec["round"] == 1
+  assert {"train/mi_accuracy/conv1", "train/mi_accuracy/conv2"} <= set(rec["final"])
+  assert rec["machine"]["cores"] == os.cpu_count() and rec["command"].startswith(
+      "python -m experiments.sweep --sweep=experiments/sweeps/isr_gap.py:local")
+  assert "--only=" in rec["command"] and "--shard" not in rec["command"]
+  assert os.path.exists(os.path.join(workdir, "results.csv"))
+  again = run_sweep(*args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert again.stdout.count("finished earlier, read back") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set=isr.nope=1"], "run cl-none-seed0: the config has no setting 'isr.nope'"),
+    (["--set=num_rounds=1.5"], "num_rounds"),
+    (["--shard=2/2"], "--shard='2/2': write i/n with 0 <= i < n"),
+    (["--sweep=experiments/sweeps/nothere.py"], "experiments/sweeps/nothere.py: no such file"),
+])
+def test_sweep_mistakes_are_one_line_before_anything_trains(tmp_path, args, message):
+  base = {"--sweep": "--sweep=experiments/sweeps/isr_gap.py:local"}
+  flags = [a for a in args if a.startswith("--sweep")] or [base["--sweep"]]
+  out = run_sweep(*flags, *[a for a in args if not a.startswith("--sweep")],
+                  f"--workdir={tmp_path}", "--only=^cl-none-")
+  assert out.returncode == 1
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "cl-none-seed0"))
+
+
+def test_adhoc_axis_sweep_dry_run(tmp_path):
+  out = run_sweep("--config=experiments/configs/isr_gap.py:fl,local",
+                  "--axis=isr.mi_weight=0.03,0.3", "--set=isr.enabled=True", "--seeds=0,1",
+                  "--name=alpha", f"--workdir={tmp_path}", "--dry_run")
+  assert out.returncode == 0, out.stderr
+  names = [line.split()[0] for line in out.stdout.splitlines()[:-1]]
+  assert names == ["alpha-0.03-seed0", "alpha-0.03-seed1", "alpha-0.3-seed0", "alpha-0.3-seed1"]
+  assert json.loads(out.stdout.splitlines()[0].split(" ", 1)[1]) == {
+      "isr.enabled": True, "isr.mi_weight": 0.03}
+
+
+def test_report_fills_blocks_checks_and_leaves_prose(small_sweep, tmp_path):
+  workdir, _, _ = small_sweep
+  by_sweep = report.load([workdir], [])
+  assert set(by_sweep) == {"isr_gap"}
+  blocks = report.build_blocks(by_sweep, str(tmp_path / "figures"))
+  assert {"isr_gap/setup", "isr_gap/accuracy", "isr_gap/gap", "isr_gap/adapters",
+          "isr_gap/figure"} <= set(blocks)
+  assert "| decoupled, α = 0.1 |" in blocks["isr_gap/accuracy"]
+  assert "2 of 24 runs finished (22 unfinished)" in blocks["isr_gap/setup"]
+  assert os.path.exists(tmp_path / "figures" / "isr_gap_fl_accuracy.png")
+  text = ("# Results\nprose before\n<!-- report:isr_gap/accuracy -->\nold 99.9\n"
+          "<!-- /report:isr_gap/accuracy -->\nprose after\n<!-- report:other -->\nkept\n"
+          "<!-- /report:other -->\n")
+  new, used, unplaced = report.fill(text, blocks)
+  assert used == ["isr_gap/accuracy"] and "isr_gap/gap" in unplaced
+  assert "old 99.9" not in new and "prose before" in new and "prose after" in new
+  assert "<!-- report:other -->\nkept\n" in new
+  assert report.fill(new, blocks)[0] == new  # idempotent
+
+  out = tmp_path / "RESULTS.md"
+  out.write_text(new)
+  common = [f"--workdirs={workdir}", "--results=", f"--out={out}",
+            f"--figures={tmp_path / 'figures'}"]
+  check = subprocess.run([sys.executable, "-m", "experiments.report", *common, "--check"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert check.returncode == 0, check.stderr
+  out.write_text(new.replace("| CL |", "| CL typed by hand |"))
+  stale = subprocess.run([sys.executable, "-m", "experiments.report", *common, "--check"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert stale.returncode == 1 and "is stale" in stale.stderr
+
+
+def test_every_report_kind_of_every_sweep_file_has_a_builder():
+  import importlib
+
+  for name in ("isr_gap", "fedaims", "fedsol"):
+    module = importlib.import_module(f"experiments.sweeps.{name}")
+    assert module.get_sweep("local").report in BUILDERS
+  assert importlib.import_module("experiments.sweeps.isr_gap").get_sweep(
+      "taps,local").report in BUILDERS
+
+
+def test_committed_results_md_matches_the_committed_records():
+  """No number inside a report block of experiments/RESULTS.md is typed by hand."""
+  out = subprocess.run([sys.executable, "-m", "experiments.report", "--check"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr + out.stdout
+
+
+def _acc(cl_off, cl_on, fl_off, fl_on):
+  return {("cl", False): dict(enumerate(cl_off)), ("cl", True): dict(enumerate(cl_on)),
+          ("fl", False): dict(enumerate(fl_off)), ("fl", True): dict(enumerate(fl_on)),
+          ("hybrid", False): dict(enumerate(fl_off)), ("hybrid", True): dict(enumerate(fl_on))}
+
+
+def test_demo_table_shows_intervals_first_and_flags_a_gap_shrunk_by_both_falling():
+  text = format_table(_acc([0.98, 0.97, 0.98], [0.90, 0.91, 0.92], [0.95, 0.95, 0.96],
+                           [0.93, 0.92, 0.93]), num_test=360)
+  first = text.splitlines()[2]
+  assert first.startswith("| CL | 97.67 ± ") and "| -6.67 ± " in first
+  assert "**both ends fell**" in text and "relative +" in text
+  fine = format_table(_acc([0.98, 0.97, 0.98], [0.98, 0.97, 0.98], [0.90, 0.91, 0.90],
+                           [0.94, 0.95, 0.94]), num_test=360)
+  assert "fell" not in fine and "shrink D_without − D_with +4.00 ± " in fine
