@@ -22,6 +22,10 @@ class WorkdirError(OSError):
   or a file in it damaged beyond what a resume can repair."""
 
 
+class WorkdirBusy(WorkdirError):
+  """Another process is training in the workdir (it holds the workdir's lock)."""
+
+
 class Preempted(KeyboardInterrupt):
   """SIGTERM/SIGINT stopped training after the round in progress, whose checkpoint was saved.
 

@@ -9,6 +9,7 @@ round, so a round is one compiled call and can never silently recompile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -43,7 +44,7 @@ from isr_jax.data import (
 )
 from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.evaluate import evaluate_classifier
-from isr_jax.fl.algorithm import Batch, bind_problem
+from isr_jax.fl.algorithm import Batch, LocalProblem, bind_problem
 from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
 from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.registry import make_algorithm, personalized_eval_on
@@ -89,6 +90,11 @@ class Experiment(NamedTuple):
     client_eval_data: every client's training rows and its own test split.
     fl_spec: the FL round's settings, with ``auto`` client parallelism resolved
       (:func:`isr_jax.fl.client.auto_parallelism`); ``None`` in CL mode.
+    problem: the client objective the round optimises
+      (:class:`~isr_jax.fl.algorithm.LocalProblem`: ``apply``, ``objective``,
+      ``loss`` = Eq. 5's ``L_T``), for measurements that differentiate it
+      outside the round (:mod:`isr_jax.diagnostics`); ``None`` only for an
+      Experiment built by hand.
   """
 
   state: TrainState
@@ -103,6 +109,7 @@ class Experiment(NamedTuple):
   client_eval_fn: Callable[..., dict[str, jax.Array]] | None = None
   client_eval_data: tuple[ClientData, ClientData] = ()
   fl_spec: FLSpec | None = None
+  problem: LocalProblem | None = None
 
 
 def _put_batches(data: ClientData, mesh) -> ClientData:
@@ -267,7 +274,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
       eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,
       client_eval_fn=client_eval_fn, client_eval_data=client_eval_data,
-      fl_spec=fl_spec,
+      fl_spec=fl_spec, problem=problem,
   )
 
 
@@ -370,14 +377,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint is kept.
     CheckpointError: no checkpoint in the workdir can be restored.
     WorkdirError: the workdir is a file, read-only or full; what was already
-      written is kept.
+      written is kept. WorkdirBusy (a WorkdirError): another process is
+      training in it.
     Preempted: SIGTERM or SIGINT arrived (handled while this function runs,
       from the main thread); the round in progress was finished and saved.
   """
   validate(config)
   workdir_files.prepare(workdir)
-  record_config = _check_resume(config, workdir)
   primary = jax.process_index() == 0  # every process trains; one writes files
+  # A second run in the same workdir would interleave checkpoints and metrics:
+  # it stops at once (WorkdirBusy). A multi-host job's processes share the workdir.
+  with workdir_files.exclusive(workdir) if primary else contextlib.nullcontext():
+    return _train_in(config, workdir, primary)
+
+
+def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict[str, Any]:
+  """:func:`train_and_evaluate` once the workdir is usable and this run holds it."""
+  record_config = _check_resume(config, workdir)
   report = Progress(config.num_rounds, enabled=config.logging.progress)
   with stop_requests() as stop:
     report.begin("loading %s and building %s (%s mode, ISR %s)", config.dataset.name,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
 
-from isr_jax.errors import WorkdirError
+from isr_jax.errors import WorkdirBusy, WorkdirError
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -75,6 +78,40 @@ def prepare(workdir: str) -> None:
       pass
   except OSError as e:
     raise io_error(workdir, e) from e
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str) -> Iterator[None]:
+  """Holds the workdir's lock: a second run in the same workdir stops at once.
+
+  An advisory ``flock`` on ``<workdir>/.lock``, which the kernel releases when
+  the holder exits however it exits (kill -9 included), so no stale lock is
+  ever left behind; the file keeps the holder's pid and host for the message.
+
+  Raises:
+    WorkdirBusy: another process holds the lock (one line naming it).
+    WorkdirError: the lock file cannot be created.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise io_error(path, e) from e
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+      raise WorkdirBusy(f"{workdir} is in use by {holder}: wait for that run to end, or use "
+                        "another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from test_train import tiny
 from isr_jax import metric_writer, workdir
 from isr_jax.config import default_config, resume_changes
 from isr_jax.data import load_dataset
-from isr_jax.errors import ConfigError, WorkdirError
+from isr_jax.errors import ConfigError, WorkdirBusy, WorkdirError
 from isr_jax.metric_writer import read_metrics
 from isr_jax.train import train_and_evaluate
 
@@ -27,10 +28,15 @@ REPO = os.path.dirname(os.path.dirname(__file__))
 
 
 def snapshot(path):
-  """Every file under ``path`` with its bytes and mtime: what "changed nothing" compares."""
+  """Every file under ``path`` with its bytes and mtime: what "changed nothing" compares.
+
+  The workdir's lock file is left out: every run that opens the workdir holds it.
+  """
   out = {}
   for root, _, files in os.walk(path):
     for f in files:
+      if f == workdir.LOCK_FILE:
+        continue
       p = os.path.join(root, f)
       with open(p, "rb") as fh:
         out[os.path.relpath(p, path)] = (fh.read(), os.stat(p).st_mtime_ns)
@@ -281,3 +287,33 @@ def test_signal_handlers_are_restored_after_a_run(tmp_path):
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   train_and_evaluate(tiny("cl", num_rounds=1), str(tmp_path))
   assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_second_run_on_the_same_workdir_is_one_line_and_writes_nothing(tmp_path):
+  with workdir.exclusive(str(tmp_path)):
+    with (pytest.raises(WorkdirBusy, match=f"in use by process {os.getpid()} on "),
+          workdir.exclusive(str(tmp_path))):
+      pass
+    before = snapshot(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.main",
+         "--config=experiments/configs/digits.py:fl,local", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path} is in use by process {os.getpid()} on {socket.gethostname()}: "
+        "wait for that run to end, or use another --workdir")
+    assert snapshot(tmp_path) == before
+  # Released with its holder, even one killed with SIGKILL (the kernel drops the flock).
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from isr_jax import workdir\n"
+       f"with workdir.exclusive({str(tmp_path)!r}):\n  print('held', flush=True); time.sleep(60)"],
+      stdout=subprocess.PIPE, text=True, cwd=REPO)
+  assert holder.stdout.readline().strip() == "held"
+  with (pytest.raises(WorkdirBusy, match=f"process {holder.pid} "),
+        workdir.exclusive(str(tmp_path))):
+    pass
+  holder.kill()
+  holder.wait()
+  with workdir.exclusive(str(tmp_path)):
+    pass
