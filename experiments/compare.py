@@ -21,21 +21,20 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.common_flags import SEEDS, WORKDIR
 from experiments.reporting import (
-    divergence_note,
-    fmt,
-    mean_std,
-    train_unless_diverged,
-    write_csv,
+  divergence_note,
+  fmt,
+  mean_std,
+  train_unless_diverged,
+  write_csv,
 )
 from isr_jax.analysis import paired_wins
 from isr_jax.fl.registry import ALGORITHMS
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent of every run's workdir.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/compare.py:digits", "Base config of every run.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", None, "Algorithms (default: the config's list).")
-_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the config's list).")
 
 METRICS = ("accuracy", "mF1", "mPre", "mRec")  # higher is better, like the paper's four
 
@@ -121,8 +120,8 @@ def main(argv):
   unknown = [a for a in algorithms if a not in ALGORITHMS]
   if unknown:
     raise app.UsageError(f"--algorithms: {unknown} not among {sorted(ALGORITHMS)}")
-  seeds = [int(s) for s in (_SEEDS.value or base.compare.seeds)]
-  workdir = _WORKDIR.value
+  seeds = [int(s) for s in (SEEDS.value or base.compare.seeds)]
+  workdir = WORKDIR.value or "runs/compare"
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   print(f"comparing {len(algorithms)} algorithms × ±ISR × {len(seeds)} seed(s) on "

@@ -7,7 +7,7 @@ seeds and ISR's paired effect, then the CL–FL gap without and with ISR
 (OmniISR §4.2.1, RQ4), flagged when it shrank only because both ends fell — and
 writes the learning curves to ``<workdir>/learning_curves.png``.
 
-  python -m experiments.demo --workdir=runs/demo [--rounds=60] [--seeds=0,1]
+  python -m experiments.demo --workdir=runs/demo [--rounds=60] [--seeds=0,1,2]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 
 from absl import app, flags, logging
 
+from experiments.common_flags import SEEDS, WORKDIR
 from experiments.configs.digits import get_config
 from experiments.stats import mean_interval, paired_difference
 from isr_jax.analysis import relative_gap_reduction
@@ -27,11 +28,10 @@ from isr_jax.plotting import plot_learning_curves
 from isr_jax.progress import format_duration
 from isr_jax.train import train_and_evaluate
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where each run's workdir goes.")
 _ROUNDS = flags.DEFINE_integer("rounds", None, "Override the number of rounds.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; the table shows mean ± std.")
 
 MODES = ("cl", "fl", "hybrid")
+DEFAULT_SEEDS = (0, 1, 2)  # three seeds: intervals that can resolve something
 
 
 def run_grid(workdir: str, rounds: int | None, seeds: list[int]):
@@ -107,9 +107,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("isr_jax").setLevel(std_logging.WARNING)
-  workdir = _WORKDIR.value
+  workdir = WORKDIR.value or "runs/demo"
   os.makedirs(workdir, exist_ok=True)
-  seeds = [int(s) for s in _SEEDS.value]
+  seeds = [int(s) for s in (SEEDS.value or DEFAULT_SEEDS)]
   t0 = time.perf_counter()
   print("isr_jax demo: digits (scikit-learn), FedAvg CNN, CL / FL / hybrid × ISR off / on")
   acc, curves, num_test = run_grid(workdir, _ROUNDS.value, seeds)

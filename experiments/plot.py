@@ -16,28 +16,28 @@ import sys
 
 from absl import app, flags
 
+from experiments.common_flags import OUT, WORKDIRS
 from isr_jax.plotting import plot_workdirs
 
-_WORKDIRS = flags.DEFINE_list("workdirs", [], "Workdirs to overlay (also as arguments).")
-_OUT = flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
 _LABELS = flags.DEFINE_list("labels", [], "Legend entries, one per workdir.")
 _METRICS = flags.DEFINE_list("metrics", [], "Metric keys to draw (default: all present).")
 _TITLE = flags.DEFINE_string("title", "", "Figure title.")
 
 
 def main(argv):
-  workdirs = _WORKDIRS.value + argv[1:]
+  workdirs = WORKDIRS.value + argv[1:]
+  out = OUT.value or "learning_curves.png"
   if not workdirs:
     raise app.UsageError("give the workdirs: --workdirs=a,b or as arguments")
   missing = [w for w in workdirs if not os.path.isfile(os.path.join(w, "metrics.jsonl"))]
   if missing:
     sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
   try:
-    panels = plot_workdirs(workdirs, _OUT.value, labels=_LABELS.value or None,
+    panels = plot_workdirs(workdirs, out, labels=_LABELS.value or None,
                            metrics=_METRICS.value or None, title=_TITLE.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  print(f"{_OUT.value}: {len(workdirs)} runs, panels {', '.join(panels)}")
+  print(f"{out}: {len(workdirs)} runs, panels {', '.join(panels)}")
 
 
 if __name__ == "__main__":

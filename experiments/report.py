@@ -25,15 +25,15 @@ from collections import defaultdict
 
 from absl import app, flags
 
+from experiments.common_flags import OUT, WORKDIRS
 from experiments.records import read_records, write_records
 from experiments.sections import BUILDERS, FIGURES_LINK
 
 RESULTS_DIR = "experiments/results"
 
-_WORKDIRS = flags.DEFINE_list("workdirs", [], "Sweep workdirs to collect records from.")
 _RESULTS = flags.DEFINE_list("results", None,
                              f"results.jsonl files (default: {RESULTS_DIR}/*.jsonl).")
-_OUT = flags.DEFINE_string("out", "experiments/RESULTS.md", "The Markdown file to update.")
+RESULTS_MD = "experiments/RESULTS.md"
 _FIGURES = flags.DEFINE_string("figures", "experiments/figures", "Where figures are written.")
 _SAVE = flags.DEFINE_bool("save", False,
                           f"Write the --workdirs' records to {RESULTS_DIR}/<sweep>.jsonl.")
@@ -89,54 +89,55 @@ def fill(text: str, blocks: dict[str, str]) -> tuple[str, list[str], list[str]]:
 
 
 def main(argv):
+  out_path = OUT.value or RESULTS_MD
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   results = (_RESULTS.value if _RESULTS.value is not None
              else sorted(glob.glob(os.path.join(RESULTS_DIR, "*.jsonl"))))
   try:
-    by_sweep = load(_WORKDIRS.value, results)
+    by_sweep = load(WORKDIRS.value, results)
   except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _SAVE.value:
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    for path in _WORKDIRS.value:
+    for path in WORKDIRS.value:
       records = read_records(path)
       if records:
         out = os.path.join(RESULTS_DIR, f"{records[0]['sweep']}.jsonl")
         write_records(records, out)
         print(f"records of {path}: {out}")
   if _STANDALONE.value:
-    link = os.path.relpath(_FIGURES.value, os.path.dirname(os.path.abspath(_OUT.value)))
+    link = os.path.relpath(_FIGURES.value, os.path.dirname(os.path.abspath(out_path)))
     blocks = build_blocks(by_sweep, _FIGURES.value)
-    with open(_OUT.value, "w") as f:
+    with open(out_path, "w") as f:
       f.write("# Results\n\nWritten by `python -m experiments.report --standalone`.\n")
       for name, body in blocks.items():
         f.write(f"\n## {name}\n\n{body.replace(FIGURES_LINK, link).rstrip()}\n")
-    print(f"{_OUT.value}: {len(blocks)} blocks; figures in {_FIGURES.value}")
+    print(f"{out_path}: {len(blocks)} blocks; figures in {_FIGURES.value}")
     return
-  if not os.path.exists(_OUT.value):
-    sys.exit(f"error: {_OUT.value}: no such file (it holds the prose and the block markers)")
-  with open(_OUT.value) as f:
+  if not os.path.exists(out_path):
+    sys.exit(f"error: {out_path}: no such file (it holds the prose and the block markers)")
+  with open(out_path) as f:
     text = f.read()
   figures = _FIGURES.value
   if _CHECK.value:  # figures go to a scratch folder: --check changes nothing
     import tempfile
     figures = tempfile.mkdtemp(prefix="report_check_")
-  link = os.path.relpath(_FIGURES.value, os.path.dirname(os.path.abspath(_OUT.value)))
+  link = os.path.relpath(_FIGURES.value, os.path.dirname(os.path.abspath(out_path)))
   blocks = {k: v.replace(FIGURES_LINK, link)
             for k, v in build_blocks(by_sweep, figures).items()}
   new, used, unplaced = fill(text, blocks)
   for name in unplaced:
-    print(f"block {name!r} has no <!-- report:{name} --> marker in {_OUT.value}",
+    print(f"block {name!r} has no <!-- report:{name} --> marker in {out_path}",
           file=sys.stderr)
   if _CHECK.value:
     if new != text:
-      sys.exit(f"error: {_OUT.value} is stale: run python -m experiments.report")
-    print(f"{_OUT.value} is up to date ({len(used)} blocks)")
+      sys.exit(f"error: {out_path} is stale: run python -m experiments.report")
+    print(f"{out_path} is up to date ({len(used)} blocks)")
     return
-  with open(_OUT.value, "w") as f:
+  with open(out_path, "w") as f:
     f.write(new)
-  print(f"{_OUT.value}: {len(used)} blocks rebuilt from {sum(map(len, by_sweep.values()))} "
+  print(f"{out_path}: {len(used)} blocks rebuilt from {sum(map(len, by_sweep.values()))} "
         f"records; figures in {figures}")
 
 

@@ -10,8 +10,10 @@ r"""Runs a grid of experiments × seeds, resumably, and collects them into one t
 ``--axis=<setting>=<v1>,<v2>,…`` make a one-grid sweep. ``--set`` overrides a
 setting in every run. Every run trains in ``<workdir>/<run name>`` with
 :func:`isr_jax.train.train_and_evaluate`, so starting the same command again
-resumes the unfinished runs and reads back the finished ones; several
-processes may share one sweep with ``--shard=i/n``. Every config is built and
+resumes the unfinished runs and reads back the finished ones. Several
+processes may work on one sweep at once: each skips a run that another is
+training (the workdir's lock, :func:`isr_jax.workdir.exclusive`), or they split
+it statically with ``--shard=i/n``. Every config is built and
 validated before the first run trains: a wrong setting stops the sweep in one
 line. At the end (and with ``--collect``, without training) every run's record
 goes into ``<workdir>/results.jsonl`` and ``results.csv``
@@ -34,22 +36,24 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
+from experiments.common_flags import SEEDS, WORKDIR
 from experiments.records import (
-    DIVERGED_FILE,
-    RESULTS_FILE,
-    SWEEP_FILE,
-    sweep_records,
-    write_records,
+  DIVERGED_FILE,
+  RESULTS_FILE,
+  SWEEP_FILE,
+  sweep_records,
+  write_records,
 )
 from experiments.reporting import train_unless_diverged, write_csv
 from experiments.sweeps import Grid, Run, Sweep, axis, expand
 from isr_jax.config import validate
 from isr_jax.errors import (
-    CheckpointError,
-    ConfigError,
-    DataNotFoundError,
-    Preempted,
-    WorkdirError,
+  CheckpointError,
+  ConfigError,
+  DataNotFoundError,
+  Preempted,
+  WorkdirBusy,
+  WorkdirError,
 )
 from isr_jax.progress import format_duration
 from isr_jax.workdir import write_atomic
@@ -59,13 +63,10 @@ _CONFIG = flags.DEFINE_string("config", None, "Without --sweep: the config file[
 _AXES = flags.DEFINE_multi_string("axis", [], "Without --sweep: <setting>=<v1>,<v2>,… (repeat).")
 _SET = flags.DEFINE_multi_string("set", [], "<setting>=<value> for every run (repeat).")
 _NAME = flags.DEFINE_string("name", "sweep", "Without --sweep: the grid's name.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent of every run's workdir.")
-_SEEDS = flags.DEFINE_list("seeds", None, "Seeds for every grid (default: the sweep's).")
 _ONLY = flags.DEFINE_string("only", None, "Run only the runs whose name matches this regex.")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at the i-th.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their settings; train nothing.")
 _COLLECT = flags.DEFINE_bool("collect", False, "Only collect the records of runs already made.")
-flags.mark_flag_as_required("workdir")
 
 
 def load_python_file(spec: str, function: str):
@@ -153,11 +154,11 @@ def sweep_command() -> str:
     parts += [f"--config={_CONFIG.value}", f"--name={_NAME.value}"]
     parts += [f"--axis={a}" for a in _AXES.value]
   parts += [f"--set={a}" for a in _SET.value]
-  if _SEEDS.value is not None:
-    parts.append(f"--seeds={','.join(_SEEDS.value)}")
+  if SEEDS.value is not None:
+    parts.append(f"--seeds={','.join(SEEDS.value)}")
   if _ONLY.value:
     parts.append(f"--only={_ONLY.value}")
-  parts.append(f"--workdir={_WORKDIR.value}")
+  parts.append(f"--workdir={WORKDIR.value}")
   return " ".join(parts)
 
 
@@ -209,7 +210,11 @@ def train_runs(runs: list[Run], configs: list, sweep_dir: str) -> None:
     workdir = os.path.join(sweep_dir, run.name)
     t0 = time.perf_counter()
     prefix = f"[{k}/{len(runs)}] {run.name}"
-    out = train_unless_diverged(config, workdir, prefix)
+    try:
+      out = train_unless_diverged(config, workdir, prefix)
+    except WorkdirBusy:  # another process of this sweep has it
+      print(f"{prefix}: training in another process; skipped", flush=True)
+      continue
     seconds = time.perf_counter() - t0
     if out is None:
       write_atomic(os.path.join(workdir, DIVERGED_FILE), "train/loss became non-finite\n")
@@ -232,10 +237,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("isr_jax").setLevel(std_logging.WARNING)
-  sweep_dir = _WORKDIR.value
+  sweep_dir = WORKDIR.value
   try:
     sweep = sweep_from_flags()
-    seeds = None if _SEEDS.value is None else [int(s) for s in _SEEDS.value]
+    seeds = None if SEEDS.value is None else [int(s) for s in SEEDS.value]
     every = expand(sweep, seeds)
     runs = [r for r in every if _ONLY.value is None or re.search(_ONLY.value, r.name)]
     runs = shard_of(runs, _SHARD.value)

@@ -53,8 +53,8 @@ def test_expand_is_the_product_of_axes_times_seeds():
   ])
   runs = expand(sweep)
   assert [r.name for r in runs] == [
-      "g-1-on-seed0", "g-1-on-seed1", "g-1-off-seed0", "g-1-off-seed1",
-      "g-2-on-seed0", "g-2-on-seed1", "g-2-off-seed0", "g-2-off-seed1", "h-m0.5-seed7"]
+      "g-1-on-seed0", "g-1-off-seed0", "g-2-on-seed0", "g-2-off-seed0",
+      "g-1-on-seed1", "g-1-off-seed1", "g-2-on-seed1", "g-2-off-seed1", "h-m0.5-seed7"]
   assert runs[0].settings == {"common": 3, "p.x": 1, "q": True, "r": 1}
   assert runs[0].labels == {"grid": "g", "x": "1", "y": "on"}
   assert [r.seed for r in expand(sweep, seeds=[4])] == [4] * 5
@@ -91,7 +91,8 @@ def test_sweep_trains_records_and_resumes(small_sweep):
   done = {r["name"]: r for r in records if r["status"] == "done"}
   assert set(done) == {"cl-none-seed0", "cl-dec0.1-seed0"}
   rec = done["cl-dec0.1-seed0"]
-  assert rec["labels"] == {"grid": "cl", "isr": "dec0.1"} and rec["settings"]["isr.mi_weight"] == 0.1
+  assert rec["labels"] == {"grid": "cl", "isr": "dec0.1"}
+  assert rec["settings"]["isr.mi_weight"] == 0.1
   assert 0 < rec["final"]["test/accuracy"] <= 1 and rec["round"] == 1
   assert {"train/mi_accuracy/conv1", "train/mi_accuracy/conv2"} <= set(rec["final"])
   assert rec["machine"]["cores"] == os.cpu_count() and rec["command"].startswith(
@@ -126,7 +127,7 @@ def test_adhoc_axis_sweep_dry_run(tmp_path):
                   "--name=alpha", f"--workdir={tmp_path}", "--dry_run")
   assert out.returncode == 0, out.stderr
   names = [line.split()[0] for line in out.stdout.splitlines()[:-1]]
-  assert names == ["alpha-0.03-seed0", "alpha-0.03-seed1", "alpha-0.3-seed0", "alpha-0.3-seed1"]
+  assert names == ["alpha-0.03-seed0", "alpha-0.3-seed0", "alpha-0.03-seed1", "alpha-0.3-seed1"]
   assert json.loads(out.stdout.splitlines()[0].split(" ", 1)[1]) == {
       "isr.enabled": True, "isr.mi_weight": 0.03}
 

@@ -97,7 +97,8 @@ def _label(value: Any) -> str:
 
 
 def expand(sweep: Sweep, seeds: Sequence[int] | None = None) -> list[Run]:
-  """Every run of ``sweep`` in grid, axis and seed order, duplicates (same name) once.
+  """Every run of ``sweep``, grid by grid, each seed's cells before the next seed's;
+  duplicates (same name) once.
 
   Args:
     sweep: the sweep.
@@ -112,9 +113,10 @@ def expand(sweep: Sweep, seeds: Sequence[int] | None = None) -> list[Run]:
     if len(set(names)) != len(names) or "grid" in names or "seed" in names:
       raise ValueError(f"grid {grid.name!r}: axis names {names} must be distinct and not "
                        "'grid' or 'seed'")
-    cells = itertools.product(*(a.values.items() for a in grid.axes))
-    for cell in cells:
-      for seed in (grid.seeds if seeds is None else seeds):
+    cells = list(itertools.product(*(a.values.items() for a in grid.axes)))
+    # Seed-major: a sweep stopped part-way has whole tables for its first seeds.
+    for seed in (grid.seeds if seeds is None else seeds):
+      for cell in cells:
         settings = dict(grid.settings)
         for _, overrides in cell:
           settings.update(overrides)
