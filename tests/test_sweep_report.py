@@ -12,9 +12,9 @@ from scipy import stats as scipy_stats
 from support import driver_env
 
 from experiments import report
-from experiments.demo import format_table
 from experiments.records import read_records
 from experiments.sections import BUILDERS
+from experiments.sections.demo import format_table
 from experiments.stats import mean_interval, paired_difference
 from experiments.sweeps import Grid, Sweep, axis, expand
 
@@ -172,6 +172,8 @@ def test_every_report_kind_of_every_sweep_file_has_a_builder():
     assert module.get_sweep("local").report in BUILDERS
   assert importlib.import_module("experiments.sweeps.isr_gap").get_sweep(
       "taps,local").report in BUILDERS
+  demo = importlib.import_module("experiments.sweeps.demo").get_sweep()
+  assert demo.report in BUILDERS and len(expand(demo)) == 18
 
 
 def test_committed_results_md_matches_the_committed_records():

@@ -1,0 +1,137 @@
+"""Running a sweep's runs: configs from their files and settings, training, records.
+
+The part of :mod:`experiments.sweep` that other drivers reuse (``make demo``
+runs its grid through it); it defines no flags.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import time
+
+import jax
+import ml_collections
+
+from experiments.records import (
+    DIVERGED_FILE,
+    RESULTS_FILE,
+    SWEEP_FILE,
+    sweep_records,
+    write_records,
+)
+from experiments.reporting import train_unless_diverged, write_csv
+from experiments.sweeps import Run, Sweep
+from isr_jax.config import validate
+from isr_jax.errors import ConfigError, WorkdirBusy
+from isr_jax.progress import format_duration
+from isr_jax.workdir import write_atomic
+
+
+def load_python_file(spec: str, function: str):
+  """``<path>[:<argument>]`` -> ``module.<function>(argument)`` (the argument may be absent)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: no such file")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, function):
+    raise ConfigError(f"{path} defines no {function}()")
+  try:
+    return getattr(module, function)(arg) if arg else getattr(module, function)()
+  except ValueError as e:  # the file's own check of its argument
+    raise ConfigError(f"{spec}: {e}") from None
+
+
+def build_config(run: Run) -> ml_collections.ConfigDict:
+  """The run's config: its file's, with the run's settings and seed written in, validated."""
+  config = load_python_file(run.config, "get_config")
+  for setting, value in {**run.settings, "seed": run.seed}.items():
+    *path, leaf = setting.split(".")
+    node = config
+    try:
+      for part in path:
+        node = node[part]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = value
+    except (KeyError, AttributeError):
+      raise ConfigError(f"run {run.name}: the config has no setting {setting!r}") from None
+    except TypeError as e:  # ml_collections refuses a value of another type
+      raise ConfigError(f"run {run.name}: {setting}={value!r}: {e}") from None
+  validate(config)
+  return config
+
+
+def write_spec(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str) -> None:
+  """``<sweep_dir>/sweep.json``: the sweep's name, report kind, command and every run."""
+  os.makedirs(sweep_dir, exist_ok=True)
+  spec = {"name": sweep.name, "report": sweep.report, "command": command,
+          "runs": [r._asdict() for r in runs]}
+  write_atomic(os.path.join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=1) + "\n")
+
+
+def machine_info() -> dict:
+  """What a run ran on, kept beside it (``machine.json``) for the tables' provenance."""
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  return {"device": cpu if device.platform == "cpu" else device.device_kind,
+          "platform": device.platform, "cores": os.cpu_count(), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def collect(sweep_dir: str) -> list[dict]:
+  """Writes ``results.jsonl`` and ``results.csv`` from the runs' workdirs; returns the records."""
+  records = sweep_records(sweep_dir)
+  write_records(records, os.path.join(sweep_dir, RESULTS_FILE))
+  rows = []
+  for r in records:
+    row = {"name": r["name"], **r["labels"], "seed": r["seed"], "status": r["status"],
+           "round": r.get("round", 0)}
+    row.update({k: v for k, v in r.get("final", {}).items()
+                if k.startswith(("test/", "personal/accuracy_mean", "train/mi"))})
+    rows.append(row)
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  write_csv([{c: row.get(c, "") for c in columns} for row in rows],
+            os.path.join(sweep_dir, "results.csv"))
+  return records
+
+
+def train_runs(runs: list[Run], configs: list, sweep_dir: str) -> None:
+  """Trains (or resumes, or reads back) each run in turn, one line per run with an ETA."""
+  started = time.perf_counter()
+  trained = 0
+  for k, (run, config) in enumerate(zip(runs, configs, strict=True), start=1):
+    workdir = os.path.join(sweep_dir, run.name)
+    t0 = time.perf_counter()
+    prefix = f"[{k}/{len(runs)}] {run.name}"
+    try:
+      out = train_unless_diverged(config, workdir, prefix)
+    except WorkdirBusy:  # another process of this sweep has it
+      print(f"{prefix}: training in another process; skipped", flush=True)
+      continue
+    seconds = time.perf_counter() - t0
+    if out is None:
+      write_atomic(os.path.join(workdir, DIVERGED_FILE), "train/loss became non-finite\n")
+      continue
+    if out["compile_s"] == 0.0:  # nothing trained: the run had finished before
+      print(f"{prefix}: finished earlier, read back", flush=True)
+      continue
+    trained += 1
+    write_atomic(os.path.join(workdir, "machine.json"), json.dumps(machine_info()) + "\n")
+    rate = (time.perf_counter() - started) / trained
+    metrics = out["metrics"]
+    shown = " ".join(f"{key}={metrics[key]:.4f}" for key in
+                     ("test/accuracy", "personal/accuracy_mean") if key in metrics)
+    print(f"{prefix}: {shown} ({format_duration(seconds)}; sweep ETA "
+          f"{format_duration(rate * (len(runs) - k))})", flush=True)
