@@ -25,6 +25,7 @@ from experiments.sections.figures import plot_seed_bands
 from experiments.stats import Interval, mean_interval, paired_difference
 
 ACC = "test/accuracy"
+DIAGNOSTICS = "isr_diagnostics"  # a record's measurements by experiments.isr_diagnostics
 SKEW_NAMES = {"iid": "IID", "dir01": "Dir(0.1)", "c2": "#C = 2"}
 VARIANT_NAMES = {
     "none": "no ISR",
@@ -47,6 +48,13 @@ def _gap_change(cl: list[dict], fl: list[dict], cl_none: list[dict],
 def _gap_by_seed(cl: list[dict], fl: list[dict]) -> dict[int, float]:
   a, b = by_seed(cl, ACC), by_seed(fl, ACC)
   return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
+def _train_test(runs: list[dict], tap: str) -> str:
+  """The adapter's accuracy (%) on the training batches, and on the test split if measured."""
+  train = percent(interval(runs, f"train/mi_accuracy/{tap}"))
+  test = interval(runs, f"adapter_test_accuracy/{tap}", DIAGNOSTICS)
+  return train if test.n == 0 else f"{train} / {percent(test)}"
 
 
 def _verdict(change: Interval, cl_change: Interval, fl_change: Interval) -> str:
@@ -109,12 +117,26 @@ def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
     if v in ("none", "ne"):
       continue
     for tap in taps:
-      key = f"train/mi_accuracy/{tap}"
-      row = [VARIANT_NAMES.get(v, v), f"`{tap}`", percent(interval(select(cl_all, isr=v), key))]
-      row += [percent(interval(select(fl_all, isr=v, skew=s), key)) for s in skews]
+      row = [VARIANT_NAMES.get(v, v), f"`{tap}`",
+             _train_test(select(cl_all, isr=v), tap)]
+      row += [_train_test(select(fl_all, isr=v, skew=s), tap) for s in skews]
       adapter_rows.append(row)
   adapters = markdown_table(
       ["ISR", "tap", "CL", *(f"FL {SKEW_NAMES.get(s, s)}" for s in skews)], adapter_rows)
+
+  drift_taps = [*taps, "features"]
+  mechanism_rows = []
+  for s in skews:
+    for v in variants:
+      runs = select(fl_all, isr=v, skew=s)
+      row = [SKEW_NAMES.get(s, s), VARIANT_NAMES.get(v, v)]
+      row += [interval(runs, f"tap_drift/{t}", DIAGNOSTICS).format(digits=3) for t in drift_taps]
+      row += [interval(runs, f"client_cos_ce_mi/{t}", DIAGNOSTICS).format(digits=2)
+              for t in taps]
+      mechanism_rows.append(row)
+  mechanism = markdown_table(
+      ["skew", "ISR", *(f"drift at `{t}`" for t in drift_taps),
+       *(f"cos(∇CE, ∇αMI) at `{t}`, clients" for t in taps)], mechanism_rows)
 
   figure = _figure(fl_all, variants, skews, figures)
   return {
@@ -123,6 +145,7 @@ def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
       "isr_gap/gap": gap,
       "isr_gap/findings": "\n".join(findings),
       "isr_gap/adapters": adapters,
+      "isr_gap/mechanism": mechanism,
       "isr_gap/figure": figure_link(
           figure, "FL test accuracy per round, mean and 95 % band over seeds"),
   }
