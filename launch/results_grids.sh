@@ -4,7 +4,7 @@
 #   launch/results_grids.sh [RUNS_DIR] [SWEEP ...]
 #
 # RUNS_DIR defaults to runs/; SWEEPs default to all of them, in this order:
-#   isr_gap fedsol fedaims isr_taps
+#   isr_gap fedsol fedaims isr_taps zoo demo
 # WORKERS processes (default 2) walk the same list at `nice 10`; each skips a run
 # another is training (the workdir lock), so they share the work without a plan.
 # Stopped and started again, every run resumes from its checkpoint. At the end
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-runs}
 shift || true
 SWEEPS=("$@")
-[ ${#SWEEPS[@]} -gt 0 ] || SWEEPS=(isr_gap fedsol fedaims isr_taps)
+[ ${#SWEEPS[@]} -gt 0 ] || SWEEPS=(isr_gap fedsol fedaims isr_taps zoo demo)
 WORKERS=${WORKERS:-2}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
@@ -28,7 +28,10 @@ spec() {  # sweep name -> the --sweep argument
     fedsol) echo experiments/sweeps/fedsol.py ;;
     fedaims) echo experiments/sweeps/fedaims.py ;;
     fedaims_dir01) echo experiments/sweeps/fedaims.py:dir01 ;;
-    *) echo "error: unknown sweep '$1': isr_gap, isr_taps, fedsol, fedaims, fedaims_dir01" >&2
+    zoo) echo experiments/sweeps/zoo.py ;;
+    demo) echo experiments/sweeps/demo.py ;;
+    *) echo "error: unknown sweep '$1': isr_gap, isr_taps, fedsol, fedaims, fedaims_dir01," \
+         "zoo, demo" >&2
        exit 2 ;;
   esac
 }

@@ -167,7 +167,7 @@ def test_report_fills_blocks_checks_and_leaves_prose(small_sweep, tmp_path):
 def test_every_report_kind_of_every_sweep_file_has_a_builder():
   import importlib
 
-  for name in ("isr_gap", "fedaims", "fedsol"):
+  for name in ("isr_gap", "fedaims", "fedsol", "zoo"):
     module = importlib.import_module(f"experiments.sweeps.{name}")
     assert module.get_sweep("local").report in BUILDERS
   assert importlib.import_module("experiments.sweeps.isr_gap").get_sweep(
@@ -198,3 +198,44 @@ def test_demo_table_shows_intervals_first_and_flags_a_gap_shrunk_by_both_falling
   fine = format_table(_acc([0.98, 0.97, 0.98], [0.98, 0.97, 0.98], [0.90, 0.91, 0.90],
                            [0.94, 0.95, 0.94]), num_test=360)
   assert "fell" not in fine and "shrink D_without − D_with +4.00 ± " in fine
+
+
+def fake_record(sweep, report, labels, seed, final, **extra):
+  """A record as experiments.records writes it, with made-up (synthetic) numbers."""
+  return {"sweep": sweep, "report": report, "command": f"python -m experiments.sweep {sweep}",
+          "name": "-".join([*labels.values(), f"seed{seed}"]), "labels": labels, "seed": seed,
+          "settings": {}, "status": "done", "round": 5, "final": final,
+          "best": {k: v for k, v in final.items() if k in ("test/accuracy",
+                                                           "personal/accuracy_mean")},
+          "curve": [{"round": 5, **final}],
+          "machine": {"device": "synthetic CPU", "cores": 2, "jax": "0", "date": "2026-12-06"},
+          **extra}
+
+
+def test_section_builders_on_synthetic_records(tmp_path):
+  rng = np.random.default_rng(0)
+  fedsol = [fake_record("fedsol", "fedsol", {"grid": skew, "method": m}, s,
+                        {"test/accuracy": 0.7 + 0.05 * (m == "fedsol") + 0.01 * rng.random()},
+                        flatness={"top_hessian_eigenvalue": 10.0 - 3 * (m == "fedsol") + s})
+            for skew in ("dir01", "s2") for m in ("fedavg", "fedsol") for s in (0, 1, 2)]
+  blocks = BUILDERS["fedsol"](fedsol, str(tmp_path))
+  row = next(line for line in blocks["fedsol/table"].splitlines() if "| FedAvg |" in line)
+  assert row.startswith("| Dir(0.1) | FedAvg | 70.") and "| -5." in row and "| 11.0 ± 2.5 |" in row
+  assert "12 of 12 runs finished" in blocks["fedsol/setup"]
+
+  pfl = [fake_record("fedaims_dir03", "personalized", {"grid": "dir03", "method": m}, s,
+                     {"personal/accuracy_mean": 0.80 + 0.02 * (m == "fedaims") + 0.001 * s,
+                      "personal/accuracy_std": 0.1, "test/accuracy": 0.6})
+         for m in ("fedaims", "fedper") for s in (0, 1, 2)]
+  table = BUILDERS["personalized"](pfl, str(tmp_path))["fedaims_dir03/table"]
+  assert "| Dir(0.3) | FedPer | 80.10 ± 0.25 | -2.00 ± 0.00 |" in table
+  assert "80.00, 80.10, 80.20" in table
+
+  zoo = [fake_record("zoo", "zoo", {"grid": "digits", "algorithm": a, "isr": i}, s,
+                     {f"test/{m}": 0.9 + 0.01 * (i == "on") * (a == "fedprox") + 0.001 * s
+                      for m in ("accuracy", "mF1", "mPre", "mRec")}
+                     | {"comm/up_bytes": 1e6, "comm/down_bytes": 2e6})
+         for a in ("fedavg", "fedprox") for i in ("off", "on") for s in (0, 1)]
+  z = BUILDERS["zoo"](zoo, str(tmp_path))
+  assert "| fedprox | 90.05 ± 0.64 | 91.05 ± 0.64 | +1.00 ± 0.00 |" in z["zoo/table"]
+  assert "**4/8**" in z["zoo/summary"] and "higher with ISR for fedprox" in z["zoo/summary"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from experiments.sections import demo, fedsol, isr, personalized
+from experiments.sections import demo, fedsol, isr, personalized, zoo
 from experiments.sections.common import FIGURES_LINK
 
 __all__ = ["BUILDERS", "FIGURES_LINK"]
@@ -22,4 +22,5 @@ BUILDERS: dict[str, Callable[[list[dict], str], dict[str, str]]] = {
     "isr_taps": isr.taps_blocks,
     "personalized": personalized.blocks,
     "fedsol": fedsol.blocks,
+    "zoo": zoo.blocks,
 }
