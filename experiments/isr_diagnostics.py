@@ -66,10 +66,10 @@ from isr_jax import workdir as workdir_files
 from isr_jax.data import ClientData
 from isr_jax.diagnostics import adapter_accuracy, tap_feature_drift, term_gradient_cosines
 from isr_jax.fl.algorithm import Batch, LocalProblem, loss_grad
-from isr_jax.fl.client import batch_schedule, run_local_steps
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.personal import merge
-from isr_jax.fl.round import round_keys
-from isr_jax.optim import learning_rate_at, make_optimizer, with_learning_rate
+from isr_jax.fl.round import FLSpec, RoundFns, make_trainer, round_keys
+from isr_jax.optim import learning_rate_at, make_optimizer
 
 ISR_DIAGNOSTICS_FILE = "isr_diagnostics.json"
 
@@ -85,21 +85,17 @@ def local_update(problem: LocalProblem, optimizer, start, cdata: ClientData, key
                  lr: jax.Array, *, epochs: int, steps: int, unroll: int = 1):
   """A FedAvg client's local training from ``start`` on its row ``cdata`` (``[S, B, ...]``).
 
-  What the round's :func:`isr_jax.fl.round.make_trainer` runs for FedAvg:
-  :func:`~isr_jax.fl.client.batch_schedule` from the client's key, a fresh
-  optimizer state at learning rate ``lr``, and
-  :func:`~isr_jax.fl.client.run_local_steps` with plain ``∇L_T``.
+  The round's own :func:`isr_jax.fl.round.make_trainer` with plain ``∇L_T``
+  (FedAvg's client step): its batch schedule from the client's key, a fresh
+  optimizer state at learning rate ``lr``, its step masking.
 
   Returns:
     ``(params, num_steps)``.
   """
-  slot_mask = cdata.mask.reshape(-1)
-  idx, valid = batch_schedule(key, slot_mask, cdata.mask.shape[-1], epochs=epochs, steps=steps)
-  opt_state = with_learning_rate(optimizer.init(start), lr)
-  params, _, _, num_steps = run_local_steps(
-      start, opt_state, _flat(cdata.x), _flat(cdata.y), idx, valid,
-      grad_fn=lambda p, b, k: loss_grad(p, b, problem), optimizer=optimizer, key=key,
-      unroll=unroll, all_or_none=steps > 0)
+  fns = RoundFns(fedavg(), problem, optimizer, lambda _: lr, optimizer)
+  spec = FLSpec(clients_per_round=1, local_epochs=epochs, local_steps=steps, unroll=unroll)
+  trainer = make_trainer(cdata, key, lr, fns, spec)
+  params, _, num_steps = trainer.train(start, lambda p, b, k: loss_grad(p, b, problem))
   return params, num_steps
 
 
