@@ -24,6 +24,10 @@ SWEEP_FILE = "sweep.json"
 DIVERGED_FILE = "DIVERGED"
 # Measurements other commands add to a run's workdir, merged into its record.
 EXTRA_FILES = ("machine.json", "flatness.json", "isr_diagnostics.json")
+# A record's "late" metrics average the last LATE_EVALUATIONS evaluated rounds: a
+# final-round accuracy that oscillates (FedAvg under two classes per client moves
+# by 5-15 points between evaluations) is then compared on what it settles around.
+LATE_EVALUATIONS = 3
 # Metrics kept per evaluated round (the curves of the figures); prefixes.
 CURVE_PREFIXES = ("test/accuracy", "test/loss", "personal/accuracy", "train/mi",
                   "train/ce", "fl/client_drift")
@@ -60,6 +64,10 @@ def run_record(workdir: str, run: Mapping) -> dict:
   record["final"] = {k: v for k, v in final.items() if k != "round"}
   if evaluated:
     record["best"] = {"test/accuracy": max(r["test/accuracy"] for r in evaluated)}
+    late = evaluated[-LATE_EVALUATIONS:]
+    record["late"] = {k: statistics.fmean(r[k] for r in late)
+                      for k in ("test/accuracy", "personal/accuracy_mean")
+                      if all(isinstance(r.get(k), (int, float)) for r in late)}
     personal = [r["personal/accuracy_mean"] for r in evaluated if "personal/accuracy_mean" in r]
     if personal:
       record["best"]["personal/accuracy_mean"] = max(personal)
