@@ -207,6 +207,8 @@ def fake_record(sweep, report, labels, seed, final, **extra):
           "settings": {}, "status": "done", "round": 5, "final": final,
           "best": {k: v for k, v in final.items() if k in ("test/accuracy",
                                                            "personal/accuracy_mean")},
+          "late": {k: v for k, v in final.items() if k in ("test/accuracy",
+                                                           "personal/accuracy_mean")},
           "curve": [{"round": 5, **final}],
           "machine": {"device": "synthetic CPU", "cores": 2, "jax": "0", "date": "2026-12-06"},
           **extra}
@@ -228,7 +230,7 @@ def test_section_builders_on_synthetic_records(tmp_path):
                       "personal/accuracy_std": 0.1, "test/accuracy": 0.6})
          for m in ("fedaims", "fedper") for s in (0, 1, 2)]
   table = BUILDERS["personalized"](pfl, str(tmp_path))["fedaims_dir03/table"]
-  assert "| Dir(0.3) | FedPer | 80.10 ± 0.25 | -2.00 ± 0.00 |" in table
+  assert "| Dir(0.3) | FedPer | 80.10 ± 0.25 | 80.10 ± 0.25 | -2.00 ± 0.00 |" in table
   assert "80.00, 80.10, 80.20" in table
 
   zoo = [fake_record("zoo", "zoo", {"grid": "digits", "algorithm": a, "isr": i}, s,
