@@ -21,6 +21,7 @@ import os
 
 from absl import app, flags, logging
 
+from experiments.common_flags import WORKDIR
 from experiments.configs import cross_silo
 from experiments.cross_silo_table import format_markdown, parse_run, run_dir, summarize_run
 from experiments.reporting import train_unless_diverged, write_csv
@@ -28,7 +29,6 @@ from experiments.reporting import train_unless_diverged, write_csv
 DEFAULT_RUNS = ("dirichlet:fedavg:0", "dirichlet:fedprox:0", "dirichlet:scaffold:0",
                 "dirichlet:fednova:0", "classes2:fedavg:0", "dirichlet:fedavg:1")
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/cross_silo", "Parent of every run's workdir.")
 _RUNS = flags.DEFINE_list("runs", list(DEFAULT_RUNS), "skew:algorithm:seed of each run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 50, "Rounds per run (the literature runs 50).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
@@ -45,7 +45,7 @@ def main(argv):
     runs = [parse_run(r) for r in _RUNS.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  workdir = _WORKDIR.value
+  workdir = WORKDIR.value or "runs/cross_silo"
   os.makedirs(workdir, exist_ok=True)
   rows = []
   for skew, algorithm, seed in runs:

@@ -27,9 +27,9 @@ from experiments.common_flags import SEEDS, WORKDIR
 from experiments.sections.demo import accuracies, format_table
 from experiments.sweeps import expand
 from experiments.sweeps.demo import get_sweep
-from experiments.sweeps.runner import build_config, collect, train_runs, write_spec
-from isr_jax.errors import ConfigError, DataNotFoundError, WorkdirError
-from isr_jax.metric_writer import read_metrics
+from experiments.sweeps.runner import execute
+from isr_jax.errors import CheckpointError, ConfigError, DataNotFoundError, Preempted, WorkdirError
+from isr_jax.metric_writer import METRICS_FILE, read_metrics
 from isr_jax.plotting import plot_learning_curves
 
 _ROUNDS = flags.DEFINE_integer("rounds", None, "Override the number of rounds.")
@@ -41,25 +41,34 @@ def main(argv):
   std_logging.getLogger("isr_jax").setLevel(std_logging.WARNING)
   workdir = WORKDIR.value or "runs/demo"
   sweep = get_sweep()
+  command = f"python -m experiments.demo --workdir={workdir}"
   if _ROUNDS.value:
-    sweep = sweep._replace(grids=[g._replace(settings={"num_rounds": _ROUNDS.value})
+    sweep = sweep._replace(grids=[g._replace(settings={**g.settings, "num_rounds": _ROUNDS.value})
                                   for g in sweep.grids])
+    command += f" --rounds={_ROUNDS.value}"
   seeds = None if SEEDS.value is None else [int(s) for s in SEEDS.value]
+  if seeds is not None:
+    command += f" --seeds={','.join(map(str, seeds))}"
   t0 = time.perf_counter()
   print("isr_jax demo: digits (scikit-learn), FedAvg CNN, CL / FL / hybrid × ISR off / on")
+  runs = expand(sweep, seeds)
   try:
-    runs = expand(sweep, seeds)
-    configs = [build_config(r) for r in runs]
-    write_spec(workdir, sweep, runs, f"python -m experiments.demo --workdir={workdir}")
-    train_runs(runs, configs, workdir)
-  except (ConfigError, DataNotFoundError, WorkdirError) as e:
+    records = execute(workdir, sweep, runs, command)
+  except Preempted as e:
+    print(f"stopped: {e}; the same command resumes the demo", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except (ConfigError, DataNotFoundError, CheckpointError, WorkdirError) as e:
     sys.exit(f"error: {e}")
-  records = collect(workdir)
+  names = {r.name for r in runs}
+  records = [r for r in records if r["name"] in names]
   done = [r for r in records if r["status"] == "done"]
+  if not done:
+    sys.exit("error: no run of the demo finished; the lines above say why")
   table = format_table(accuracies(records), int(done[0]["final"]["test/num_examples"]))
   first_seed = min(r.seed for r in runs)
   curves = {f"{r.labels['grid'].upper()}{' + ISR' if r.labels['isr'] == 'on' else ''}":
-            read_metrics(os.path.join(workdir, r.name)) for r in runs if r.seed == first_seed}
+            read_metrics(os.path.join(workdir, r.name)) for r in runs
+            if r.seed == first_seed and os.path.exists(os.path.join(workdir, r.name, METRICS_FILE))}
   png = plot_learning_curves(curves, os.path.join(workdir, "learning_curves.png"),
                              title="digits: test accuracy and training cross-entropy per round")
   with open(os.path.join(workdir, "results.md"), "w") as f:

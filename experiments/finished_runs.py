@@ -23,10 +23,10 @@ import numpy as np
 from experiments.records import SWEEP_FILE, run_record
 from isr_jax import checkpoint
 from isr_jax import workdir as workdir_files
-from isr_jax.data import load_dataset
+from isr_jax.config import saved_config
 from isr_jax.errors import CheckpointError, ConfigError, DataNotFoundError, WorkdirError
 from isr_jax.state import TrainState
-from isr_jax.train import Experiment, build_experiment
+from isr_jax.train import Experiment, build_experiment, load_splits
 
 # What the library raises for a workdir, config or data that cannot be used; each
 # message is one line, so it becomes the workdir's one ``error:`` line.
@@ -89,7 +89,7 @@ def load_run(workdir: str) -> FinishedRun:
                   f"{os.path.join(workdir, checkpoint.CHECKPOINT_DIR)}; skipped")
   try:
     with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      config = saved_config(json.load(f))
   except json.JSONDecodeError as e:
     raise Skipped(f"{workdir}: {config_path} is not JSON ({e.msg} at line {e.lineno}); "
                   "skipped") from e
@@ -102,15 +102,11 @@ def load_run(workdir: str) -> FinishedRun:
 def training_examples(config: ml_collections.ConfigDict, examples: int, seed: int):
   """``(x, y, ignore_index)``: a seeded subset of ``examples`` rows of the run's training split.
 
-  Loaded exactly as :func:`isr_jax.train.build_experiment` loads it (same
-  split, same standardisation), since the experiment does not keep the split;
+  Loaded as the run loaded it (:func:`isr_jax.train.load_splits`: same split,
+  same standardisation), since the experiment does not keep the split;
   all rows, in order, when the split has at most ``examples``.
   """
-  ds = config.dataset
-  train, _, info = load_dataset(
-      ds.name, data_dir=ds.data_dir, seed=config.seed, test_fraction=ds.test_fraction,
-      standardize=ds.standardize,
-      image_size=tuple(ds.image_size) if ds.image_size else None, **ds.options.to_dict())
+  train, _, info = load_splits(config)
   n = len(train.y)
   rows = np.sort(np.random.default_rng(seed).choice(n, size=min(examples, n), replace=False))
   return np.asarray(train.x)[rows], np.asarray(train.y)[rows], info.ignore_index

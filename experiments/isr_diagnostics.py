@@ -1,6 +1,6 @@
 r"""Why ISR does or does not help: its mechanism, measured on finished runs' final models.
 
-  python -m experiments.isr_diagnostics --workdirs=runs/isr_gap/fl_c2_isr,runs/isr_gap/cl \
+  python -m experiments.isr_diagnostics --workdirs=runs/isr_gap/fl-c2-dec0.1-seed0 \
       [--clients=10] [--examples=1000] [--batch=500] [--seed=0]
   python -m experiments.isr_diagnostics --workdirs=runs/isr_gap   # every finished run of a sweep
 

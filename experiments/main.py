@@ -30,24 +30,24 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.common_flags import WORKDIR
 from isr_jax.errors import (
-    CheckpointError,
-    ConfigError,
-    DataNotFoundError,
-    NaNLossError,
-    Preempted,
-    WorkdirError,
+  CheckpointError,
+  ConfigError,
+  DataNotFoundError,
+  NaNLossError,
+  Preempted,
+  WorkdirError,
 )
 from isr_jax.train import train_and_evaluate
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, summary.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/configs file.",
                                           lock_config=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize first.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 class _NoOrbaxTracebacks(std_logging.Filter):
@@ -90,6 +90,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not WORKDIR.value:
+    raise app.UsageError("--workdir: where the run's metrics, checkpoints and summary go")
   # Library progress at INFO; absl (and Orbax, which logs through it) at WARNING.
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
@@ -98,7 +100,7 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train_and_evaluate(_CONFIG.value, WORKDIR.value)
   except Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)

@@ -36,26 +36,25 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.common_flags import SEEDS, WORKDIR
 from experiments.configs.personalized import apply_skew, get_config
 from experiments.personalized_tables import (
-    ACCURACY,
-    METHODS,
-    accuracy_table,
-    communication_table,
-    plot,
-    summarize,
-    timing_table,
+  ACCURACY,
+  METHODS,
+  accuracy_table,
+  communication_table,
+  plot,
+  summarize,
+  timing_table,
 )
 from experiments.reporting import train_unless_diverged, write_csv
 from isr_jax.fl.registry import ALGORITHMS
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/personalized", "Parent of every run's workdir.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/personalized.py:small", "Base config of every run.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "FL algorithms (rows).")
 _SKEWS = flags.DEFINE_list("skews", ["dir03", "dir01"],
                            "Label skews (columns): dir03, dir01, patK (K classes per client).")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 _ROUNDS = flags.DEFINE_integer("rounds", None, "Rounds (default: the config's).")
 _LOCAL = flags.DEFINE_bool("local", False, "The config's 'local' variant: digits, 2 rounds, "
                            "seconds a run.")
@@ -116,9 +115,9 @@ def main(argv):
       apply_skew(base.copy_and_resolve_references(), skew)
     except ValueError as e:
       raise app.UsageError(f"--skews: {e}") from None
-  seeds = [int(s) for s in _SEEDS.value]
+  seeds = [int(s) for s in (SEEDS.value or ["0"])]
   base.fl.personalized_eval = "on"  # every method on each client's own test split
-  workdir = _WORKDIR.value
+  workdir = WORKDIR.value or "runs/personalized"
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   print(f"{len(methods)} methods × {len(skews)} label skews × {len(seeds)} seed(s) on "

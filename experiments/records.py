@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 
 from isr_jax.metric_writer import METRICS_FILE, read_metrics
-from isr_jax.workdir import CONFIG_FILE, read_json
+from isr_jax.workdir import CONFIG_FILE, read_json, write_atomic
 
 RESULTS_FILE = "results.jsonl"
 SWEEP_FILE = "sweep.json"
@@ -96,12 +96,8 @@ def sweep_records(sweep_dir: str) -> list[dict]:
 
 
 def write_records(records: Iterable[dict], path: str) -> None:
-  """One JSON line per record, written to a temporary file and renamed (shards collect too)."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(_finite(r), sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  """One JSON line per record, replaced all at once (several processes of a sweep collect)."""
+  write_atomic(path, "".join(json.dumps(_finite(r), sort_keys=True) + "\n" for r in records))
 
 
 def read_records(path: str) -> list[dict]:

@@ -130,9 +130,16 @@ def main(argv):
   for name in unplaced:
     print(f"block {name!r} has no <!-- report:{name} --> marker in {out_path}",
           file=sys.stderr)
+  empty = sorted(set(m.group("name") for m in _BLOCK.finditer(text)) - set(used))
+  for name in empty:
+    print(f"marker <!-- report:{name} --> in {out_path}: no records make that block",
+          file=sys.stderr)
   if _CHECK.value:
     if new != text:
       sys.exit(f"error: {out_path} is stale: run python -m experiments.report")
+    if empty:
+      sys.exit(f"error: {out_path} has {len(empty)} markers that no records fill "
+               f"({', '.join(empty)}): commit the sweeps' records in {RESULTS_DIR}/")
     print(f"{out_path} is up to date ({len(used)} blocks)")
     return
   with open(out_path, "w") as f:

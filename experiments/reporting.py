@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from collections.abc import Sequence
 
 from isr_jax.errors import NaNLossError
 from isr_jax.train import train_and_evaluate
+from isr_jax.workdir import write_atomic
 
 
 def train_unless_diverged(config, workdir: str, label: str) -> dict | None:
@@ -43,8 +45,9 @@ def fmt(mean: float, std: float, digits: int = 4) -> str:
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-  """Rows of equal keys as a CSV file with a header."""
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  """Rows of equal keys as a CSV file with a header, replaced all at once."""
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  write_atomic(path, text.getvalue())

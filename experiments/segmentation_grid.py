@@ -26,22 +26,22 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.common_flags import SEEDS, WORKDIR
 from experiments.configs.segmentation import DATASETS, MODELS, get_config
 from experiments.reporting import (
-    divergence_note,
-    fmt,
-    mean_std,
-    train_unless_diverged,
-    write_csv,
+  divergence_note,
+  fmt,
+  mean_std,
+  train_unless_diverged,
+  write_csv,
 )
 from isr_jax.analysis import cl_fl_gap, relative_gap_reduction
 from isr_jax.plotting import plot_segmentation_examples
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/table3", "Parent of every run's workdir.")
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Model families.")
 _DATASETS = flags.DEFINE_list("datasets", ["synthetic_streets"], "Datasets.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds.")
-_EXAMPLES = flags.DEFINE_integer("examples", 4, "Test images in each qualitative figure.")
+_FIGURE_EXAMPLES = flags.DEFINE_integer("figure_examples", 4,
+                                        "Test images in each qualitative figure.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Root of a real dataset's files.")
 _IMAGE_SIZE = flags.DEFINE_list("image_size", None, "H,W to resize to (default: the config's).")
 _CL_ROUNDS = flags.DEFINE_integer("cl_rounds", None, "CL epochs (default: the config's).")
@@ -159,11 +159,11 @@ def main(argv):
   for name in _DATASETS.value:
     if name not in DATASETS:
       raise app.UsageError(f"--datasets: {name!r} is not one of {list(DATASETS)}")
-  workdir = _WORKDIR.value
+  workdir = WORKDIR.value or "runs/table3"
   os.makedirs(workdir, exist_ok=True)
-  seeds = [int(s) for s in _SEEDS.value]
+  seeds = [int(s) for s in (SEEDS.value or ["0", "1"])]
   t0 = time.perf_counter()
-  results = run_grid(workdir, _MODELS.value, _DATASETS.value, seeds, _EXAMPLES.value)
+  results = run_grid(workdir, _MODELS.value, _DATASETS.value, seeds, _FIGURE_EXAMPLES.value)
   text, rows = tables(results, seeds)
   with open(os.path.join(workdir, "table3.md"), "w") as f:
     f.write(text)

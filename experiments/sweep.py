@@ -34,13 +34,7 @@ from absl import app, flags, logging
 from experiments.common_flags import SEEDS, WORKDIR
 from experiments.records import RESULTS_FILE
 from experiments.sweeps import Grid, Run, Sweep, axis, expand
-from experiments.sweeps.runner import (
-    build_config,
-    collect,
-    load_python_file,
-    train_runs,
-    write_spec,
-)
+from experiments.sweeps.runner import build_config, execute, load_python_file
 from isr_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -58,6 +52,8 @@ _ONLY = flags.DEFINE_string("only", None, "Run only the runs whose name matches 
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at the i-th.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their settings; train nothing.")
 _COLLECT = flags.DEFINE_bool("collect", False, "Only collect the records of runs already made.")
+_RETRY_DIVERGED = flags.DEFINE_bool("retry_diverged", False,
+                                    "Train again the runs that diverged (their DIVERGED file).")
 
 
 def parse_value(text: str):
@@ -100,7 +96,8 @@ def sweep_from_flags() -> Sweep:
 
 
 def sweep_command() -> str:
-  """The command that makes (or resumes) the whole sweep: these flags without --shard."""
+  """The command that makes (or resumes) the sweep: these flags, less --shard, --dry_run,
+  --collect and --retry_diverged, which say how to run it rather than what it is."""
   parts = ["python -m experiments.sweep"]
   if _SWEEP.value:
     parts.append(f"--sweep={_SWEEP.value}")
@@ -127,34 +124,41 @@ def shard_of(runs: list[Run], shard: str) -> list[Run]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not WORKDIR.value:
+    raise app.UsageError("--workdir: the sweep's directory (one workdir per run inside)")
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("isr_jax").setLevel(std_logging.WARNING)
   sweep_dir = WORKDIR.value
   try:
+    only = re.compile(_ONLY.value) if _ONLY.value else None
     sweep = sweep_from_flags()
     seeds = None if SEEDS.value is None else [int(s) for s in SEEDS.value]
     every = expand(sweep, seeds)
-    runs = [r for r in every if _ONLY.value is None or re.search(_ONLY.value, r.name)]
-    runs = shard_of(runs, _SHARD.value)
-    configs = [build_config(r) for r in runs]  # every mistake before anything trains
+    runs = shard_of([r for r in every if only is None or only.search(r.name)], _SHARD.value)
+  except re.error as e:
+    sys.exit(f"error: --only={_ONLY.value!r} is not a regular expression: {e}")
   except (ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
   if _DRY_RUN.value:
+    try:
+      for run in runs:
+        build_config(run)
+    except ConfigError as e:
+      sys.exit(f"error: {e}")
     for run in runs:
       print(run.name, json.dumps(dict(run.settings), sort_keys=True))
     print(f"{len(runs)} runs")
     return
-  write_spec(sweep_dir, sweep, every, sweep_command())
   if not _COLLECT.value:
     print(f"sweep {sweep.name}: {len(runs)} runs in {sweep_dir}", flush=True)
-    try:
-      train_runs(runs, configs, sweep_dir)
-    except Preempted as e:
-      print(f"stopped: {e}; the same command resumes the sweep", file=sys.stderr)
-      sys.exit(128 + e.signum)
-    except (ConfigError, DataNotFoundError, CheckpointError, WorkdirError) as e:
-      sys.exit(f"error: {e}")
-  records = collect(sweep_dir)
+  try:
+    records = execute(sweep_dir, sweep, [] if _COLLECT.value else runs, sweep_command(),
+                      every=every, retry_diverged=_RETRY_DIVERGED.value)
+  except Preempted as e:
+    print(f"stopped: {e}; the same command resumes the sweep", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except (ConfigError, DataNotFoundError, CheckpointError, WorkdirError) as e:
+    sys.exit(f"error: {e}")
   done = sum(r["status"] == "done" for r in records)
   print(f"{done}/{len(records)} runs done; records in {os.path.join(sweep_dir, RESULTS_FILE)}")
 

@@ -287,3 +287,26 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
     else:
       unsafe.append(f"{key}: {show(a)} → {show(b)}")
   return unsafe, safe_changed
+
+
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+  """A run's ``config.json`` as a config, completed for today's code.
+
+  A setting the file lacks takes the value in :data:`SETTINGS_ADDED_LATER`
+  (what that run computed) or else today's default, so a run saved before a
+  setting existed can still be rebuilt and measured.
+  """
+  config = ml_collections.ConfigDict(saved)
+  present = _flatten(saved)
+  defaults = _flatten(json.loads(default_config().to_json_best_effort()))
+  for key, value in {**defaults, **SETTINGS_ADDED_LATER}.items():
+    if key in present:
+      continue
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = value
+  return config

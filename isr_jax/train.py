@@ -161,14 +161,20 @@ def _create_model(config: ml_collections.ConfigDict, info: DatasetInfo, key: jax
       rngs=nnx.Rngs(params=key), conv_impl=conv_impl, **config.model.options.to_dict())
 
 
+def load_splits(config: ml_collections.ConfigDict):
+  """``(train, test, info)`` of the run's dataset, as the run splits and scales it."""
+  ds = config.dataset
+  return load_dataset(
+      ds.name, data_dir=ds.data_dir, seed=config.seed, test_fraction=ds.test_fraction,
+      standardize=ds.standardize,
+      image_size=tuple(ds.image_size) if ds.image_size else None, **ds.options.to_dict())
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Loads data and builds model, objective, state and the jitted round."""
   validate(config)
   ds = config.dataset
-  train, test, info = load_dataset(
-      ds.name, data_dir=ds.data_dir, seed=config.seed, test_fraction=ds.test_fraction,
-      standardize=ds.standardize,
-      image_size=tuple(ds.image_size) if ds.image_size else None, **ds.options.to_dict())
+  train, test, info = load_splits(config)
   key_model, key_adapters, key_run = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   conv_impl = resolve_conv_impl(config.model.conv_impl,
                                 resolve_parallelism(config.fl.client_parallelism))
@@ -326,7 +332,7 @@ def _finished_run(exp: Experiment, state: TrainState, workdir: str,
                    if k.startswith("test/") and isinstance(v, float))
   logger.info("%s finished round %d already; nothing to do: %s", workdir, done, shown)
   return {"metrics": metrics, "history": history, "state": state, "compile_s": 0.0,
-          "experiment": exp}
+          "experiment": exp, "finished_earlier": True}
 
 
 def _preempted(signum: int, done: int, directory: str) -> Preempted:
@@ -368,7 +374,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ``{"metrics": last round's metrics, "history": every record of the
     workdir's metrics.jsonl (earlier, resumed-from runs included), "state":
     final TrainState, "compile_s": round compile time, "experiment": the
-    built :class:`Experiment` (data, forward pass, ...)}``.
+    built :class:`Experiment` (data, forward pass, ...), "finished_earlier":
+    whether the run had trained its rounds before this call (then nothing was
+    compiled or trained and the metrics are read back)}``.
 
   Raises:
     ConfigError: an invalid setting (one line naming it and what is allowed),
@@ -469,4 +477,4 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
   if primary and config.logging.plots and history:
     _plot(workdir)
   return {"metrics": metrics, "history": history, "state": state, "compile_s": compile_s,
-          "experiment": exp}
+          "experiment": exp, "finished_earlier": False}

@@ -107,8 +107,11 @@ def exclusive(workdir: str) -> Iterator[None]:
       holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
       raise WorkdirBusy(f"{workdir} is in use by {holder}: wait for that run to end, or use "
                         "another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except OSError as e:
+      raise io_error(path, e) from e
     yield
   finally:
     os.close(fd)  # releases the lock
@@ -120,7 +123,7 @@ def write_atomic(path: str, text: str) -> None:
   Raises:
     WorkdirError: it cannot be written; the previous version is kept.
   """
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # processes writing the same file use their own
   try:
     with open(tmp, "w") as f:
       f.write(text)

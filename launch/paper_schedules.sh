@@ -6,9 +6,11 @@
 #
 #   launch/paper_schedules.sh [WORKDIR] [tiny]
 #
-# WORKDIR defaults to runs/paper. PARALLEL sweep processes (default 4) share the
-# GPU, each with 1/PARALLEL of its memory; clients are vmapped inside each round
-# (fl.client_parallelism=auto on a GPU). Started again, it resumes every
+# WORKDIR defaults to runs/paper. Each table's sweep runs in PARALLEL processes
+# (default 4), the two tables side by side: 2 x PARALLEL processes share the GPU,
+# each allocating memory as it needs it; clients are vmapped inside each round
+# (fl.client_parallelism=auto on a GPU). The FedSoL table's flatness column is
+# measured on the final models before the report. Started again, it resumes every
 # unfinished run and reads back the finished ones. "tiny" runs the same script
 # at the 'local' size (digits, a few rounds, two methods per table) in about a
 # minute on a CPU: the smoke test of this script (tests/test_launch.py).
@@ -29,8 +31,9 @@ elif [ -n "$SIZE" ]; then
   exit 2
 fi
 mkdir -p "$WORKDIR"
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(
-  "$PYTHON" -c "print(round(0.9 / $PARALLEL, 3))")}
+# Preallocation would reserve 75 % of the GPU per process: 2 x PARALLEL processes
+# would ask for several times the card. Each takes what its runs need instead.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 
 start=$(date +%s)
 pids=()
@@ -55,6 +58,7 @@ for sweep in fedaims fedsol; do
   "$PYTHON" -m experiments.sweep --sweep="experiments/sweeps/$sweep.py:$ARG" \
     --workdir="$WORKDIR/$sweep" ${ONLY:+--only="$ONLY"} --collect > /dev/null
 done
+"$PYTHON" -m experiments.flatness --workdirs="$WORKDIR/fedsol"
 "$PYTHON" -m experiments.report --workdirs="$WORKDIR/fedaims,$WORKDIR/fedsol" --results= \
   --standalone --out="$WORKDIR/REPORT.md" --figures="$WORKDIR/figures"
 "$PYTHON" - "$WORKDIR" "$start" <<'EOF'

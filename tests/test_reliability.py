@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -98,7 +99,8 @@ def test_a_finished_run_is_reported_and_nothing_changes(tmp_path, caplog):
   with caplog.at_level(logging.INFO, logger="isr_jax"):
     again = train_and_evaluate(tiny("fl", num_rounds=2), str(tmp_path))
   assert snapshot(tmp_path) == before
-  assert again["compile_s"] == 0.0  # not compiled, not trained, not evaluated
+  assert again["finished_earlier"] and again["compile_s"] == 0.0  # not compiled, not trained
+  assert not first["finished_earlier"]
   assert again["metrics"] == first["metrics"]  # train/, comm/, fl/ keys included
   assert any("finished round 2 already" in r.getMessage() for r in caplog.records)
   chex.assert_trees_all_equal(again["state"].params, first["state"].params)
@@ -309,11 +311,14 @@ def test_a_second_run_on_the_same_workdir_is_one_line_and_writes_nothing(tmp_pat
       [sys.executable, "-c", "import sys, time; from isr_jax import workdir\n"
        f"with workdir.exclusive({str(tmp_path)!r}):\n  print('held', flush=True); time.sleep(60)"],
       stdout=subprocess.PIPE, text=True, cwd=REPO)
-  assert holder.stdout.readline().strip() == "held"
-  with (pytest.raises(WorkdirBusy, match=f"process {holder.pid} "),
-        workdir.exclusive(str(tmp_path))):
-    pass
-  holder.kill()
-  holder.wait()
+  try:
+    ready, _, _ = select.select([holder.stdout], [], [], 120)
+    assert ready and holder.stdout.readline().strip() == "held"
+    with (pytest.raises(WorkdirBusy, match=f"process {holder.pid} "),
+          workdir.exclusive(str(tmp_path))):
+      pass
+  finally:
+    holder.kill()
+    holder.wait()
   with workdir.exclusive(str(tmp_path)):
     pass

@@ -17,6 +17,7 @@ from experiments.sections import BUILDERS
 from experiments.sections.demo import format_table
 from experiments.stats import mean_interval, paired_difference
 from experiments.sweeps import Grid, Sweep, axis, expand
+from isr_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(__file__))
 
@@ -135,32 +136,37 @@ def test_adhoc_axis_sweep_dry_run(tmp_path):
 def test_report_fills_blocks_checks_and_leaves_prose(small_sweep, tmp_path):
   workdir, _, _ = small_sweep
   by_sweep = report.load([workdir], [])
-  assert set(by_sweep) == {"isr_gap"}
+  assert set(by_sweep) == {"isr_gap_local"}  # a smoke sweep never shares a real one's name
   blocks = report.build_blocks(by_sweep, str(tmp_path / "figures"))
-  assert {"isr_gap/setup", "isr_gap/accuracy", "isr_gap/gap", "isr_gap/adapters",
-          "isr_gap/figure"} <= set(blocks)
-  assert "| decoupled, α = 0.1 |" in blocks["isr_gap/accuracy"]
-  assert "2 of 24 runs finished (22 unfinished)" in blocks["isr_gap/setup"]
-  assert os.path.exists(tmp_path / "figures" / "isr_gap_fl_accuracy.png")
-  text = ("# Results\nprose before\n<!-- report:isr_gap/accuracy -->\nold 99.9\n"
-          "<!-- /report:isr_gap/accuracy -->\nprose after\n<!-- report:other -->\nkept\n"
+  name = "isr_gap_local"
+  assert {f"{name}/{b}" for b in ("setup", "accuracy", "gap", "adapters", "figure")} <= set(blocks)
+  assert "| decoupled, α = 0.1 |" in blocks[f"{name}/accuracy"]
+  assert "2 of 24 runs finished (22 unfinished)" in blocks[f"{name}/setup"]
+  assert os.path.exists(tmp_path / "figures" / f"{name}_fl_accuracy.png")
+  text = (f"# Results\nprose before\n<!-- report:{name}/accuracy -->\nold 99.9\n"
+          f"<!-- /report:{name}/accuracy -->\nprose after\n<!-- report:other -->\nkept\n"
           "<!-- /report:other -->\n")
   new, used, unplaced = report.fill(text, blocks)
-  assert used == ["isr_gap/accuracy"] and "isr_gap/gap" in unplaced
+  assert used == [f"{name}/accuracy"] and f"{name}/gap" in unplaced
   assert "old 99.9" not in new and "prose before" in new and "prose after" in new
   assert "<!-- report:other -->\nkept\n" in new
   assert report.fill(new, blocks)[0] == new  # idempotent
 
   out = tmp_path / "RESULTS.md"
-  out.write_text(new)
   common = [f"--workdirs={workdir}", "--results=", f"--out={out}",
             f"--figures={tmp_path / 'figures'}"]
-  check = subprocess.run([sys.executable, "-m", "experiments.report", *common, "--check"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert check.returncode == 0, check.stderr
-  out.write_text(new.replace("| CL |", "| CL typed by hand |"))
-  stale = subprocess.run([sys.executable, "-m", "experiments.report", *common, "--check"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+
+  def check():
+    return subprocess.run([sys.executable, "-m", "experiments.report", *common, "--check"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+  out.write_text(new)
+  empty = check()  # the "other" marker: no records fill it
+  assert empty.returncode == 1 and "1 markers that no records fill (other)" in empty.stderr
+  out.write_text(new.replace("<!-- report:other -->\nkept\n<!-- /report:other -->\n", ""))
+  assert check().returncode == 0
+  out.write_text(out.read_text().replace("| CL |", "| CL typed by hand |"))
+  stale = check()
   assert stale.returncode == 1 and "is stale" in stale.stderr
 
 
@@ -201,14 +207,14 @@ def test_demo_table_shows_intervals_first_and_flags_a_gap_shrunk_by_both_falling
 
 
 def fake_record(sweep, report, labels, seed, final, **extra):
-  """A record as experiments.records writes it, with made-up (synthetic) numbers."""
+  """A record as experiments.records writes it, with made-up (synthetic) numbers: the
+  last-three-evaluations mean is 1 point below the final round, the best 2 above."""
+  accuracies = ("test/accuracy", "personal/accuracy_mean")
   return {"sweep": sweep, "report": report, "command": f"python -m experiments.sweep {sweep}",
           "name": "-".join([*labels.values(), f"seed{seed}"]), "labels": labels, "seed": seed,
           "settings": {}, "status": "done", "round": 5, "final": final,
-          "best": {k: v for k, v in final.items() if k in ("test/accuracy",
-                                                           "personal/accuracy_mean")},
-          "late": {k: v for k, v in final.items() if k in ("test/accuracy",
-                                                           "personal/accuracy_mean")},
+          "best": {k: v + 0.02 for k, v in final.items() if k in accuracies},
+          "late": {k: v - 0.01 for k, v in final.items() if k in accuracies},
           "curve": [{"round": 5, **final}],
           "machine": {"device": "synthetic CPU", "cores": 2, "jax": "0", "date": "2026-12-06"},
           **extra}
@@ -222,7 +228,9 @@ def test_section_builders_on_synthetic_records(tmp_path):
             for skew in ("dir01", "s2") for m in ("fedavg", "fedsol") for s in (0, 1, 2)]
   blocks = BUILDERS["fedsol"](fedsol, str(tmp_path))
   row = next(line for line in blocks["fedsol/table"].splitlines() if "| FedAvg |" in line)
-  assert row.startswith("| Dir(0.1) | FedAvg | 70.") and "| -5." in row and "| 11.0 ± 2.5 |" in row
+  late, diff, final, best, eigenvalue = row.split(" | ")[2:7]
+  assert row.startswith("| Dir(0.1) | FedAvg | 69.") and diff.startswith("-5.")
+  assert final.startswith("70.") and best.startswith("72.") and eigenvalue == "11.0 ± 2.5 |"
   assert "12 of 12 runs finished" in blocks["fedsol/setup"]
 
   pfl = [fake_record("fedaims_dir03", "personalized", {"grid": "dir03", "method": m}, s,
@@ -230,7 +238,8 @@ def test_section_builders_on_synthetic_records(tmp_path):
                       "personal/accuracy_std": 0.1, "test/accuracy": 0.6})
          for m in ("fedaims", "fedper") for s in (0, 1, 2)]
   table = BUILDERS["personalized"](pfl, str(tmp_path))["fedaims_dir03/table"]
-  assert "| Dir(0.3) | FedPer | 80.10 ± 0.25 | 80.10 ± 0.25 | -2.00 ± 0.00 |" in table
+  assert ("| Dir(0.3) | FedPer | 80.10 ± 0.25 | 79.10 ± 0.25 | -2.00 ± 0.00 | 82.10 ± 0.25 |"
+          in table)
   assert "80.00, 80.10, 80.20" in table
 
   zoo = [fake_record("zoo", "zoo", {"grid": "digits", "algorithm": a, "isr": i}, s,
@@ -241,3 +250,63 @@ def test_section_builders_on_synthetic_records(tmp_path):
   z = BUILDERS["zoo"](zoo, str(tmp_path))
   assert "| fedprox | 90.05 ± 0.64 | 91.05 ± 0.64 | +1.00 ± 0.00 |" in z["zoo/table"]
   assert "**4/8**" in z["zoo/summary"] and "higher with ISR for fedprox" in z["zoo/summary"]
+
+
+def test_isr_gap_tables_on_synthetic_records(tmp_path):
+  """CL 90 % everywhere; FL 70 % without ISR, 72 % with it (seed by seed), CL with ISR 89 %:
+  the gap shrinks by 3 points, FL rose, and the table says so."""
+  records = []
+  for s in (0, 1, 2):
+    for v, cl, fl in (("none", 0.90, 0.70), ("dec0.1", 0.89, 0.72)):
+      records.append(fake_record("isr_gap", "isr_gap", {"grid": "cl", "isr": v}, s,
+                                 {"test/accuracy": cl + 0.001 * s}))
+      records.append(fake_record("isr_gap", "isr_gap", {"grid": "fl", "skew": "c2", "isr": v},
+                                 s, {"test/accuracy": fl + 0.002 * s}))
+  blocks = BUILDERS["isr_gap"](records, str(tmp_path))
+  assert "| no ISR | 89.10 ± 0.25 | 69.20 ± 0.50 |" in blocks["isr_gap/accuracy"]
+  assert "| no ISR | 90.10 ± 0.25 | 70.20 ± 0.50 |" in blocks["isr_gap/accuracy_final"]
+  row = next(line for line in blocks["isr_gap/gap"].splitlines() if "decoupled" in line)
+  assert row == ("| #C = 2 | decoupled, α = 0.1 | 16.90 ± 0.25 | +3.00 ± 0.00 | -1.00 ± 0.00 | "
+                 "+2.00 ± 0.00 | shrank (FL rose) |")
+  assert "shrinks the gap by 3.00 ± 0.00 points" in blocks["isr_gap/findings"]
+
+
+def test_runner_marks_a_diverged_run_skips_it_and_retries_on_request(tmp_path, monkeypatch,
+                                                                     capsys):
+  from experiments.sweeps import runner
+
+  sweep = Sweep("s", [Grid("g", "unused", [axis("x", setting="p", options=(1, 2))])])
+  runs = expand(sweep)
+  calls = []
+
+  def fake_train(config, workdir, label):
+    calls.append(config)
+    os.makedirs(workdir, exist_ok=True)  # as train_and_evaluate makes it before round 1
+    if config == "diverges":
+      return None
+    return {"finished_earlier": False, "metrics": {"test/accuracy": 0.5}}
+
+  monkeypatch.setattr(runner, "train_unless_diverged", fake_train)
+  runner.train_runs(runs, ["fine", "diverges"], str(tmp_path))
+  assert (tmp_path / "g-2-seed0" / "DIVERGED").exists()
+  runner.train_runs(runs, ["fine", "diverges"], str(tmp_path))
+  assert calls == ["fine", "diverges", "fine"]
+  assert "[2/2] g-2-seed0: diverged before; skipped (--retry_diverged" in capsys.readouterr().out
+  runner.train_runs(runs, ["fine", "fine"], str(tmp_path), retry_diverged=True)
+  assert not (tmp_path / "g-2-seed0" / "DIVERGED").exists()
+
+
+def test_sweep_json_keeps_the_runs_of_every_process_and_refuses_a_changed_run(tmp_path):
+  from experiments.sweeps import runner
+
+  base = Sweep("s", [Grid("g", "cfg", [axis("x", setting="p", options=(1,))], seeds=(0, 1))])
+  runner.write_spec(str(tmp_path), base, expand(base, [0]), "first")
+  runner.write_spec(str(tmp_path), base, expand(base, [1]), "second")
+  spec = json.loads((tmp_path / "sweep.json").read_text())
+  assert [r["name"] for r in spec["runs"]] == ["g-1-seed0", "g-1-seed1"]
+  assert spec["command"] == "second"
+  changed = base._replace(grids=[base.grids[0]._replace(settings={"q": 2})])
+  with pytest.raises(ConfigError, match="its run g-1-seed0 has other settings"):
+    runner.write_spec(str(tmp_path), changed, expand(changed, [0]), "third")
+  with pytest.raises(ConfigError, match="holds the sweep 's', not 'other'"):
+    runner.write_spec(str(tmp_path), base._replace(name="other"), [], "fourth")

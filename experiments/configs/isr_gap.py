@@ -26,21 +26,21 @@ Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``.
 
 from isr_jax.config import default_config
 
-SKEWS = ("iid", "dir01", "c2")
+# Label-skew word -> the partition settings it stands for (also the sweep's skew axis).
+SKEW_SETTINGS = {
+    "iid": {"fl.partition.method": "iid"},
+    "dir01": {"fl.partition.method": "dirichlet", "fl.partition.dirichlet_alpha": 0.1},
+    "c2": {"fl.partition.method": "pathological", "fl.partition.classes_per_client": 2},
+}
+SKEWS = tuple(SKEW_SETTINGS)
 
 
 def apply_skew(c, skew: str) -> None:
   """Sets ``c.fl.partition`` from a label-skew word."""
-  if skew == "iid":
-    c.fl.partition.method = "iid"
-  elif skew == "dir01":
-    c.fl.partition.method = "dirichlet"
-    c.fl.partition.dirichlet_alpha = 0.1
-  elif skew == "c2":
-    c.fl.partition.method = "pathological"
-    c.fl.partition.classes_per_client = 2
-  else:
+  if skew not in SKEW_SETTINGS:
     raise ValueError(f"label skew {skew!r} is not one of {list(SKEWS)}")
+  for setting, value in SKEW_SETTINGS[skew].items():
+    c.fl.partition[setting.rsplit(".", 1)[1]] = value
 
 
 def get_config(arg: str = "fl,c2"):

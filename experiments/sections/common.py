@@ -38,6 +38,9 @@ def by_seed(records: Iterable[dict], key: str, where: str = "final") -> dict[int
       continue
     value = metric(r, key, where)
     if value is not None:
+      if r["seed"] in out:
+        raise ValueError(f"two finished runs with seed {r['seed']} among {r['labels']}: "
+                         "select one cell of the grid before pairing by seed")
       out[r["seed"]] = value
   return out
 

@@ -61,7 +61,7 @@ def _train_test(runs: list[dict], tap: str) -> str:
   return train if test.n == 0 else f"{train} / {percent(test)}"
 
 
-def _verdict(change: Interval, cl_change: Interval, fl_change: Interval) -> str:
+def _verdict(change: Interval, fl_change: Interval) -> str:
   if change.n < 2:
     return "one seed"
   if not change.excludes_zero:
@@ -95,7 +95,7 @@ def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
       gap, change = _gap_change(cl_v, fl_v, cl_none, fl_none)
       fl_change = paired_difference(by_seed(fl_v, ACC, LATE), by_seed(fl_none, ACC, LATE))
       cl_change = paired_difference(by_seed(cl_v, ACC, LATE), by_seed(cl_none, ACC, LATE))
-      verdict = "reference" if v == "none" else _verdict(change, cl_change, fl_change)
+      verdict = "reference" if v == "none" else _verdict(change, fl_change)
       gap_rows.append([
           SKEW_NAMES.get(s, s), VARIANT_NAMES.get(v, v), percent(gap),
           "–" if v == "none" else percent(change, signed=True),
@@ -140,22 +140,24 @@ def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
       ["skew", "ISR", *(f"drift at `{t}`" for t in drift_taps),
        *(f"cos(∇CE, ∇αMI) at `{t}`, clients" for t in taps)], mechanism_rows)
 
-  figure = _figure(fl_all, variants, skews, figures)
+  figure = _figure(fl_all, variants, skews, figures, records[0]["sweep"])
+  sweep = records[0]["sweep"]
   return {
-      "isr_gap/setup": provenance(records),
-      "isr_gap/accuracy": accuracy,
-      "isr_gap/accuracy_final": accuracy_final,
-      "isr_gap/gap": gap,
-      "isr_gap/findings": "\n".join(findings),
-      "isr_gap/adapters": adapters,
-      "isr_gap/mechanism": mechanism,
-      "isr_gap/figure": figure_link(
+      f"{sweep}/setup": provenance(records),
+      f"{sweep}/accuracy": accuracy,
+      f"{sweep}/accuracy_final": accuracy_final,
+      f"{sweep}/gap": gap,
+      f"{sweep}/findings": "\n".join(findings),
+      f"{sweep}/adapters": adapters,
+      f"{sweep}/mechanism": mechanism,
+      f"{sweep}/figure": figure_link(
           figure, "FL test accuracy per round, mean and 95 % band over seeds"),
   }
 
 
-def _figure(fl_all: list[dict], variants: list[str], skews: list[str], figures: str) -> str:
-  path = os.path.join(figures, "isr_gap_fl_accuracy.png")
+def _figure(fl_all: list[dict], variants: list[str], skews: list[str], figures: str,
+            sweep: str) -> str:
+  path = os.path.join(figures, f"{sweep}_fl_accuracy.png")
   panels = {}
   for s in skews:
     panels[f"FL, {SKEW_NAMES.get(s, s)}"] = {
@@ -166,7 +168,7 @@ def _figure(fl_all: list[dict], variants: list[str], skews: list[str], figures: 
 
 
 def taps_blocks(records: list[dict], figures: str) -> dict[str, str]:
-  """Where ISR supervises: FL accuracy per tap preset, against the isr_gap sweep's reference."""
+  """Where ISR supervises: FL accuracy and adapter accuracy per tap preset."""
   del figures
   rows = []
   for label in labels_of(records, "taps"):
@@ -178,4 +180,5 @@ def taps_blocks(records: list[dict], figures: str) -> dict[str, str]:
     rows.append([label, percent(interval(runs, ACC, LATE)), adapter])
   table = markdown_table(["taps (placement, count)", "FL #C = 2 accuracy (last 3 evaluations)",
                           "adapter accuracy per tap (train)"], rows)
-  return {"isr_taps/setup": provenance(records), "isr_taps/table": table}
+  sweep = records[0]["sweep"]
+  return {f"{sweep}/setup": provenance(records), f"{sweep}/table": table}

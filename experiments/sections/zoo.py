@@ -47,7 +47,7 @@ def blocks(records: list[dict], figures: str) -> dict[str, str]:
       means[(name, isr)] = {m: mean_interval(list(by_seed(runs, f"test/{m}").values())).mean
                             for m in METRICS}
   table = markdown_table(["algorithm", "accuracy −ISR", "accuracy +ISR", "+ISR − (−ISR)",
-                          "Δ mF1", "MB up / round", "MB down / round"], rows)
+                          "Δ mF1", "MB up / round (+ISR)", "MB down / round (+ISR)"], rows)
   wins, total = paired_wins(means, METRICS)
   higher, lower = (", ".join(resolved[k]) or "none" for k in ("+", "−"))
   summary = (f"Paired wins of +ISR over −ISR across (algorithm × metric), on the means: "

@@ -91,6 +91,10 @@ def axis(name: str, values: Mapping[str, Mapping[str, Any]] | None = None, *,
   return Axis(name, dict(values))
 
 
+# ISR off and on, the second axis of the demo's and the zoo's grids.
+ISR_OFF_ON = axis("isr", {"off": {"isr.enabled": False}, "on": {"isr.enabled": True}})
+
+
 def _label(value: Any) -> str:
   text = str(value)
   return text.replace("-", "m").replace("/", "_")

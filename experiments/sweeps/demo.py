@@ -9,14 +9,13 @@ fixed α = 0.5), ISR off and on (2 input-biased taps, α = 0.1, λ = 0.01,
 decoupled adapters), seeds 0, 1, 2.
 """
 
-from experiments.sweeps import Grid, Sweep, axis
+from experiments.sweeps import ISR_OFF_ON, Grid, Sweep
 
 MODES = ("cl", "fl", "hybrid")
-ISR = axis("isr", {"off": {"isr.enabled": False}, "on": {"isr.enabled": True}})
 
 
 def get_sweep(arg: str = ""):
   if arg:
     raise ValueError(f"sweep argument {arg!r}: the demo takes none")
-  return Sweep("demo", [Grid(mode, f"experiments/configs/digits.py:{mode}", [ISR],
+  return Sweep("demo", [Grid(mode, f"experiments/configs/digits.py:{mode}", [ISR_OFF_ON],
                              seeds=(0, 1, 2)) for mode in MODES], report="demo")

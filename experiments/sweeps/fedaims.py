@@ -49,7 +49,7 @@ def get_sweep(arg: str = ""):
     raise ValueError(f"sweep argument {arg!r}: optional words 'dir01' or 'paper', and 'local'")
   if "paper" in words:
     local = ",local" if "local" in words else ""
-    return Sweep("fedaims_paper", [
+    return Sweep(f"fedaims_paper{'_local' if local else ''}", [
         Grid(skew, f"experiments/configs/personalized.py:{skew}{local}", [TABLE2], seeds=(0,))
         for skew in ("dir03", "dir01")], report="personalized")
   skew = "dir01" if "dir01" in words else "dir03"
@@ -59,4 +59,5 @@ def get_sweep(arg: str = ""):
   else:
     grid = Grid(skew, f"experiments/configs/personalized.py:{skew},small", [METHODS],
                 seeds=(0, 1, 2), settings=SCHEDULE)
-  return Sweep(f"fedaims_{skew}", [grid], report="personalized")
+  return Sweep(f"fedaims_{skew}{'_local' if 'local' in words else ''}", [grid],
+               report="personalized")

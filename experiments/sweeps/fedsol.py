@@ -42,6 +42,7 @@ def get_sweep(arg: str = ""):
   paper = "paper" in words
   seeds = (0,) if local or paper else (0, 1)
   settings = PAPER if paper and not local else {"model.name": "fedavg_cnn"} if paper else {}
-  return Sweep("fedsol_paper" if paper else "fedsol", [
+  name = ("fedsol_paper" if paper else "fedsol") + ("_local" if local else "")
+  return Sweep(name, [
       Grid(skew, f"experiments/configs/fedsol.py:{skew}{local}", [METHODS], seeds=seeds,
            settings=settings) for skew in ("dir01", "s2")], report="fedsol")

@@ -1,4 +1,4 @@
-r"""Does ISR shrink the CL–FL gap on real data? (experiments/RESULTS.md, "ISR and the gap")
+r"""Does ISR shrink the CL–FL gap on real data? (experiments/RESULTS.md §1)
 
   python -m experiments.sweep --sweep=experiments/sweeps/isr_gap.py --workdir=runs/isr_gap
   python -m experiments.sweep --sweep=experiments/sweeps/isr_gap.py:taps --workdir=runs/isr_taps
@@ -21,15 +21,12 @@ decoupled adapters at α = 0.1 (``taps,a0.3`` for another α) on #C = 2, 2 seeds
 ``local`` shrinks everything to seconds (digits, 3 rounds, one seed).
 """
 
+from experiments.configs.isr_gap import SKEW_SETTINGS
 from experiments.sweeps import Grid, Sweep, axis
 
 CONFIG = "experiments/configs/isr_gap.py"
 
-SKEWS = axis("skew", {
-    "iid": {"fl.partition.method": "iid"},
-    "dir01": {"fl.partition.method": "dirichlet", "fl.partition.dirichlet_alpha": 0.1},
-    "c2": {"fl.partition.method": "pathological", "fl.partition.classes_per_client": 2},
-})
+SKEWS = axis("skew", SKEW_SETTINGS)
 
 
 def isr_variant(alpha: float, *, decouple: bool = True, lam: float = 0.01) -> dict:
@@ -64,11 +61,12 @@ def get_sweep(arg: str = ""):
     raise ValueError(f"sweep argument {arg!r}: write the α of 'taps' as a0.3") from None
   local = ",local" if "local" in words else ""
   seeds = (0,) if local else (0, 1, 2)
+  suffix = "_local" if local else ""  # smoke runs never share a real sweep's records
   if "taps" in words:
-    grid = Grid("taps", f"{CONFIG}:fl,c2{local}", [TAPS], seeds=seeds[:2],
+    grid = Grid(f"a{alpha}", f"{CONFIG}:fl,c2{local}", [TAPS], seeds=seeds[:2],
                 settings=isr_variant(alpha))
-    return Sweep("isr_taps", [grid], report="isr_taps")
-  return Sweep("isr_gap", [
+    return Sweep(f"isr_taps_a{alpha}{suffix}", [grid], report="isr_taps")
+  return Sweep(f"isr_gap{suffix}", [
       Grid("cl", f"{CONFIG}:cl{local}", [VARIANTS], seeds=seeds),
       Grid("fl", f"{CONFIG}:fl{local}", [SKEWS, VARIANTS], seeds=seeds),
   ], report="isr_gap")

@@ -6,11 +6,14 @@ runs its grid through it); it defines no flags.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -27,7 +30,7 @@ from experiments.sweeps import Run, Sweep
 from isr_jax.config import validate
 from isr_jax.errors import ConfigError, WorkdirBusy
 from isr_jax.progress import format_duration
-from isr_jax.workdir import write_atomic
+from isr_jax.workdir import read_json, write_atomic
 
 
 def load_python_file(spec: str, function: str):
@@ -67,12 +70,47 @@ def build_config(run: Run) -> ml_collections.ConfigDict:
   return config
 
 
-def write_spec(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str) -> None:
-  """``<sweep_dir>/sweep.json``: the sweep's name, report kind, command and every run."""
+@contextlib.contextmanager
+def _sweep_lock(sweep_dir: str) -> Iterator[None]:
+  """Serialises the processes of one sweep while they read and rewrite sweep.json."""
   os.makedirs(sweep_dir, exist_ok=True)
-  spec = {"name": sweep.name, "report": sweep.report, "command": command,
-          "runs": [r._asdict() for r in runs]}
-  write_atomic(os.path.join(sweep_dir, SWEEP_FILE), json.dumps(spec, indent=1) + "\n")
+  fd = os.open(os.path.join(sweep_dir, ".sweep.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: a rewrite takes milliseconds
+    yield
+  finally:
+    os.close(fd)
+
+
+def _plain(run: Run) -> dict:
+  return json.loads(json.dumps(run._asdict()))  # tuples as lists, as sweep.json holds them
+
+
+def write_spec(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str) -> None:
+  """Adds ``runs`` to ``<sweep_dir>/sweep.json`` (the sweep's name, report kind, command, runs).
+
+  Runs already listed are kept, so processes started with other ``--seeds`` or
+  ``--only`` add to the sweep rather than hide each other's runs.
+
+  Raises:
+    ConfigError: the directory holds another sweep, or a run of the same name
+      with other settings.
+  """
+  path = os.path.join(sweep_dir, SWEEP_FILE)
+  with _sweep_lock(sweep_dir):
+    old = read_json(path) or {"name": sweep.name, "runs": []}
+    if old["name"] != sweep.name:
+      raise ConfigError(f"{sweep_dir} holds the sweep {old['name']!r}, not {sweep.name!r}: "
+                        "use another --workdir")
+    listed = {r["name"]: r for r in old["runs"]}
+    for run in map(_plain, runs):
+      if run["name"] in listed and listed[run["name"]] != run:
+        raise ConfigError(f"{sweep_dir}: its run {run['name']} has other settings "
+                          f"({listed[run['name']]['settings']}): use another --workdir")
+      listed[run["name"]] = run
+    spec = {"name": sweep.name, "report": sweep.report, "command": command,
+            "runs": list(listed.values())}
+    write_atomic(path, json.dumps(spec, indent=1) + "\n")
 
 
 def machine_info() -> dict:
@@ -107,14 +145,23 @@ def collect(sweep_dir: str) -> list[dict]:
   return records
 
 
-def train_runs(runs: list[Run], configs: list, sweep_dir: str) -> None:
-  """Trains (or resumes, or reads back) each run in turn, one line per run with an ETA."""
+def train_runs(runs: list[Run], configs: list, sweep_dir: str, *,
+               retry_diverged: bool = False) -> None:
+  """Trains (or resumes, or reads back) each run in turn, one line per run with an ETA.
+
+  A run another process is training is skipped; so is one that diverged before
+  (its DIVERGED file), unless ``retry_diverged``.
+  """
   started = time.perf_counter()
   trained = 0
   for k, (run, config) in enumerate(zip(runs, configs, strict=True), start=1):
     workdir = os.path.join(sweep_dir, run.name)
-    t0 = time.perf_counter()
+    diverged = os.path.join(workdir, DIVERGED_FILE)
     prefix = f"[{k}/{len(runs)}] {run.name}"
+    if os.path.exists(diverged) and not retry_diverged:
+      print(f"{prefix}: diverged before; skipped (--retry_diverged trains it again)", flush=True)
+      continue
+    t0 = time.perf_counter()
     try:
       out = train_unless_diverged(config, workdir, prefix)
     except WorkdirBusy:  # another process of this sweep has it
@@ -122,9 +169,11 @@ def train_runs(runs: list[Run], configs: list, sweep_dir: str) -> None:
       continue
     seconds = time.perf_counter() - t0
     if out is None:
-      write_atomic(os.path.join(workdir, DIVERGED_FILE), "train/loss became non-finite\n")
+      write_atomic(diverged, "train/loss became non-finite\n")
       continue
-    if out["compile_s"] == 0.0:  # nothing trained: the run had finished before
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(diverged)
+    if out["finished_earlier"]:
       print(f"{prefix}: finished earlier, read back", flush=True)
       continue
     trained += 1
@@ -135,3 +184,19 @@ def train_runs(runs: list[Run], configs: list, sweep_dir: str) -> None:
                      ("test/accuracy", "personal/accuracy_mean") if key in metrics)
     print(f"{prefix}: {shown} ({format_duration(seconds)}; sweep ETA "
           f"{format_duration(rate * (len(runs) - k))})", flush=True)
+
+
+def execute(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str, *,
+            every: list[Run] | None = None, retry_diverged: bool = False) -> list[dict]:
+  """Builds and checks every run's config, lists ``every`` run in sweep.json, trains
+  ``runs`` and collects the records of all of them.
+
+  Raises:
+    ConfigError, DataNotFoundError, CheckpointError, WorkdirError: one line each,
+      for the caller to print; a wrong setting is found before anything trains.
+    Preempted: SIGTERM/SIGINT; the run in progress saved its round.
+  """
+  configs = [build_config(r) for r in runs]
+  write_spec(sweep_dir, sweep, runs if every is None else every, command)
+  train_runs(runs, configs, sweep_dir, retry_diverged=retry_diverged)
+  return collect(sweep_dir)

@@ -25,7 +25,7 @@ classes present in the client's data and ``M`` the missing ones:
   weights average 1 over the client's data): the same expected loss, but not
   the same steps — on a small skewed client one example of a rare class carries
   a weight of many batch sizes (up to 25 in the digits comparison, batch 16),
-  and those steps made local training erratic (experiments/RESULTS.md);
+  and those steps made local training erratic (experiments/RESULTS.md at commit cc57a03);
 * feature-level augmentation: the feature ``f_i`` (the representation tap) of an
   example of class ``c`` is replaced, with probability ``1 − n_c / max_c' n_c'``
   (rare classes more often), by ``f_i + δ_i``, ``δ_i ~ N(0, Σ)``, where ``Σ``

@@ -91,7 +91,7 @@ branch becomes a select), weighted by ``w``; the sampled variant's saving of
 Table 7 is not reproduced by construction. Skipping the unsampled blocks with a
 ``lax.cond`` per block, where clients are not vmapped, was measured slower on
 the personalized ConvNet3 (1.08× FedAIMS-Full's round against 1.02×,
-experiments/RESULTS.md): a block's auxiliary term costs less than the branch.
+experiments/RESULTS.md at commit cc57a03): a block's auxiliary term costs less than the branch.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ The weights are unbounded: a class with one example on a client whose other
 examples are mostly another class weighs ``p(y)·|D_k|`` — up to 18 on the
 digits comparison (20 clients, Dirichlet 0.3, batch 16), a single example
 outweighing the rest of its batch. The expected loss is the intended one, but
-single steps get a high variance; experiments/RESULTS.md measures what that
+single steps get a high variance; experiments/RESULTS.md at commit cc57a03 measures what that
 costs.
 
 Assumptions: ``p`` is computed once by the server from every client's labels

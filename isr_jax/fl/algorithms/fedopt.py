@@ -26,7 +26,7 @@ README), with an initial accumulator of 0 where Algorithm 2 asks for ``≥ τ²`
 η is a per-task choice in the paper: with β1 = 0 the first step is
 ``η Δ/(|Δ| + τ)``, close to ``η`` on every coordinate whose change exceeds τ,
 which 10^{-1} makes too large for a small unnormalised network (LeNet-5 on
-digits: experiments/RESULTS.md, where the comparison uses 10^{-1.5}).
+digits: experiments/RESULTS.md at commit cc57a03, where the comparison uses 10^{-1.5}).
 """
 
 from __future__ import annotations

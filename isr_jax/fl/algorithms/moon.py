@@ -39,7 +39,7 @@ Choices where the paper leaves room:
   (papers/fedaims.txt §5.1). μ = 5 belongs to its CIFAR-10 regime of 10 local
   epochs (hundreds of local steps) per round: with one short local epoch, as in
   the digits comparison, the contrastive term outweighs the supervised loss for
-  the first rounds and training starts late (experiments/RESULTS.md).
+  the first rounds and training starts late (experiments/RESULTS.md at commit cc57a03).
   ``μ = 0`` is FedAvg exactly.
 * One negative (the previous model), the paper's default buffer size of 1.
 
