@@ -19,7 +19,7 @@ import pytest
 from test_train import tiny
 
 from isr_jax import metric_writer, workdir
-from isr_jax.config import default_config, resume_changes
+from isr_jax.config import default_config, resume_changes, saved_config, validate
 from isr_jax.data import load_dataset
 from isr_jax.errors import ConfigError, WorkdirBusy, WorkdirError
 from isr_jax.metric_writer import read_metrics
@@ -322,3 +322,17 @@ def test_a_second_run_on_the_same_workdir_is_one_line_and_writes_nothing(tmp_pat
     holder.wait()
   with workdir.exclusive(str(tmp_path)):
     pass
+
+
+def test_a_config_saved_before_newer_settings_is_rebuilt_as_that_run_computed():
+  saved = json.loads(default_config().to_json_best_effort())
+  del saved["isr"]["decouple_adapters"]
+  del saved["fl"]["fedaims"]["absent_classes"]
+  del saved["logging"]  # a whole section the file predates: today's defaults
+  config = saved_config(saved)
+  validate(config)
+  assert config.isr.decouple_adapters is False  # SETTINGS_ADDED_LATER: what the run computed
+  assert config.fl.fedaims.absent_classes == "zero"
+  assert config.logging.progress is True
+  as_json = lambda c: json.loads(c.to_json_best_effort())  # noqa: E731
+  assert as_json(saved_config(as_json(default_config()))) == as_json(default_config())
