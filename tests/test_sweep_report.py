@@ -267,8 +267,10 @@ def test_isr_gap_tables_on_synthetic_records(tmp_path):
   assert "| no ISR | 90.10 ± 0.25 | 70.20 ± 0.50 |" in blocks["isr_gap/accuracy_final"]
   row = next(line for line in blocks["isr_gap/gap"].splitlines() if "decoupled" in line)
   assert row == ("| #C = 2 | decoupled, α = 0.1 | 16.90 ± 0.25 | +3.00 ± 0.00 | -1.00 ± 0.00 | "
-                 "+2.00 ± 0.00 | shrank (FL rose) |")
-  assert "shrinks the gap by 3.00 ± 0.00 points" in blocks["isr_gap/findings"]
+                 "+2.00 ± 0.00 | shrank, FL rose |")
+  assert blocks["isr_gap/findings"] == (
+      "- #C = 2, decoupled, α = 0.1: the gap shrinks by 3.00 ± 0.00 points (CL -1.00 ± 0.00, "
+      "FL +2.00 ± 0.00): shrank, FL rose.")
 
 
 def test_runner_marks_a_diverged_run_skips_it_and_retries_on_request(tmp_path, monkeypatch,

@@ -54,6 +54,10 @@ def _gap_by_seed(cl: list[dict], fl: list[dict]) -> dict[int, float]:
   return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
 
 
+def _abs_interval(iv: Interval) -> Interval:
+  return iv._replace(mean=abs(iv.mean))
+
+
 def _train_test(runs: list[dict], tap: str) -> str:
   """The adapter's accuracy (%) on the training batches, and on the test split if measured."""
   train = percent(interval(runs, f"train/mi_accuracy/{tap}"))
@@ -62,15 +66,16 @@ def _train_test(runs: list[dict], tap: str) -> str:
 
 
 def _verdict(change: Interval, fl_change: Interval) -> str:
+  """What the gap's change says, given what FL's own accuracy did (both paired by seed)."""
   if change.n < 2:
     return "one seed"
   if not change.excludes_zero:
     return "not resolved"
-  if change.mean > 0 and fl_change.mean < 0:
+  if change.mean < 0:
+    return "grew" + (", FL fell" if fl_change.excludes_zero and fl_change.mean < 0 else "")
+  if fl_change.mean < 0:
     return "shrank, **both ends fell**"
-  if change.mean > 0:
-    return "shrank" + (" (FL rose)" if fl_change.excludes_zero else "")
-  return "grew"
+  return "shrank, FL rose" if fl_change.excludes_zero else "shrank, FL not resolved"
 
 
 def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
@@ -101,16 +106,17 @@ def gap_blocks(records: list[dict], figures: str) -> dict[str, str]:
           "–" if v == "none" else percent(change, signed=True),
           "–" if v == "none" else percent(cl_change, signed=True),
           "–" if v == "none" else percent(fl_change, signed=True), verdict])
-      if v != "none" and change.excludes_zero and change.mean > 0 and fl_change.mean > 0:
+      if v != "none" and change.excludes_zero:
         findings.append(
-            f"- {SKEW_NAMES.get(s, s)}: {VARIANT_NAMES.get(v, v)} shrinks the gap by "
-            f"{percent(change)} points (FL {percent(fl_change, signed=True)}).")
+            f"- {SKEW_NAMES.get(s, s)}, {VARIANT_NAMES.get(v, v)}: the gap "
+            f"{'shrinks' if change.mean > 0 else 'grows'} by {percent(_abs_interval(change))} "
+            f"points (CL {percent(cl_change, signed=True)}, FL "
+            f"{percent(fl_change, signed=True)}): {verdict}.")
   gap = markdown_table(
       ["skew", "ISR", "gap D = CL − FL", "D_none − D (shrink > 0)", "CL vs none",
        "FL vs none", "reading"], gap_rows)
   if not findings:
-    findings.append("- No variant shrinks the gap with FL rising and an interval that "
-                    "excludes zero, on any skew.")
+    findings.append("- No variant changes the gap by more than its interval, on any skew.")
 
   taps = sorted({k.split("/", 2)[2] for r in records for k in r.get("final", {})
                  if k.startswith("train/mi_accuracy/")})
