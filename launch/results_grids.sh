@@ -10,8 +10,8 @@
 # Stopped and started again, every run resumes from its checkpoint. At the end
 # the measurements that read finished models run (FedSoL's flatness, the ISR
 # diagnostics), each sweep's records go to experiments/results/ and
-# experiments/RESULTS.md is rebuilt from them. ISR_TAPS_ALPHA (default 0.1) is
-# the α of the tap-placement sweep.
+# experiments/RESULTS.md is rebuilt from them. ISR_TAPS_ALPHA (default 0.03, the
+# decoupled α that cost FL least in isr_gap) is the α of the tap-placement sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs}
@@ -24,7 +24,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 spec() {  # sweep name -> the --sweep argument
   case "$1" in
     isr_gap) echo experiments/sweeps/isr_gap.py ;;
-    isr_taps) echo "experiments/sweeps/isr_gap.py:taps,a${ISR_TAPS_ALPHA:-0.1}" ;;
+    isr_taps) echo "experiments/sweeps/isr_gap.py:taps,a${ISR_TAPS_ALPHA:-0.03}" ;;
     fedsol) echo experiments/sweeps/fedsol.py ;;
     fedaims) echo experiments/sweeps/fedaims.py ;;
     fedaims_dir01) echo experiments/sweeps/fedaims.py:dir01 ;;
