@@ -1,9 +1,10 @@
 """Semantic segmentation end to end (experiments/configs/segmentation.py on
-synthetic_streets): one round of every segmentation model ± ISR, of CL mode and of hybrid
-mode on a Dirichlet-over-dominant-class partition through
-``train_and_evaluate``; and one round of every registered FL algorithm on dense
-labels through the engine, with a tiny dense model (the algorithms' dense-label
-paths are what is tested there; the model families are tested above).
+synthetic_streets): one FL round of every segmentation model with ISR and one hybrid
+round on a Dirichlet-over-dominant-class partition through ``train_and_evaluate``
+(CL and FL with and without ISR run in test_drivers.py's segmentation grid); and
+one round of every registered FL algorithm on dense labels through the engine, with
+a tiny dense model (the algorithms' dense-label paths are what is tested there; the
+model families are tested above).
 
 Every ``train_and_evaluate`` run is one round of a CPU-sized setting (32×64
 images, 8 training images in 2 cities = 2 clients, one local step, XLA
@@ -98,12 +99,11 @@ def check_run(m, isr):
   assert any(k.startswith("train/ne/") for k in m) == isr, sorted(m)
 
 
-# Every family with ISR (its taps, adapters and all); without ISR the default
-# family only: the plain loss is a part of the ISR one.
-@pytest.mark.parametrize(("model", "isr"), [
-    *((model, True) for model in MODELS), (DEFAULTS["model"], False)])
-def test_one_fl_round_per_model(seg_run, model, isr):
-  check_run(seg_run(model=model, isr=isr), isr)
+# Every family with ISR (its taps, adapters and all); the plain loss is a part of the
+# ISR one, and test_drivers.py's segmentation grid runs DeepLabv3+ without it.
+@pytest.mark.parametrize("model", MODELS)
+def test_one_fl_round_per_model(seg_run, model):
+  check_run(seg_run(model=model), isr=True)
 
 
 class TinySeg(nnx.Module):
@@ -169,10 +169,6 @@ def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
   assert (m["comm/up_bytes"], m["comm/down_bytes"]) == (2 * up, 2 * down)
   for leaf in jax.tree.leaves(state.params):
     assert bool(jnp.all(jnp.isfinite(leaf)))
-
-
-def test_one_round_of_cl_with_isr(seg_run):
-  check_run(seg_run(mode="cl"), isr=True)
 
 
 def test_one_hybrid_round_on_a_dirichlet_partition(seg_run):
