@@ -251,6 +251,14 @@ def test_section_builders_on_synthetic_records(tmp_path):
   assert "| fedprox | 90.05 ± 0.64 | 91.05 ± 0.64 | +1.00 ± 0.00 |" in z["zoo/table"]
   assert "**4/8**" in z["zoo/summary"] and "higher with ISR for fedprox" in z["zoo/summary"]
 
+  taps = [fake_record("isr_taps_a0.1", "isr_taps", {"grid": "a0.1", "taps": t}, s,
+                      {"test/accuracy": 0.70 - 0.02 * (t == "middle1") + 0.001 * s,
+                       **({"train/mi_accuracy/conv2": 0.75} if t != "none" else {})})
+          for t in ("none", "middle1") for s in (0, 1)]
+  t = BUILDERS["isr_taps"](taps, str(tmp_path))["isr_taps_a0.1/table"].splitlines()
+  assert t[2] == "| no ISR | 69.05 ± 0.64 | – | – |"
+  assert t[3] == "| middle1 | 67.05 ± 0.64 | -2.00 ± 0.00 | `conv2` 75.00 ± 0.00 |"
+
 
 def test_isr_gap_tables_on_synthetic_records(tmp_path):
   """CL 90 % everywhere; FL 70 % without ISR, 72 % with it (seed by seed), CL with ISR 89 %:

@@ -177,14 +177,18 @@ def taps_blocks(records: list[dict], figures: str) -> dict[str, str]:
   """Where ISR supervises: FL accuracy and adapter accuracy per tap preset."""
   del figures
   rows = []
+  none = by_seed(select(records, taps="none"), ACC, LATE)
   for label in labels_of(records, "taps"):
     runs = select(records, taps=label)
     taps = sorted({k.split("/", 2)[2] for r in runs for k in r.get("final", {})
                    if k.startswith("train/mi_accuracy/")})
     adapter = ", ".join(
         f"`{t}` {percent(interval(runs, f'train/mi_accuracy/{t}'))}" for t in taps)
-    rows.append([label, percent(interval(runs, ACC, LATE)), adapter])
+    change = ("–" if label == "none" else
+              percent(paired_difference(by_seed(runs, ACC, LATE), none), signed=True))
+    rows.append(["no ISR" if label == "none" else label, percent(interval(runs, ACC, LATE)),
+                 change, adapter or "–"])
   table = markdown_table(["taps (placement, count)", "FL #C = 2 accuracy (last 3 evaluations)",
-                          "adapter accuracy per tap (train)"], rows)
+                          "− no ISR (paired)", "adapter accuracy per tap (train)"], rows)
   sweep = records[0]["sweep"]
   return {f"{sweep}/setup": provenance(records), f"{sweep}/table": table}

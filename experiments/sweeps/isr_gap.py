@@ -17,7 +17,8 @@ label skews, each without ISR and with five ISR variants, 3 seeds:
 
 ``taps``: where ISR supervises — 1, 2 or 3 taps with 1-base spacing, placed at
 the input end, the middle or the output end of LeNet-5's six taps — with
-decoupled adapters at α = 0.1 (``taps,a0.3`` for another α) on #C = 2, 2 seeds.
+decoupled adapters at α = 0.1 (``taps,a0.3`` for another α) on #C = 2, 2 seeds,
+beside ISR off on the same seeds.
 ``local`` shrinks everything to seconds (digits, 3 rounds, one seed).
 """
 
@@ -43,10 +44,12 @@ VARIANTS = axis("isr", {
     "ne": isr_variant(0.0),
 })
 
+# ``none`` (ISR off, the same seeds) is the reference each placement is paired with.
 TAPS = axis("taps", {
-    f"{placement}{count}": {"isr.num_taps": count, "isr.spacing": 1,
-                            "isr.placement": placement}
-    for count in (1, 2, 3) for placement in ("input", "middle", "output")})
+    "none": {"isr.enabled": False},
+    **{f"{placement}{count}": {"isr.num_taps": count, "isr.spacing": 1,
+                               "isr.placement": placement}
+       for count in (1, 2, 3) for placement in ("input", "middle", "output")}})
 
 
 def get_sweep(arg: str = ""):
