@@ -56,6 +56,20 @@ def _tfds_temp_dirs_under_pytest(tmp_path_factory):
   tempfile.tempdir = previous
 
 
+@pytest.fixture(autouse=True)
+def _no_learning_curve_figures(request, monkeypatch):
+  """Runs trained in this process draw no ``learning_curves.png``, except under
+  ``@pytest.mark.figures``.
+
+  Drawing the figure is about a second of matplotlib at the end of every
+  ``train_and_evaluate`` (layout and PNG encoding), and the suite trains about a
+  hundred runs in-process; the tests marked ``figures`` check the figure, and the
+  drivers run in subprocesses still draw theirs.
+  """
+  if request.node.get_closest_marker("figures") is None:
+    monkeypatch.setattr("isr_jax.train._plot", lambda workdir: None)
+
+
 @pytest.fixture
 def mock_tfds(monkeypatch):
   """``tfds.testing.mock_data`` with a repaired batched read; no TensorFlow needed.

@@ -53,6 +53,7 @@ def isr_jax_info(caplog):
   return caplog
 
 
+@pytest.mark.figures
 def test_a_run_reports_progress_tensorboard_and_curves(tmp_path, isr_jax_info):
   config = tiny("fl", num_rounds=3, checkpoint_every=2)
   train_and_evaluate(config, str(tmp_path))
@@ -87,6 +88,7 @@ def test_a_run_reports_progress_tensorboard_and_curves(tmp_path, isr_jax_info):
   assert_tensorboard_matches_jsonl(tmp_path)
 
 
+@pytest.mark.figures
 def test_reporting_can_be_switched_off(tmp_path, isr_jax_info):
   config = tiny("cl", num_rounds=1, **{"logging.progress": False, "logging.tensorboard": False,
                                        "logging.plots": False})
