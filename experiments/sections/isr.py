@@ -178,7 +178,8 @@ def taps_blocks(records: list[dict], figures: str) -> dict[str, str]:
   del figures
   rows = []
   none = by_seed(select(records, taps="none"), ACC, LATE)
-  for label in labels_of(records, "taps"):
+  labels = labels_of(records, "taps")
+  for label in sorted(labels, key=lambda label: label != "none"):  # the reference first
     runs = select(records, taps=label)
     taps = sorted({k.split("/", 2)[2] for r in runs for k in r.get("final", {})
                    if k.startswith("train/mi_accuracy/")})
