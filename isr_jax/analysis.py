@@ -1,4 +1,4 @@
-"""Quantities the papers report, computed from results (papers/omniisr.txt §3.3–§4; SPEC §3)."""
+"""Quantities the papers report, computed from results (papers/omniisr.txt §3.3–§4; methods §3)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def paired_wins(
 
 def escape_time_bound(*, eta: float, gamma: float, c0: float, radius: float, y0: float,
                       b_eff: float, sigma_eff: float, delta: float) -> float:
-  """Theorem 6 (Eq. 21) saddle-escape bound, with SPEC §3's reading of the radicals.
+  """Theorem 6 (Eq. 21) saddle-escape bound, with methods §3's reading of the radicals.
 
   ``T_esc(δ) ≤ (1/(ηγ)) · ln(C_0 R / (y_0 − η C_B − η C_σ(δ)))`` with
   ``C_B = B_eff/γ`` and ``C_σ(δ) = σ_eff · sqrt(ln(2/δ) / (ηγ))``. Returns NaN

@@ -123,7 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.num_devices = 0  # 0 = every device; sampled clients are sharded over them
   c.fl.measure_heterogeneity = False  # log H_t (OmniISR Eq. 13): one extra grad per client
   c.fl.unroll = 1
-  # Personalized-FL protocol (SPEC §4): every client's own model on a held-out part
+  # Personalized-FL protocol (methods §4): every client's own model on a held-out part
   # of its own data. "auto": on for the personalized algorithms (FedAIMS, FedPer, ...).
   # The held-out splits are batched by min(dataset.batch_size, eval_batch_size).
   c.fl.personalized_eval = "auto"

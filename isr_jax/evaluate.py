@@ -1,4 +1,4 @@
-"""Test-set evaluation of the global model (SPEC §5)."""
+"""Test-set evaluation of the global model (methods §5)."""
 
 from __future__ import annotations
 

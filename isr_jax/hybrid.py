@@ -1,4 +1,4 @@
-"""Hybrid CL–FL rounds (papers/omniisr.txt Eq. 9, Algorithm 1 lines 36–42; SPEC §2).
+"""Hybrid CL–FL rounds (papers/omniisr.txt Eq. 9, Algorithm 1 lines 36–42; methods §2).
 
 Both sides are expressed as parameter displacements from ``θ_t``:
 ``Δ_CL = θ_t − θ_cloud`` (``cloud_steps`` local-optimizer steps on cloud
@@ -8,7 +8,7 @@ The server optimizer is fed ``α_t Δ_CL + (1 − α_t) Δ_FL``; with SGD at rat
 this is exactly Eq. 9, ``θ_{t+1} = θ_t − η_t(α_t g_CL + (1 − α_t) g_FL)``.
 Adapters are mixed the same way (they are part of ``params``).
 
-The identities of SPEC §2 hold on the whole :class:`TrainState`, not only on
+The identities of methods §2 hold on the whole :class:`TrainState`, not only on
 the parameters:
 
 * ``α_t = 0``: exactly the FL algorithm's round (params, server optimizer

@@ -1,6 +1,6 @@
 """The OmniISR objective: output CE, MI supervision, negative entropy (papers/omniisr.txt §3.1).
 
-Every term is normalised the same way (SPEC §1): the mean over valid positions,
+Every term is normalised the same way (methods §1): the mean over valid positions,
 where a position is an example (classification, ``[B, C]`` features) or a pixel
 / token (dense features, dense labels). Positions whose example is masked out
 (padding in a packed client batch) or whose label equals ``ignore_index`` are

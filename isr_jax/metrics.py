@@ -1,4 +1,4 @@
-"""Confusion-matrix metrics (SPEC §5), accumulated on device.
+"""Confusion-matrix metrics (methods §5), accumulated on device.
 
 A confusion matrix ``cm[true, pred]`` is summed over batches (classification
 examples or segmentation pixels); every metric is a pure function of it:

@@ -196,7 +196,7 @@ def split_cloud(
 def split_clients(
     client_indices: list[np.ndarray], labels: np.ndarray, test_fraction: float, *, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Splits every client's own examples into train and test (personalized FL, SPEC §4).
+  """Splits every client's own examples into train and test (personalized FL, methods §4).
 
   Stratified: a client's examples are shuffled (seeded per client), stably
   ordered by label, and every ``1/test_fraction``-th one of that order goes to

@@ -8,7 +8,7 @@ sampled) and the scan walks ``T`` steps of ``B`` slot indices:
 * epochs mode (``local_steps == 0``): ``E`` independent permutations, ``T = E·S``;
   a client with fewer than ``S`` batches gets all-padding steps at the end of
   each epoch, and a step whose batch is all padding leaves params and optimizer
-  state exactly as they were (uneven clients, SPEC §2);
+  state exactly as they were (uneven clients, methods §2);
 * steps mode (``local_steps = T``): one permutation per round, cycled, so every
   step is a full batch of real examples ("shuffle, repeat, batch").
 """

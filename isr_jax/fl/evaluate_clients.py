@@ -1,4 +1,4 @@
-"""Personalized evaluation: every client's own model on its own test split (SPEC §4).
+"""Personalized evaluation: every client's own model on its own test split (methods §4).
 
 The personalized-FL protocol of FedAIMS §5 (and PFLlib / FL-bench): each client
 holds out part of its own partition; the accuracy of client ``i``'s

@@ -311,12 +311,12 @@ ALGORITHMS: dict[str, Entry] = {
         check_number(config.fl.fedgau.gamma, "fl.fedgau.gamma", low=0))),
     # -- entries: personalized baselines of FedAIMS Table 2 (Ditto, FedRoD, FedALA) --
     # Ditto (Li, Hu, Beirami, Smith, ICML 2021, Algorithm 1): λ = 0.1 and E_p = 5
-    # personal epochs per round, FedAIMS's settings (papers/fedaims.txt §5.1, SPEC §4).
+    # personal epochs per round, FedAIMS's settings (papers/fedaims.txt §5.1, methods §4).
     "ditto": Entry(dict(lam=0.1, personal_epochs=5), lambda config: ditto(
         check_number(config.fl.ditto.lam, "fl.ditto.lam", low=0),
         _count(config, "ditto", "personal_epochs"))),
     # FedRoD (Chen & Chao, ICLR 2022): E_p = 5 epochs of personalized-head training
-    # per round (papers/fedaims.txt §5.1, SPEC §4); the generic model trains the
+    # per round (papers/fedaims.txt §5.1, methods §4); the generic model trains the
     # round's epochs on the balanced softmax.
     "fedrod": Entry(dict(personal_epochs=5), lambda config: fedrod(
         _count(config, "fedrod", "personal_epochs"))),
@@ -357,7 +357,7 @@ ALGORITHMS: dict[str, Entry] = {
     "fedbabu": Entry(dict(finetune_epochs=5, finetune_part="all"), lambda config: fedbabu(
         _count(config, "fedbabu", "finetune_epochs", low=0),
         _one_of(config.fl.fedbabu.finetune_part, FINETUNE_PARTS, "fl.fedbabu.finetune_part"))),
-    # -- entries: FedAIMS (papers/fedaims.txt §4, SPEC §4 readings) --
+    # -- entries: FedAIMS (papers/fedaims.txt §4, methods §4) --
     # μ = 1 (§5.1, picked from {0.01, ..., 5} in §5.3.1); λ = None means 1/m (Eq. 12);
     # h = 64 and no σ^m: Table 8's adapter storage (ResNet-18 0.49 MiB, EMNIST
     # ConvNet 0.06 MiB), see isr_jax/fl/algorithms/fedaims.py; flattened blocks

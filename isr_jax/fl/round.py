@@ -46,7 +46,7 @@ class FLSpec(NamedTuple):
     local_steps: fixed local steps per client (0 = epochs mode).
     parallelism: ``auto``, ``vmap``, ``chunked`` or ``sequential``.
     chunk_size: clients per chunk for ``chunked``.
-    aggregate_adapters: average the ISR adapters (SPEC §2); else they are personal.
+    aggregate_adapters: average the ISR adapters (methods §2); else they are personal.
     unroll: ``lax.scan`` unroll of the local steps.
     num_clients: clients to sample from (0 = every row of the data). Rows past it
       are padding added to fill the mesh.

@@ -29,7 +29,7 @@ round at wd 1e-4, momentum 0.9), so they are frozen through the trainer's
 ``trainable`` hook with the per-client flag ``w_j > 0``, a traced boolean. Full
 freezes nothing.
 
-Readings where the paper is silent (SPEC §4, followed as written):
+Readings where the paper is silent (methods §4, followed as written):
 
 * Blocks: the model's taps in block order, block m = the last tap (the head's
   input, ``problem.representation``); ``blocks`` picks a subset (it must end at
@@ -80,7 +80,7 @@ with ``C_g^m`` itself, Eq. 5): ResNet-18 (D_m = 512) with σ^1..σ^3 mapping to 
 and TinyImageNet value; EMNIST's 3-layer ConvNet (64 channels) with σ^1, σ^2 at
 h = 64 holds 16,640 floats = 0.06 MiB, as printed. ``adapt_last=True`` adds a
 σ^m (D_m→h→D_m) to ``R^m``. The same arithmetic says the paper pooled its
-blocks (σ outputs ``C_j`` channels), i.e. ``pool=True``; SPEC's default is the
+blocks (σ outputs ``C_j`` channels), i.e. ``pool=True``; the library's default is the
 flattened map.
 
 Memory: each client keeps its σ's and L_CE^j classifiers, and (sampled variant)

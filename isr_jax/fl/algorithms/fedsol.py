@@ -22,7 +22,7 @@ is set to exactly 0, so ``ε = 0``. The computed gradient is *not* exactly zero
 there under ``jax.jit``: ``z_k`` and ``z_g`` come from two separately compiled
 forward passes and differ by rounding (~1e-9 in ``g_p`` on LeNet-5), and
 normalising that noise would give a full ρ-sized step in a random direction
-(SPEC §4: no perturbation on the first step). A tolerance on ``‖g_p‖`` could not
+(methods §4: no perturbation on the first step). A tolerance on ``‖g_p‖`` could not
 tell noise from a genuinely small gradient for every model and scale; the
 predicate compares parameters bit for bit, which rounding cannot fool.
 """
