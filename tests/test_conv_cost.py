@@ -11,7 +11,8 @@ from flax import nnx
 from jax import lax
 from support import driver_env
 
-from isr_jax.models import create_model, layers
+from isr_jax.models import create_model
+from isr_jax.nn.conv import Conv
 
 torch = pytest.importorskip("torch")
 from benchmarks import conv_cost, torch_baseline  # noqa: E402  (skip without torch)
@@ -36,14 +37,14 @@ def test_table_of_convolutions_is_what_the_models_build(monkeypatch):
   # CONVS is written out by hand; every entry must be the model's own layer at 28×28×1,
   # with the input it sees there and an output of the same size.
   seen = {}
-  convolve = layers.Conv.convolve
+  convolve = Conv.convolve
 
   def recording(self, x):
     y = convolve(self, x)
     seen.setdefault(current, []).append((x.shape[1:], self.kernel.shape, y.shape[1:3]))
     return y
 
-  monkeypatch.setattr(layers.Conv, "convolve", recording)
+  monkeypatch.setattr(Conv, "convolve", recording)
   for current, options in (("fedavg_cnn", {}), ("lenet5", {}), ("convnet3", {"width": 32})):
     model = create_model(current, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(0),
                          **options)

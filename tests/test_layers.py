@@ -1,4 +1,5 @@
-"""Convolution lowerings (canonical-backward, banded, dense) and the ``auto`` policy."""
+"""isr_jax.nn: convolution lowerings (canonical-backward, banded, dense) and the ``auto``
+policy; matmul and linear; max-pool gradients; CPU compiler options."""
 
 import itertools
 
@@ -10,15 +11,18 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from isr_jax.models import layers
-from isr_jax.models.layers import (
+from isr_jax.nn import lowering
+from isr_jax.nn.compiler import xla_compiler_options
+from isr_jax.nn.conv import (
     Conv,
     conv2d_banded,
     conv2d_canonical,
     conv2d_dense,
     conv_padding,
-    resolve_conv_impl,
 )
+from isr_jax.nn.dense import linear, matmul
+from isr_jax.nn.lowering import resolve_conv_impl
+from isr_jax.nn.pooling import max_pool
 
 
 def _window_fits(size, k, stride, dilation, padding):
@@ -71,26 +75,27 @@ def test_auto_policy_on_cpu():
   assert resolve_conv_impl("auto", "chunked") == "matmul"
   assert resolve_conv_impl("auto", "sequential") == "auto"  # decided per layer
   assert resolve_conv_impl("xla", "vmap") == "xla"
-  assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS) == "im2col"
-  assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1) == "xla_cpu"
-  assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, dense_applies=True) == "dense"
-  assert layers._auto_impl(layers.IM2COL_MAX_PATCH_ELEMENTS + 1, banded_applies=True) == "banded"
+  assert lowering._auto_impl(lowering.IM2COL_MAX_PATCH_ELEMENTS) == "im2col"
+  assert lowering._auto_impl(lowering.IM2COL_MAX_PATCH_ELEMENTS + 1) == "xla_cpu"
+  assert lowering._auto_impl(lowering.IM2COL_MAX_PATCH_ELEMENTS + 1, dense_applies=True) == "dense"
+  assert lowering._auto_impl(lowering.IM2COL_MAX_PATCH_ELEMENTS + 1,
+                             banded_applies=True) == "banded"
   # Narrow inputs (1–6 channels, stride 1) are banded; strided, dilated, grouped
   # and wider-input convolutions are not.
-  assert layers._banded_applies((5, 5, 1, 32), (1, 1), (1, 1), groups=1)
-  assert layers._banded_applies((3, 3, 3, 64), (1, 1), (1, 1), groups=1)
-  assert layers._banded_applies((5, 5, 6, 16), (1, 1), (1, 1), groups=1)  # LeNet-5's conv2
-  assert not layers._banded_applies((3, 3, 8, 8), (1, 1), (1, 1), groups=1)
-  assert not layers._banded_applies((5, 5, 32, 64), (1, 1), (1, 1), groups=1)
-  assert not layers._banded_applies((7, 7, 3, 64), (2, 2), (1, 1), groups=1)
-  assert not layers._banded_applies((3, 3, 3, 8), (1, 1), (2, 2), groups=1)
-  assert not layers._banded_applies((3, 3, 1, 3), (1, 1), (1, 1), groups=3)
+  assert lowering._banded_applies((5, 5, 1, 32), (1, 1), (1, 1), groups=1)
+  assert lowering._banded_applies((3, 3, 3, 64), (1, 1), (1, 1), groups=1)
+  assert lowering._banded_applies((5, 5, 6, 16), (1, 1), (1, 1), groups=1)  # LeNet-5's conv2
+  assert not lowering._banded_applies((3, 3, 8, 8), (1, 1), (1, 1), groups=1)
+  assert not lowering._banded_applies((5, 5, 32, 64), (1, 1), (1, 1), groups=1)
+  assert not lowering._banded_applies((7, 7, 3, 64), (2, 2), (1, 1), groups=1)
+  assert not lowering._banded_applies((3, 3, 3, 8), (1, 1), (2, 2), groups=1)
+  assert not lowering._banded_applies((3, 3, 1, 3), (1, 1), (1, 1), groups=3)
   # LeNet-5's conv2 on 8×8 digits (a 4×4 map, 5×5 kernel, 6 -> 16 channels) is dense;
   # its conv1 (8×8 map), grouped convolutions and oversized matrices are not.
-  assert layers._dense_applies((4, 4), (5, 5, 6, 16), (4, 4), groups=1)
-  assert not layers._dense_applies((8, 8), (5, 5, 1, 6), (8, 8), groups=1)
-  assert not layers._dense_applies((3, 3), (3, 3, 1, 8), (3, 3), groups=8)
-  assert not layers._dense_applies((3, 3), (3, 3, 512, 512), (3, 3), groups=1)
+  assert lowering._dense_applies((4, 4), (5, 5, 6, 16), (4, 4), groups=1)
+  assert not lowering._dense_applies((8, 8), (5, 5, 1, 6), (8, 8), groups=1)
+  assert not lowering._dense_applies((3, 3), (3, 3, 1, 8), (3, 3), groups=8)
+  assert not lowering._dense_applies((3, 3), (3, 3, 512, 512), (3, 3), groups=1)
   with pytest.raises(ValueError, match=r"model\.conv_impl='fast' is not one of"):
     resolve_conv_impl("fast")
 
@@ -104,20 +109,20 @@ def _grads(f, *args):
 def test_matmul_has_the_products_gradients_alone_and_vmapped(x_shape):
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
   w = jax.random.normal(jax.random.PRNGKey(1), (7, 3))
-  np.testing.assert_allclose(layers.matmul(x, w), x @ w, rtol=1e-6)
-  for a, b in zip(_grads(layers.matmul, x, w), _grads(jnp.matmul, x, w), strict=True):
+  np.testing.assert_allclose(matmul(x, w), x @ w, rtol=1e-6)
+  for a, b in zip(_grads(matmul, x, w), _grads(jnp.matmul, x, w), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Under vmap (clients), as in a round: one kernel per client.
   xs, ws = jnp.stack([x, -2 * x]), jnp.stack([w, w + 1])
   per_client = lambda f: jax.vmap(lambda x, w: _grads(f, x, w))
-  for a, b in zip(per_client(layers.matmul)(xs, ws), per_client(jnp.matmul)(xs, ws),
+  for a, b in zip(per_client(matmul)(xs, ws), per_client(jnp.matmul)(xs, ws),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_is_nnx_linear_with_the_same_parameters():
   x = jax.random.normal(jax.random.PRNGKey(2), (4, 6))
-  ours, ref = layers.linear(6, 5, rngs=nnx.Rngs(3)), nnx.Linear(6, 5, rngs=nnx.Rngs(3))
+  ours, ref = linear(6, 5, rngs=nnx.Rngs(3)), nnx.Linear(6, 5, rngs=nnx.Rngs(3))
   chex.assert_trees_all_equal(nnx.state(ours, nnx.Param), nnx.state(ref, nnx.Param))
   np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6)
 
@@ -143,7 +148,7 @@ def test_max_pool_gradient_shares_ties_like_jax(window, stored_input):
   oh, ow = 7 // window, 9 // window
   ref = lambda x: x[:, : oh * window, : ow * window].reshape(
       2, oh, window, ow, window, 3).max(axis=(2, 4))
-  pool = lambda x: layers.max_pool(x, window, stored_input=stored_input)
+  pool = lambda x: max_pool(x, window, stored_input=stored_input)
   np.testing.assert_array_equal(pool(x), ref(x))
   for a, b in zip(_grads(pool, x), _grads(ref, x), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -158,7 +163,7 @@ def test_max_pool_gradient_shares_ties_like_jax(window, stored_input):
 
 
 def test_cpu_rounds_compile_convolutions_for_eigen():
-  options = layers.xla_compiler_options()
+  options = xla_compiler_options()
   assert options == {"xla_cpu_experimental_ynn_fusion_type":
                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
   x, w = jnp.ones((8, 14, 14, 32)), jnp.ones((5, 5, 32, 64))  # the FedAvg CNN's conv2

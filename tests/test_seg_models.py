@@ -19,8 +19,9 @@ from flax import nnx
 
 from isr_jax.errors import ConfigError
 from isr_jax.losses import cross_entropy
-from isr_jax.models import MODELS, Conv, create_model, model_options
+from isr_jax.models import MODELS, create_model, model_options
 from isr_jax.models.seg_layers import adaptive_avg_pool, resize
+from isr_jax.nn.conv import Conv
 
 B, K = 2, 5
 SHAPE = (64, 64, 3)

@@ -23,18 +23,10 @@ from flax import nnx
 from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import ConvNet, ConvNet3, ConvNet4, FedAvgCNN, LeNet5
 from isr_jax.models.deeplab import DeepLabV3Plus
-from isr_jax.models.layers import (
-    CONV_IMPLS,
-    Conv,
-    avg_pool,
-    global_avg_pool,
-    group_norm,
-    max_pool,
-    resolve_conv_impl,
-)
 from isr_jax.models.resnet import BasicBlock, ResNet18, ResNetBackbone
 from isr_jax.models.seaformer import SeaFormer
 from isr_jax.models.topformer import TopFormer
+from isr_jax.nn.lowering import CONV_IMPLS
 
 MODELS: dict[str, type] = {
     "convnet3": ConvNet3,
@@ -85,8 +77,8 @@ def create_model(
     num_classes: number of output logits.
     input_shape: ``(H, W, C)`` of one example.
     rngs: initialisation randomness.
-    conv_impl: one of :data:`CONV_IMPLS` (see
-      :class:`isr_jax.models.layers.Conv`).
+    conv_impl: one of :data:`~isr_jax.nn.lowering.CONV_IMPLS` (see
+      :class:`isr_jax.nn.conv.Conv`).
     **options: model-specific options (e.g. ``width`` for the ConvNets,
       ``stem`` / ``width_multiplier`` for ResNet-18).
 
@@ -143,10 +135,8 @@ def build_compiled(build: Callable[..., nnx.Module], rngs: nnx.Rngs) -> nnx.Modu
 
 
 __all__ = [
-    "CONV_IMPLS",
     "MODELS",
     "BasicBlock",
-    "Conv",
     "ConvNet",
     "ConvNet3",
     "ConvNet4",
@@ -157,11 +147,6 @@ __all__ = [
     "ResNetBackbone",
     "SeaFormer",
     "TopFormer",
-    "avg_pool",
     "create_model",
-    "global_avg_pool",
-    "group_norm",
-    "max_pool",
     "model_options",
-    "resolve_conv_impl",
 ]

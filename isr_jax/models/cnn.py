@@ -7,7 +7,7 @@ one is the ``[B, D]`` input of the output layer ``self.head``: ``"features"``
 (``projection_dim > 0``, :mod:`isr_jax.models.projection`). Parameters under
 ``"head"`` are the head, everything else (the projection head too) is the body.
 
-Convolutions and pooling come from :mod:`isr_jax.models.layers` (see there for
+Convolutions and pooling come from :mod:`isr_jax.nn` (see there for
 why); normalisation is GroupNorm, so a model is exactly one ``nnx.Param`` tree.
 
 The classic architectures were drawn for 28x28 or 32x32 inputs. To also fit
@@ -25,13 +25,16 @@ import jax
 from flax import nnx
 
 from isr_jax.errors import ConfigError
-from isr_jax.models.layers import Conv, group_norm, linear, max_pool
 from isr_jax.models.projection import (
-    PROJECTION_TAP,
-    check_projection_dim,
-    make_projection,
-    project,
+  PROJECTION_TAP,
+  check_projection_dim,
+  make_projection,
+  project,
 )
+from isr_jax.nn.conv import Conv
+from isr_jax.nn.dense import linear
+from isr_jax.nn.norm import group_norm
+from isr_jax.nn.pooling import max_pool
 
 
 def check_input_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
@@ -119,7 +122,7 @@ class FedAvgCNN(nnx.Module):
     hidden_units: width of the fully connected layer (512 in the paper).
     projection_dim: MOON's projection head between ``features`` and the output
       layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -184,7 +187,7 @@ class LeNet5(nnx.Module):
     input_shape: ``(H, W, C)`` of one example.
     projection_dim: MOON's projection head between ``features`` and the output
       layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -268,7 +271,7 @@ class ConvNet(nnx.Module):
     width: channels of every block (64 in the papers).
     projection_dim: MOON's projection head between ``features`` and the output
       layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 

@@ -43,9 +43,10 @@ from flax import nnx
 
 from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import check_input_shape
-from isr_jax.models.layers import Conv, global_avg_pool
 from isr_jax.models.resnet import ResNetBackbone, scaled_channels
 from isr_jax.models.seg_layers import ConvNorm, head_init, resize
+from isr_jax.nn.conv import Conv
+from isr_jax.nn.pooling import global_avg_pool
 
 OUTPUT_STRIDES = (8, 16)
 # DeepLabv3 §3.3: rates (6, 12, 18) at output stride 16, doubled at 8.
@@ -59,7 +60,7 @@ class ASPP(nnx.Module):
     in_features: backbone channels.
     out_features: channels of every branch and of the projection (256).
     rates: atrous rates of the 3x3 branches.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -96,7 +97,7 @@ class DeepLabV3Plus(nnx.Module):
     atrous_rates: ASPP rates; default ``(6, 12, 18)`` at output stride 16 and
       ``(12, 24, 36)`` at 8. On small inputs (e.g. 64x64, a 4x4 map at output
       stride 16) rates beyond the map only see padding; pass smaller ones.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
 
   Raises:

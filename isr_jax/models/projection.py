@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 
 from isr_jax.errors import ConfigError
-from isr_jax.models.layers import linear
+from isr_jax.nn.dense import linear
 
 PROJECTION_TAP = "projection"
 

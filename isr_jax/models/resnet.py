@@ -22,13 +22,16 @@ from flax import nnx
 
 from isr_jax.errors import ConfigError
 from isr_jax.models.cnn import check_input_shape
-from isr_jax.models.layers import Conv, global_avg_pool, group_norm, linear, max_pool
 from isr_jax.models.projection import (
-    PROJECTION_TAP,
-    check_projection_dim,
-    make_projection,
-    project,
+  PROJECTION_TAP,
+  check_projection_dim,
+  make_projection,
+  project,
 )
+from isr_jax.nn.conv import Conv
+from isr_jax.nn.dense import linear
+from isr_jax.nn.norm import group_norm
+from isr_jax.nn.pooling import global_avg_pool, max_pool
 
 STEMS = ("cifar", "imagenet")
 STAGE_CHANNELS = (64, 128, 256, 512)
@@ -71,7 +74,7 @@ class BasicBlock(nnx.Module):
       ``conv2``, which then sees the same context as at the lower resolution.
     zero_init_residual: start the last GroupNorm's scale at zero, so the block
       starts as its shortcut (Goyal et al. 2017).
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -136,7 +139,7 @@ class ResNetBackbone(nnx.Module):
     replace_stride_with_dilation: for stages 2, 3, 4.
     blocks_per_stage: residual blocks per stage; ``(2, 2, 2, 2)`` is ResNet-18.
     zero_init_residual: see :class:`BasicBlock`.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -244,7 +247,7 @@ class ResNet18(nnx.Module):
     zero_init_residual: see :class:`BasicBlock`.
     projection_dim: MOON's projection head between ``features`` and the output
       layer, of this output width (0 = none); see :mod:`isr_jax.models.projection`.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 

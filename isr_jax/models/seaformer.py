@@ -53,18 +53,18 @@ import numpy as np
 from flax import nnx
 
 from isr_jax.models.cnn import check_input_shape
-from isr_jax.models.layers import Conv
 from isr_jax.models.seg_layers import (
-    ConvFFN,
-    ConvNorm,
-    InvertedResidual,
-    check_variant,
-    hard_sigmoid,
-    head_init,
-    make_divisible,
-    multi_head_attention,
-    resize,
+  ConvFFN,
+  ConvNorm,
+  InvertedResidual,
+  check_variant,
+  hard_sigmoid,
+  head_init,
+  make_divisible,
+  multi_head_attention,
+  resize,
 )
+from isr_jax.nn.conv import Conv
 
 # Rows (k, t, c, s) of MobileNetV2 blocks for the five stages after the stem
 # conv (output strides 4, 8, 16, 32, 64); SeaFormer layers follow the last
@@ -144,7 +144,7 @@ class SeaAttention(nnx.Module):
     key_dim: query/key channels per head.
     num_heads: heads.
     attn_ratio: value channels per head / ``key_dim``.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -200,7 +200,7 @@ class SeaFormerLayer(nnx.Module):
     key_dim: query/key channels per head.
     num_heads: heads.
     mlp_ratio: FFN hidden channels / ``dim``.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -222,7 +222,7 @@ class Fusion(nnx.Module):
     spatial_features: channels of the spatial-branch input.
     context_features: channels of the context-branch input.
     out_features: output channels.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -252,7 +252,7 @@ class SeaFormer(nnx.Module):
     width_multiplier: scales every channel count of the variant (rounded to a
       multiple of 8).
     depth: SeaFormer layers per attention stage (default: the variant's).
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
 
   Raises:

@@ -30,7 +30,9 @@ import numpy as np
 from flax import nnx
 
 from isr_jax.errors import ConfigError
-from isr_jax.models.layers import Conv, avg_pool, group_norm
+from isr_jax.nn.conv import Conv
+from isr_jax.nn.norm import group_norm
+from isr_jax.nn.pooling import avg_pool
 
 NORMS = ("group", "layer")
 ACTIVATIONS = {
@@ -147,7 +149,7 @@ class ConvNorm(nnx.Module):
     act: ``None``, ``"relu"`` or ``"relu6"``.
     zero_init: start the norm's scale at zero (the references' ``bn_weight_init=0``
       on attention output projections, so a block starts near its shortcut).
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -202,7 +204,7 @@ class InvertedResidual(nnx.Module):
     kernel_size: depthwise kernel ``k``.
     stride: depthwise stride ``s`` (1 or 2).
     expand_ratio: expansion ``t``.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -243,7 +245,7 @@ class ConvFFN(nnx.Module):
     dim: input and output channels.
     hidden: hidden channels (``mlp_ratio * dim``).
     norm: ``"group"`` or ``"layer"``, see :class:`ConvNorm`.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 

@@ -52,19 +52,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from isr_jax.models.cnn import check_input_shape
-from isr_jax.models.layers import Conv
 from isr_jax.models.seg_layers import (
-    ConvFFN,
-    ConvNorm,
-    InvertedResidual,
-    adaptive_avg_pool,
-    check_variant,
-    hard_sigmoid,
-    head_init,
-    make_divisible,
-    multi_head_attention,
-    resize,
+  ConvFFN,
+  ConvNorm,
+  InvertedResidual,
+  adaptive_avg_pool,
+  check_variant,
+  hard_sigmoid,
+  head_init,
+  make_divisible,
+  multi_head_attention,
+  resize,
 )
+from isr_jax.nn.conv import Conv
 
 # Rows (k, t, c, s) of MobileNetV2 blocks: the block after the stem conv, then
 # the four pyramid stages (strides 4, 8, 16, 32). From hustvl/TopFormer's
@@ -112,7 +112,7 @@ class Attention(nnx.Module):
     key_dim: query/key channels per head.
     num_heads: heads.
     attn_ratio: value channels per head / ``key_dim``.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -142,7 +142,7 @@ class TransformerBlock(nnx.Module):
     dim: embedding channels.
     key_dim: query/key channels per head.
     num_heads: heads.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -162,7 +162,7 @@ class SemanticsInjection(nnx.Module):
   Args:
     in_features: channels of the local tokens and of their global semantics.
     out_features: output channels.
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
   """
 
@@ -192,7 +192,7 @@ class TopFormer(nnx.Module):
     width_multiplier: scales every channel count of the variant (rounded to a
       multiple of 8, as MobileNet's ``width_mult``).
     depth: number of transformer blocks (default: the variant's).
-    conv_impl: convolution lowering, see :class:`isr_jax.models.layers.Conv`.
+    conv_impl: convolution lowering, see :class:`isr_jax.nn.conv.Conv`.
     rngs: initialisation randomness.
 
   Raises:
