@@ -14,13 +14,12 @@ from isr_jax.data import (
     load_dataset,
     partition,
 )
-from isr_jax.data.segmentation import (
-    CAMVID_CLASSES,
-    CITYSCAPES_CLASSES,
-    SYNTHIA_SF_CLASSES,
-    cityscapes_train_ids,
-)
-from isr_jax.data.street_scenes import STREET_CLASSES, city_styles, generate_street_scenes
+from isr_jax.data.camvid import CAMVID_CLASSES
+from isr_jax.data.cityscapes import CITYSCAPES_CLASSES, cityscapes_train_ids
+from isr_jax.data.street_paints import STREET_CLASSES
+from isr_jax.data.street_scenes import generate_street_scenes
+from isr_jax.data.street_styles import city_styles
+from isr_jax.data.synthia_sf import SYNTHIA_SF_CLASSES
 from isr_jax.errors import ConfigError, DataNotFoundError
 
 K = len(STREET_CLASSES)
@@ -352,7 +351,7 @@ def test_dominant_class_hand_made():
   np.testing.assert_array_equal(dominant_class(y), [2, 0, 7, 0, 4])
   assert dominant_class(y).dtype == np.int64
   np.testing.assert_array_equal(dominant_class(y[:2], ignore_index=None), [2, 255])
-  parts = partition(dominant_class(y), 2, "dirichlet", seed=0, alpha=0.5)
+  parts = partition(dominant_class(y), 2, "dirichlet", seed=0, concentration=0.5)
   _assert_valid(parts, 5, 2)
   with pytest.raises(ConfigError, match="dominant_class"):
     dominant_class(np.zeros(5, np.int32))

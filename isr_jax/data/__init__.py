@@ -10,15 +10,9 @@ from isr_jax.data.datasets import (
     load_dataset,
     standardize_splits,
 )
+from isr_jax.data.holdout import split_clients, split_cloud
 from isr_jax.data.packing import ClientData, pack_clients
-from isr_jax.data.partition import (
-    PARTITION_METHODS,
-    PARTITIONS,
-    dominant_class,
-    partition,
-    split_clients,
-    split_cloud,
-)
+from isr_jax.data.partition import PARTITION_METHODS, PARTITIONS, dominant_class, partition
 
 __all__ = [
     "DATASETS",
