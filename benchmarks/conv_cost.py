@@ -8,7 +8,7 @@ A training step (``benchmarks.step_cost``) is three convolutions per layer: the
 forward pass, the gradient with respect to its input and the one with respect
 to its kernel. This times each of them alone, for the convolutions of the
 benchmark models at 28×28×1 (:data:`CONVS`), with every lowering of
-:class:`isr_jax.models.layers.Conv` asked for (``--impls``; ``auto`` is what the
+:class:`isr_jax.nn.conv.Conv` asked for (``--impls``; ``auto`` is what the
 models use on CPU) against PyTorch's (``conv2d`` and
 ``aten.convolution_backward``, oneDNN on CPU) in a process of its own with
 glibc's malloc tuned (:mod:`benchmarks.torch_baseline`: the stronger of its two
@@ -22,15 +22,11 @@ noise): only speed is measured.
 Operations alone are not a step: there XLA fuses a lowering's patch building
 into the kernel that produced its input, which no row here can, so the small
 layers' rows add up to more than their share of a step (benchmarks/RESULTS.md
-§7, 2026-12-04). Compare their lowerings with each other; compare with PyTorch
+§7.3). Compare their lowerings with each other; compare with PyTorch
 in ``benchmarks.step_cost``.
 """
 
 from __future__ import annotations
-
-import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +35,11 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from benchmarks.fl_round import interleaved_times
+from benchmarks.harness import interleaved_times, machine_description, table_header
 from benchmarks.torch_baseline import TorchProcess, torch_available, torch_description
-from isr_jax.models.layers import CONV_IMPLS, Conv, xla_compiler_options
+from isr_jax.nn.compiler import xla_compiler_options
+from isr_jax.nn.conv import Conv
+from isr_jax.nn.lowering import CONV_IMPLS
 
 # name: (height, width, in channels, out channels, kernel size, symmetric padding), as the
 # layer sees its input in the model at 28×28×1 (benchmarks.step_cost).
@@ -125,15 +123,12 @@ def main(argv):
   if not torch_available():
     raise app.UsageError("PyTorch is not installed: pip install -e '.[bench]'")
   impls, n = _IMPLS.value, _ITERATIONS.value
-  print(f"# Convolution cost: forward, input gradient, kernel gradient\n\nmachine: "
-        f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores usable; backend "
-        f"{jax.default_backend()}; jax {jax.__version__}; torch {torch_description()}, "
-        f"glibc malloc tuned; {time.strftime('%Y-%m-%d')}; {n} operations per call, "
-        f"{_REPEATS.value} alternating calls per row\n\n"
-        "| convolution | batch | operation | PyTorch ms | "
-        + " | ".join(f"isr_jax {impl} ms" for impl in impls)
-        + f" | {impls[0]} speed vs PyTorch (median [quartiles]) |\n"
-        + "|---" * (5 + len(impls)) + "|", flush=True)
+  print(f"# Convolution cost: forward, input gradient, kernel gradient\n\n"
+        f"{machine_description(torch_description() + ', glibc malloc tuned')}; {n} operations "
+        f"per call, {_REPEATS.value} alternating calls per row\n\n"
+        + table_header("convolution", "batch", "operation", "PyTorch ms",
+                       *(f"isr_jax {impl} ms" for impl in impls),
+                       f"{impls[0]} speed vs PyTorch (median [quartiles])"), flush=True)
   for name in _CONVS.value:
     for batch in (int(b) for b in _BATCHES.value):
       operands = conv_operands(name, batch)

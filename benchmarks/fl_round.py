@@ -22,7 +22,8 @@ Sections (each compares side by side in one run, so the table reads as ratios):
   step costs, ``sequential`` against ``chunked`` with several chunk sizes, and
   what ``auto`` runs.
 
-Within a section the rows are timed round-robin (:func:`interleaved_medians`), so
+Within a section the rows are timed round-robin
+(:func:`benchmarks.harness.interleaved_medians`), so
 the machine's drift hits every row alike. All data is synthetic (random images
 and labels): only speed is measured.
 Needs ``pip install -e '.[bench]'`` (torch==2.13.0) for the PyTorch rows; PyTorch
@@ -35,12 +36,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +47,26 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from benchmarks.harness import (
+    interleaved_medians,
+    interleaved_times,
+    jax_round_runner,
+    machine_description,
+    strategy_label,
+    table_header,
+    time_jax_round,
+)
 from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import Batch
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
-from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
+from isr_jax.fl.round import make_round
+from isr_jax.fl.spec import FLSpec
 from isr_jax.models import create_model
-from isr_jax.models.layers import resolve_conv_impl, xla_compiler_options
+from isr_jax.nn.compiler import xla_compiler_options
+from isr_jax.nn.lowering import resolve_conv_impl
 from isr_jax.objective import init_params, make_problem, split_model
-from isr_jax.state import TrainState
 from isr_jax.taps import make_isr_spec
 
 _SECTIONS = flags.DEFINE_list(
@@ -102,7 +110,8 @@ def _fedavg_problem(model_name, shape, conv_impl, taps, model_options):
   net = create_model(model_name, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0),
                      conv_impl=conv_impl, **(model_options or {}))
   graphdef, model_params = split_model(net)
-  spec = make_isr_spec(net.tap_names, enabled=taps > 0, num_taps=taps, alpha=0.1, lam=0.01)
+  spec = make_isr_spec(net.tap_names, enabled=taps > 0, num_taps=taps, mi_weight=0.1,
+                       ne_weight=0.01)
   params = init_params(graphdef, model_params, spec, num_classes=10, input_shape=shape,
                        key=jax.random.PRNGKey(1))
   return make_problem(graphdef, spec), params
@@ -131,19 +140,16 @@ def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strateg
                                       taps, model_options)
   local = optax.inject_hyperparams(optax.sgd, static_args=("momentum",))(
       learning_rate=lr, momentum=momentum)
-  server = optax.sgd(1.0)
-  fns = RoundFns(fedavg(), problem, local, lambda r: lr, server)
   steps = data.steps_per_epoch
   fl_spec = FLSpec(clients_per_round=data.num_clients, local_steps=steps, parallelism=strategy,
                    chunk_size=chunk)
-  state = TrainState(params, server.init(params), {},
-                     init_client_states(fns.algorithm, params, data, True),
-                     jax.random.PRNGKey(2), jnp.zeros((), jnp.int32), jnp.float32(0))
-  step = jax.jit(functools.partial(fl_round, fns=fns, spec=fl_spec), donate_argnums=0,
-                 compiler_options=None if xla_defaults else xla_compiler_options())
+  # FedAvg: the server applies the mean update as it is (SGD at 1, make_round's default).
+  fl = make_round(fedavg(), problem, fl_spec, local_optimizer=local, local_lr=lr)
+  state = fl.init(params, data, jax.random.PRNGKey(2))
+  step = fl.jit(donate=True, compiler_options=None if xla_defaults else xla_compiler_options())
 
   def one_local_step(p, o, x, y):
-    g, _ = jax.grad(fns.problem.loss, has_aux=True)(p, Batch(x, y, jnp.ones(y.shape, bool)))
+    g, _ = jax.grad(problem.loss, has_aux=True)(p, Batch(x, y, jnp.ones(y.shape, bool)))
     u, o = local.update(g, o, p)
     return optax.apply_updates(p, u), o
 
@@ -152,57 +158,6 @@ def jax_setup(model_name, shape, data, *, taps=0, lr=0.01, momentum=0.9, strateg
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", float("nan"))) * data.num_clients * steps
   return step, state, flops, (strategy, chunk)
-
-
-def strategy_label(asked: str, ran: str, chunk: int) -> str:
-  """``asked`` as a table row names it, with what ``auto`` ran and the chunk size."""
-  ran_text = ran + (f", chunks of {chunk}" if ran == "chunked" else "")
-  if asked == "auto":
-    return f"auto (= {ran_text})"
-  return f"{ran} (chunks of {chunk})" if ran == "chunked" else ran
-
-
-def jax_round_runner(step, state, data):
-  """(compile seconds, a warmed-up callable that runs one round to completion)."""
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - t0
-  box = [state]
-
-  def one_round():
-    box[0], metrics = compiled(box[0], data)
-    jax.block_until_ready(metrics)
-
-  one_round()
-  return compile_s, one_round
-
-
-def interleaved_times(runners, repeats) -> np.ndarray:
-  """Seconds ``[callable, repeat]``, timed round-robin so drift hits every row alike.
-
-  This machine's speed drifts by ±15 % over minutes; rows timed one after another
-  would carry that drift into their ratios. A short pause after each call lets
-  PyTorch's spinning worker threads go idle before the next row starts.
-  """
-  times = np.zeros((len(runners), repeats))
-  for r in range(repeats):
-    for i, run in enumerate(runners):
-      t0 = time.perf_counter()
-      run()
-      times[i, r] = time.perf_counter() - t0
-      time.sleep(0.2)
-  return times
-
-
-def interleaved_medians(runners, repeats):
-  """Median seconds per callable of :func:`interleaved_times`."""
-  return [float(np.median(t)) for t in interleaved_times(runners, repeats)]
-
-
-def time_jax_round(step, state, data, repeats):
-  """(compile seconds, median round seconds)."""
-  compile_s, one_round = jax_round_runner(step, state, data)
-  return compile_s, interleaved_medians([one_round], repeats)[0]
 
 
 def jax_step_loop(model_name, shape, data, lr=0.01, momentum=0.9):
@@ -246,8 +201,8 @@ def _row(name, seconds, samples, baseline, compile_s=None, flops=None):
           f"{compile_txt} | {gflops:.0f} |")
 
 
-HEADER = ("| implementation | s / round | samples / s | speed vs PyTorch | compile s | "
-          "achieved GFLOP/s |\n|---|---|---|---|---|---|")
+HEADER = table_header("implementation", "s / round", "samples / s", "speed vs PyTorch",
+                      "compile s", "achieved GFLOP/s")
 
 
 def section_round(title, model_name, torch_name, shape, clients, steps, batch, repeats,
@@ -406,10 +361,7 @@ def main(argv):
     scaling_child(_SCALING_CHILD.value)
     return
   torch_version = torch_description()
-  print(f"# isr_jax FL round benchmark\n\nmachine: {platform.machine()}, "
-        f"{os.cpu_count()} cores; backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}); jax {jax.__version__}; torch {torch_version}; "
-        f"{time.strftime('%Y-%m-%d')}")
+  print(f"# isr_jax FL round benchmark\n\n{machine_description(torch_version)}")
   on_cpu = jax.default_backend() == "cpu"
   sections = set(_SECTIONS.value or DEFAULT_SECTIONS + ([] if on_cpu else ["many_clients"]))
   if unknown := sections - set(SECTIONS):

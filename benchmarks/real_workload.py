@@ -16,7 +16,7 @@ weight decay 1e-5, FedAvg weighted by |D_n|. Sections:
 
 Both sides train the same clients on the same examples: the partition is
 ``isr_jax.data.partition`` with seed 0, each isr_jax row is built by
-:func:`isr_jax.train.build_experiment` from the preset (what a user runs), and
+:func:`isr_jax.experiment.build_experiment` from the preset (what a user runs), and
 the PyTorch loop gets the very index sets and, each round, the clients the JAX
 round samples (rows advance their rounds together under interleaved timing).
 The padding column is the share of the local steps a row executes that are
@@ -31,25 +31,28 @@ an hour on a quiet 2-core CPU, mostly the two cross-silo sections' ``vmap`` and
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.fl_round import interleaved_medians, jax_round_runner, strategy_label
+from benchmarks.harness import (
+  interleaved_medians,
+  jax_round_runner,
+  machine_description,
+  strategy_label,
+  table_header,
+)
 from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from experiments.configs import cross_silo
 from isr_jax.data import ClientData, load_dataset, partition
 from isr_jax.errors import DataNotFoundError
+from isr_jax.experiment import build_experiment
 from isr_jax.fl.client import resolve_parallelism
-from isr_jax.fl.round import FLSpec, round_keys, sample_clients, size_balanced_order
+from isr_jax.fl.selection import round_keys, sample_clients, size_balanced_order
+from isr_jax.fl.spec import FLSpec
 from isr_jax.sharding import make_mesh, padded_count
-from isr_jax.train import build_experiment
 
 
 class Workload(NamedTuple):
@@ -70,18 +73,18 @@ WORKLOADS = {
 }
 DEFAULT_STRATEGIES = ["auto", "sequential", "chunked/2", "chunked/5", "vmap"]
 
-# Importing benchmarks.fl_round defined its own --sections/--repeats/--strategies (its
-# sections, its strategy syntax): this module's flags of the same names replace them.
-for _name in ("sections", "repeats", "strategies"):
-  delattr(flags.FLAGS, _name)
-_SECTIONS = flags.DEFINE_list("sections", list(WORKLOADS), f"Sections among {list(WORKLOADS)}.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per row.")
+# allow_override: other benchmarks define --sections/--repeats/--strategies too (their
+# sections, their strategy syntax), and a test process may import several of them.
+_SECTIONS = flags.DEFINE_list("sections", list(WORKLOADS), f"Sections among {list(WORKLOADS)}.",
+                              allow_override=True)
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed rounds per row.", allow_override=True)
 _ROUNDS_WARMUP = flags.DEFINE_integer(
     "rounds_warmup", 1, "Untimed rounds per row before timing (>= 1; the first one is the "
     "JAX round's first call after compiling).")
 _STRATEGIES = flags.DEFINE_list(
     "strategies", DEFAULT_STRATEGIES,
-    "isr_jax rows: fl.client_parallelism, 'chunked/<chunk size>' for chunked.")
+    "isr_jax rows: fl.client_parallelism, 'chunked/<chunk size>' for chunked.",
+    allow_override=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Fashion-MNIST IDX directory (default: the Debian package's).")
 
@@ -105,14 +108,15 @@ def client_index_sets(config):
   """``(train split, one index array per client)``, as ``build_experiment`` partitions.
 
   The same ``load_dataset`` and ``partition`` calls with the same settings as
-  :func:`isr_jax.train.build_experiment` (whose packed rows
+  :func:`isr_jax.experiment.build_experiment` (whose packed rows
   :func:`check_same_clients` compares against these sets).
   """
   ds, part = config.dataset, config.fl.partition
   train, _, _ = load_dataset(ds.name, data_dir=ds.data_dir, seed=config.seed,
                              test_fraction=ds.test_fraction, standardize=ds.standardize)
   clients = partition(train.y, config.fl.num_clients, part.method, seed=config.seed,
-                      alpha=part.dirichlet_alpha, shards_per_client=part.shards_per_client,
+                      concentration=part.dirichlet_alpha,
+                      shards_per_client=part.shards_per_client,
                       classes_per_client=part.classes_per_client)
   return train, clients
 
@@ -195,8 +199,8 @@ def parse_strategy(entry: str) -> tuple[str, int]:
   return name, 0
 
 
-HEADER = ("| implementation | s / round | samples / s | speed vs PyTorch | compile s | "
-          "executed steps / round | padding steps |\n|---|---|---|---|---|---|---|")
+HEADER = table_header("implementation", "s / round", "samples / s", "speed vs PyTorch",
+                      "compile s", "executed steps / round", "padding steps")
 
 
 def _row(name, seconds, samples, baseline, compile_s, executed, real):
@@ -280,10 +284,7 @@ def main(argv):
   if _ROUNDS_WARMUP.value < 1 or _REPEATS.value < 1:
     raise app.UsageError("--rounds_warmup and --repeats must be >= 1")
   strategies = [parse_strategy(s) for s in _STRATEGIES.value]
-  print(f"# isr_jax real-workload benchmark\n\nmachine: {platform.machine()}, "
-        f"{os.cpu_count()} cores; backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}); jax {jax.__version__}; torch {torch_version}; "
-        f"{time.strftime('%Y-%m-%d')}")
+  print(f"# isr_jax real-workload benchmark\n\n{machine_description(torch_version)}")
   for name in _SECTIONS.value:
     section(name, strategies, _REPEATS.value, _ROUNDS_WARMUP.value, _DATA_DIR.value)
 

@@ -19,10 +19,6 @@ synthetic (uniform noise, random labels): only speed is measured.
 
 from __future__ import annotations
 
-import os
-import platform
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +27,10 @@ from absl import app, flags
 from flax import nnx
 from jax import lax
 
-from benchmarks.fl_round import interleaved_times
+from benchmarks.harness import interleaved_times, machine_description, table_header
 from benchmarks.torch_baseline import torch_available, torch_description, torch_rows
 from isr_jax.models import create_model
-from isr_jax.models.layers import xla_compiler_options
+from isr_jax.nn.compiler import xla_compiler_options
 
 MODELS = ("lenet5", "fedavg_cnn", "convnet3", "convnet4")
 
@@ -81,13 +77,12 @@ def main(argv):
   if not torch_available():
     raise app.UsageError("PyTorch is not installed: pip install -e '.[bench]'")
   batches = [int(b) for b in _BATCHES.value]
-  print(f"# Local step cost, 28×28×1, SGD momentum 0.9\n\nmachine: {platform.machine()}, "
-        f"{os.cpu_count()} cores; backend {jax.default_backend()}; jax {jax.__version__}; "
-        f"torch {torch_description()}; {time.strftime('%Y-%m-%d')}; {_STEPS.value} steps per "
-        f"call, {_REPEATS.value} alternating calls per row; ConvNet width {_WIDTH.value}\n\n"
-        "| model | batch | PyTorch ms / step | PyTorch, malloc tuned | isr_jax ms / step | "
-        "isr_jax speed vs PyTorch (median [quartiles] of per-repeat ratios) | "
-        "vs PyTorch, malloc tuned |\n|---|---|---|---|---|---|---|", flush=True)
+  print(f"# Local step cost, 28×28×1, SGD momentum 0.9\n\n"
+        f"{machine_description(torch_description())}; {_STEPS.value} steps per call, "
+        f"{_REPEATS.value} alternating calls per row; ConvNet width {_WIDTH.value}\n\n"
+        + table_header("model", "batch", "PyTorch ms / step", "PyTorch, malloc tuned",
+                       "isr_jax ms / step", "isr_jax speed vs PyTorch (median [quartiles] of "
+                       "per-repeat ratios)", "vs PyTorch, malloc tuned"), flush=True)
   rng = np.random.default_rng(0)
   for name in _MODELS.value:
     for batch in batches:

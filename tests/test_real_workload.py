@@ -9,7 +9,7 @@ from test_cross_silo import _write_idx
 
 from benchmarks import real_workload as rw
 from benchmarks import torch_baseline
-from isr_jax.train import build_experiment
+from isr_jax.experiment import build_experiment
 
 TINY = rw.Workload("tiny", "dirichlet", num_clients=6, clients_per_round=4, local_epochs=2)
 
