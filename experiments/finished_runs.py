@@ -25,8 +25,8 @@ from isr_jax import checkpoint
 from isr_jax import workdir as workdir_files
 from isr_jax.config import saved_config
 from isr_jax.errors import CheckpointError, ConfigError, DataNotFoundError, WorkdirError
+from isr_jax.experiment import Experiment, build_experiment, load_splits
 from isr_jax.state import TrainState
-from isr_jax.train import Experiment, build_experiment, load_splits
 
 # What the library raises for a workdir, config or data that cannot be used; each
 # message is one line, so it becomes the workdir's one ``error:`` line.
@@ -43,7 +43,7 @@ class FinishedRun(NamedTuple):
   Attributes:
     workdir: where it was read from.
     config: its ``config.json``.
-    experiment: :func:`isr_jax.train.build_experiment` of that config (data,
+    experiment: :func:`isr_jax.experiment.build_experiment` of that config (data,
       model, objective; nothing trained).
     state: the latest intact checkpoint (``state.round`` rounds trained).
   """
@@ -102,7 +102,7 @@ def load_run(workdir: str) -> FinishedRun:
 def training_examples(config: ml_collections.ConfigDict, examples: int, seed: int):
   """``(x, y, ignore_index)``: a seeded subset of ``examples`` rows of the run's training split.
 
-  Loaded as the run loaded it (:func:`isr_jax.train.load_splits`: same split,
+  Loaded as the run loaded it (:func:`isr_jax.experiment.load_splits`: same split,
   same standardisation), since the experiment does not keep the split;
   all rows, in order, when the split has at most ``examples``.
   """

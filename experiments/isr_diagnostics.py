@@ -5,7 +5,7 @@ r"""Why ISR does or does not help: its mechanism, measured on finished runs' fin
   python -m experiments.isr_diagnostics --workdirs=runs/isr_gap   # every finished run of a sweep
 
 OmniISR's intermediate supervision (the MI term through an adapter at each
-chosen tap, papers/omniisr.txt Eq. 3/5) is meant to shrink the CL–FL gap by
+chosen tap, OmniISR paper Eq. 3/5) is meant to shrink the CL–FL gap by
 reducing client drift (Lemma 2). For each workdir written by
 ``isr_jax.train.train_and_evaluate`` (or each finished run listed in a sweep
 directory's ``sweep.json``) this rebuilds the experiment from its
@@ -68,7 +68,9 @@ from isr_jax.diagnostics import adapter_accuracy, tap_feature_drift, term_gradie
 from isr_jax.fl.algorithm import Batch, LocalProblem, loss_grad
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.personal import merge
-from isr_jax.fl.round import FLSpec, RoundFns, make_trainer, round_keys
+from isr_jax.fl.selection import round_keys
+from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.optim import learning_rate_at, make_optimizer
 
 ISR_DIAGNOSTICS_FILE = "isr_diagnostics.json"

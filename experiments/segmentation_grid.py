@@ -2,7 +2,7 @@ r"""OmniISR Table III: model × dataset × {CL, FL} × {−ISR, +ISR}, several s
 
 Writes ``<workdir>/table3.md`` and ``table3.csv`` — mIoU, mF1, mPre, mRec as
 mean ± std over seeds, the CL–FL gap ``D = mIoU_CL − mIoU_FL`` without and
-with ISR and its relative reduction (papers/omniisr.txt §4.2.1, RQ4) — and a
+with ISR and its relative reduction (OmniISR paper §4.2.1, RQ4) — and a
 qualitative figure per (model, dataset) like the paper's Table V: input,
 ground truth, and the FL model's prediction without and with ISR.
 

@@ -1,4 +1,4 @@
-"""MI-supervision adapters ``q^m(·; φ_m)`` (papers/omniisr.txt §3.1, Eq. 3).
+"""MI-supervision adapters ``q^m(·; φ_m)`` (OmniISR paper §3.1, Eq. 3).
 
 An adapter maps a tap feature ``[B, ..., C_m]`` to class logits. Its parameters
 are the same for both tasks — a ``C_m × K`` matrix and a bias — and only the
@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from isr_jax.models.layers import global_avg_pool, matmul
+from isr_jax.nn.dense import matmul
+from isr_jax.nn.pooling import global_avg_pool
 
 AdapterParams = dict[str, jax.Array]
 

@@ -1,4 +1,4 @@
-"""Quantities the papers report, computed from results (papers/omniisr.txt §3.3–§4; methods §3)."""
+"""Quantities the papers report, computed from results (OmniISR paper §3.3–§4; methods §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Centralized (CL) training on ``L_T`` (papers/omniisr.txt Algorithm 1, CL branch).
+"""Centralized (CL) training on ``L_T`` (OmniISR paper Algorithm 1, CL branch).
 
 ``cl_step`` is one optimizer step on one batch; ``cl_round`` is one epoch of it
 as a ``lax.scan`` in one jit (a "round" in CL mode, so all modes log per round).

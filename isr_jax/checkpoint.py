@@ -173,6 +173,29 @@ def _set_aside(path: str) -> str:
   return target
 
 
+# TrainState fields renamed since checkpoints were first written, old -> new: a
+# step saved under an old name restores under it and is renamed in memory, so
+# runs started before the rename resume.
+RENAMED_STATE_FIELDS = {"alpha": "mix_weight"}
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract):
+  """Step ``step`` restored into ``abstract``'s structure, old field names allowed."""
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as today:  # orbax raises many types for unreadable/mismatched data
+    fields = getattr(abstract, "_fields", ())
+    renamed = {new: old for old, new in RENAMED_STATE_FIELDS.items() if new in fields}
+    if not renamed:
+      raise
+    target = {renamed.get(k, k): v for k, v in abstract._asdict().items()}
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception:
+      raise today from None
+  return type(abstract)(**{k: restored[renamed.get(k, k)] for k in fields})
+
+
 def restore_latest(manager: ocp.CheckpointManager, like):
   """The newest intact saved state, restored into the structure of ``like``, or ``None``.
 
@@ -194,7 +217,7 @@ def restore_latest(manager: ocp.CheckpointManager, like):
     reason = _missing(path)
     if reason is None:
       try:
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = _restore_step(manager, step, abstract)
       except Exception as e:  # orbax raises many types for unreadable/mismatched data
         reason = _failure(e)
     if reason is not None:

@@ -14,14 +14,15 @@ import json
 import ml_collections
 from ml_collections import config_dict
 
+from isr_jax.config_checks import check_number, check_one_of
 from isr_jax.data import DATASETS, PARTITION_METHODS, SEGMENTATION_DATASETS
 from isr_jax.errors import ConfigError
 from isr_jax.fl.client import CLIENT_PARALLELISM
-from isr_jax.fl.registry import ALGORITHMS, algorithm_defaults, make_algorithm
+from isr_jax.fl.registry import ALGORITHMS, algorithm_defaults, check_algorithm_settings
 from isr_jax.hybrid import ADAPTIVE_RULES, SCHEDULES
 from isr_jax.models import MODELS
-from isr_jax.models.layers import CONV_IMPLS
-from isr_jax.optim import check_number, make_optimizer
+from isr_jax.nn.lowering import CONV_IMPLS
+from isr_jax.optim import make_optimizer
 from isr_jax.taps import PLACEMENTS
 
 MODES = ("cl", "fl", "hybrid")
@@ -148,11 +149,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _one_of(value, allowed, setting: str):
-  if value not in allowed:
-    raise ConfigError(f"{setting}={value!r} is not one of {sorted(allowed)}")
-
-
 def _positive_int(value, setting: str, minimum: int = 1):
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
     raise ConfigError(f"{setting}={value!r} must be an integer >= {minimum}")
@@ -160,11 +156,11 @@ def _positive_int(value, setting: str, minimum: int = 1):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` (one line) on the first invalid setting."""
-  _one_of(config.mode, MODES, "mode")
-  _one_of(config.dataset.name.split("/")[0] if config.dataset.name.startswith("emnist/")
+  check_one_of(config.mode, MODES, "mode")
+  check_one_of(config.dataset.name.split("/")[0] if config.dataset.name.startswith("emnist/")
           else config.dataset.name, DATASETS, "dataset.name")
-  _one_of(config.model.name, MODELS, "model.name")
-  _one_of(config.model.conv_impl, CONV_IMPLS, "model.conv_impl")
+  check_one_of(config.model.name, MODELS, "model.name")
+  check_one_of(config.model.conv_impl, CONV_IMPLS, "model.conv_impl")
   _check_task(config.model.name, config.dataset.name)
   if (not isinstance(config.seed, int) or isinstance(config.seed, bool)
       or not 0 <= config.seed <= _MAX_SEED):
@@ -179,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 low_open=True, high_open=True)
 
   isr = config.isr
-  _one_of(isr.placement, PLACEMENTS, "isr.placement")
+  check_one_of(isr.placement, PLACEMENTS, "isr.placement")
   _positive_int(isr.spacing, "isr.spacing")
   _positive_int(isr.num_taps, "isr.num_taps", minimum=0)
   for name in ("decouple_adapters", "aggregate_adapters", "ne_normalize", "enabled"):
@@ -198,8 +194,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  high=1)
 
   fl = config.fl
-  _one_of(fl.algorithm, ALGORITHMS, "fl.algorithm")
-  make_algorithm(config)  # checks the chosen algorithm's own hyper-parameters
+  check_one_of(fl.algorithm, ALGORITHMS, "fl.algorithm")
+  check_algorithm_settings(config)
   _positive_int(fl.num_clients, "fl.num_clients")
   _positive_int(fl.clients_per_round, "fl.clients_per_round")
   if fl.clients_per_round > fl.num_clients:
@@ -207,21 +203,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"fl.clients_per_round={fl.clients_per_round} exceeds fl.num_clients={fl.num_clients}")
   _positive_int(fl.local_epochs, "fl.local_epochs")
   _positive_int(fl.local_steps, "fl.local_steps", minimum=0)
-  _one_of(fl.client_parallelism, CLIENT_PARALLELISM, "fl.client_parallelism")
+  check_one_of(fl.client_parallelism, CLIENT_PARALLELISM, "fl.client_parallelism")
   _positive_int(fl.chunk_size, "fl.chunk_size", minimum=0)
   _positive_int(fl.num_devices, "fl.num_devices", minimum=0)
   if fl.client_parallelism == "chunked" and fl.chunk_size < 1:
     raise ConfigError("fl.chunk_size=0: set a chunk size >= 1 for fl.client_parallelism='chunked'")
   _positive_int(fl.unroll, "fl.unroll")
-  _one_of(fl.partition.method, PARTITION_METHODS, "fl.partition.method")
-  _one_of(fl.personalized_eval, ("auto", "on", "off"), "fl.personalized_eval")
+  check_one_of(fl.partition.method, PARTITION_METHODS, "fl.partition.method")
+  check_one_of(fl.personalized_eval, ("auto", "on", "off"), "fl.personalized_eval")
   check_number(fl.client_test_fraction, "fl.client_test_fraction", low=0, high=1,
                low_open=True, high_open=True)
   check_number(fl.partition.dirichlet_alpha, "fl.partition.dirichlet_alpha", low=0, low_open=True)
 
   hy = config.hybrid
-  _one_of(hy.schedule, SCHEDULES, "hybrid.schedule")
-  _one_of(hy.adaptive_rule, ADAPTIVE_RULES, "hybrid.adaptive_rule")
+  check_one_of(hy.schedule, SCHEDULES, "hybrid.schedule")
+  check_one_of(hy.adaptive_rule, ADAPTIVE_RULES, "hybrid.adaptive_rule")
   check_number(hy.mix_weight, "hybrid.mix_weight", low=0, high=1)
   check_number(hy.mix_weight_min, "hybrid.mix_weight_min", low=0, high=1)
   check_number(hy.beta, "hybrid.beta", low=0)

@@ -1,7 +1,7 @@
 """Why ISR does or does not help: measurements of a trained model's ISR terms and taps.
 
 OmniISR supervises intermediate taps through small adapters (the MI term,
-papers/omniisr.txt Eq. 3, weighted by ``α_m`` in Eq. 5) and argues that this
+OmniISR paper Eq. 3, weighted by ``α_m`` in Eq. 5) and argues that this
 reduces client drift (Lemma 2). Three measurements test the mechanism on a
 trained model:
 
@@ -104,11 +104,11 @@ def term_gradients(apply: Apply, params: PyTree, batch: Batch, spec: ISRSpec | N
   (g_ce,) = pullback((d_logits, no_taps))
   g_mi = {}
   for term in spec.terms if spec is not None else ():
-    if term.alpha <= 0:
+    if term.mi_weight <= 0:
       continue
     adapter = params["adapters"][term.name]
 
-    def weighted_mi(z, adapter=adapter, alpha=term.alpha):
+    def weighted_mi(z, adapter=adapter, alpha=term.mi_weight):
       return alpha * mi_loss(adapter, z, batch.y, **kw)
 
     d_tap = jax.grad(weighted_mi)(taps[term.name])

@@ -11,7 +11,7 @@ iteration one jitted ``lax.while_loop``.
 Each HVP is reverse over reverse, ``∇_θ ⟨∇_θ L(θ), v⟩`` (two ``jax.grad``),
 not the cheaper forward over reverse (``jax.jvp`` of ``jax.grad``): the models'
 fast CPU lowerings are ``jax.custom_vjp`` functions (every dense layer's
-:func:`~isr_jax.models.layers.matmul`, the ``xla_cpu`` / ``banded`` / ``im2col``
+:func:`~isr_jax.nn.dense.matmul`, the ``xla_cpu`` / ``banded`` / ``im2col``
 convolutions, the tiled max-pools), and forward mode cannot enter a custom VJP
 while reverse mode differentiates its backward rule like any JAX function. So
 the Hessian measured is that of the very program that trains, lowering

@@ -1,4 +1,4 @@
-"""Hybrid CL–FL rounds (papers/omniisr.txt Eq. 9, Algorithm 1 lines 36–42; methods §2).
+"""Hybrid CL–FL rounds (OmniISR paper Eq. 9, Algorithm 1 lines 36–42; methods §2).
 
 Both sides are expressed as parameter displacements from ``θ_t``:
 ``Δ_CL = θ_t − θ_cloud`` (``cloud_steps`` local-optimizer steps on cloud
@@ -12,7 +12,7 @@ The identities of methods §2 hold on the whole :class:`TrainState`, not only on
 the parameters:
 
 * ``α_t = 0``: exactly the FL algorithm's round (params, server optimizer
-  state, the algorithm's server and client state, rng, round; ``alpha`` is
+  state, the algorithm's server and client state, rng, round; ``mix_weight`` is
   unchanged as in FL). The cloud step still runs — it is ``cloud_steps`` steps
   on one batch, carries no state (its optimizer state is fresh every round) and
   keeps ``cloud/*`` and ``hybrid/cos_cl_fl`` measured — but its zero weight is
@@ -48,9 +48,10 @@ import optax.tree_utils as otu
 
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import loss_grad
-from isr_jax.fl.client import batch_schedule, run_local_steps
-from isr_jax.fl.round import FLSpec, RoundFns, apply_server_step, federated_update, round_keys
-from isr_jax.optim import with_learning_rate
+from isr_jax.fl.round import apply_server_step, federated_update
+from isr_jax.fl.selection import round_keys, take_rows
+from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.state import TrainState
 
 SCHEDULES = ("alternating", "fixed", "adaptive")
@@ -64,7 +65,7 @@ class HybridSpec(NamedTuple):
     schedule: ``alternating`` (α_t = 1 on even rounds, 0 on odd), ``fixed``
       (α_t = α_0) or ``adaptive``.
     beta: adaptive step size β.
-    alpha_min: lower clip of adaptive α (Theorem 4 needs α_min > 0).
+    mix_weight_min: lower clip of adaptive α (Theorem 4 needs α_min > 0).
     adaptive_rule: ``paper`` — Algorithm 1 line 42, ``α + β(1 − s)``, which can
       only grow α; ``signed`` — ``α − β s``, which follows the paper's prose
       (well aligned ⇒ more federated weight).
@@ -73,30 +74,30 @@ class HybridSpec(NamedTuple):
 
   schedule: str = "fixed"
   beta: float = 0.1
-  alpha_min: float = 0.0
+  mix_weight_min: float = 0.0
   adaptive_rule: str = "paper"
   cloud_steps: int = 1
 
 
-def mixing_weight(spec: HybridSpec, alpha: jax.Array, round_index: jax.Array) -> jax.Array:
+def mixing_weight(spec: HybridSpec, weight: jax.Array, round_index: jax.Array) -> jax.Array:
   """α_t used in round ``round_index`` given the carried α."""
   if spec.schedule == "alternating":
     return jnp.where(round_index % 2 == 0, 1.0, 0.0).astype(jnp.float32)
-  return alpha
+  return weight
 
 
-def next_alpha(spec: HybridSpec, alpha: jax.Array, cos: jax.Array) -> jax.Array:
+def next_mix_weight(spec: HybridSpec, weight: jax.Array, cos: jax.Array) -> jax.Array:
   """α_{t+1} from α_t and ``s = cos(g_CL, g_FL)``; unchanged unless adaptive."""
   if spec.schedule != "adaptive":
-    return alpha
+    return weight
   if spec.adaptive_rule == "paper":
-    proposed = alpha + spec.beta * (1.0 - cos)
+    proposed = weight + spec.beta * (1.0 - cos)
   else:
-    proposed = alpha - spec.beta * cos
-  return jnp.clip(proposed, spec.alpha_min, 1.0).astype(jnp.float32)
+    proposed = weight - spec.beta * cos
+  return jnp.clip(proposed, spec.mix_weight_min, 1.0).astype(jnp.float32)
 
 
-def skips_clients_at_alpha_one(spec: HybridSpec) -> bool:
+def skips_clients_at_weight_one(spec: HybridSpec) -> bool:
   """Whether a round with α_t = 1 can skip the clients (it needs no ``cos``)."""
   return spec.schedule != "adaptive" or spec.adaptive_rule == "paper"
 
@@ -107,7 +108,7 @@ def cosine(a, b) -> jax.Array:
   return jnp.where(denom > 0, otu.tree_vdot(a, b) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
-def mix(alpha: jax.Array, delta_cl, delta_fl):
+def mix(weight: jax.Array, delta_cl, delta_fl):
   """``α Δ_CL + (1 − α) Δ_FL`` (Eq. 9), the zero-weight side dropped exactly at α ∈ {0, 1}.
 
   Selection, not multiplication, at the ends: ``0 · NaN`` is NaN, so a diverged
@@ -115,26 +116,24 @@ def mix(alpha: jax.Array, delta_cl, delta_fl):
   """
 
   def one(c, f):
-    mixed = alpha * c + (1.0 - alpha) * f
-    return jnp.where(alpha == 1, c, jnp.where(alpha == 0, f, mixed))
+    mixed = weight * c + (1.0 - weight) * f
+    return jnp.where(weight == 1, c, jnp.where(weight == 0, f, mixed))
 
   return jax.tree.map(one, delta_cl, delta_fl)
 
 
 def cloud_update(state: TrainState, cloud: ClientData, fns: RoundFns, spec: HybridSpec,
                  key: jax.Array, unroll: int = 1):
-  """``Δ_CL = θ_t − θ_cloud`` after ``cloud_steps`` steps of ``L_T`` on cloud batches."""
+  """``Δ_CL = θ_t − θ_cloud`` after ``cloud_steps`` steps of ``L_T`` on cloud batches.
+
+  The cloud is one more client to the engine: the same trainer runs its steps.
+  """
   lr = fns.local_lr(state.round)
-  opt_state = with_learning_rate(fns.local_optimizer.init(state.params), lr)
-  idx, valid = batch_schedule(
-      key, cloud.mask[0].reshape(-1), cloud.batch_size, epochs=1, steps=spec.cloud_steps
-  )
-  flat = lambda a: a[0].reshape((-1,) + a.shape[3:])
-  params, _, aux_sum, num_steps = run_local_steps(
-      state.params, opt_state, flat(cloud.x), flat(cloud.y), idx, valid,
-      grad_fn=lambda p, b, k: loss_grad(p, b, fns.problem),
-      optimizer=fns.local_optimizer, key=key, unroll=unroll, all_or_none=True,
-  )
+  cloud_spec = FLSpec(clients_per_round=1, local_epochs=1, local_steps=spec.cloud_steps,
+                      unroll=unroll)
+  trainer = make_trainer(take_rows(cloud, 0), key, lr, fns, cloud_spec)
+  params, aux_sum, num_steps = trainer.train(
+      state.params, lambda p, b, k: loss_grad(p, b, fns.problem))
   metrics = {f"cloud/{k}": v / jnp.maximum(num_steps, 1) for k, v in aux_sum.items()}
   metrics["cloud/loss"] = metrics.pop("cloud/total")
   return otu.tree_sub(state.params, params), metrics
@@ -163,34 +162,34 @@ def _no_clients(state: TrainState, shapes, cloud_metrics):
 def hybrid_round(state: TrainState, data: ClientData, cloud: ClientData, *,
                  fns: RoundFns, spec: FLSpec, hybrid: HybridSpec):
   """One hybrid round (Eq. 9): ``state -> (state, metrics)``; jit with donation."""
-  alpha = mixing_weight(hybrid, state.alpha, state.round)
+  weight = mixing_weight(hybrid, state.mix_weight, state.round)
   _, _, k_cloud = round_keys(state)
   delta_cl, cloud_metrics = cloud_update(state, cloud, fns, hybrid, k_cloud, spec.unroll)
   federated = lambda: federated_update(state, data, fns, spec)
-  if skips_clients_at_alpha_one(hybrid):
+  if skips_clients_at_weight_one(hybrid):
     shapes = jax.eval_shape(federated)
     delta_fl, alg_state, client_states, metrics = jax.lax.cond(
-        alpha == 1, lambda: _no_clients(state, shapes, cloud_metrics), federated)
+        weight == 1, lambda: _no_clients(state, shapes, cloud_metrics), federated)
   else:
     # Signed adaptive rule: at α = 1 the clients run only to measure cos; their
     # step has weight 0, so their state changes are dropped.
     delta_fl, alg_state, client_states, metrics = federated()
-    keep = alpha == 1
+    keep = weight == 1
     alg_state = otu.tree_where(keep, state.alg_state, alg_state)
     client_states = otu.tree_where(keep, state.client_states, client_states)
-  params, opt_state = apply_server_step(state, mix(alpha, delta_cl, delta_fl),
+  params, opt_state = apply_server_step(state, mix(weight, delta_cl, delta_fl),
                                         fns.server_optimizer)
   cos = cosine(delta_cl, delta_fl)
   lr = fns.local_lr(state.round)
   metrics.update(cloud_metrics)
-  metrics["hybrid/alpha"] = alpha
+  metrics["hybrid/mix_weight"] = weight
   metrics["hybrid/cos_cl_fl"] = cos
   # Lemma 5's ⟨g_CL, g_FL⟩ with g = Δ / η_t.
   metrics["hybrid/inner_cl_fl"] = otu.tree_vdot(delta_cl, delta_fl) / (lr * lr)
   # Only the adaptive schedule carries α; the others leave it as it was (so the
-  # state after an α_t = 0 round is the FL round's state, alpha included).
+  # state after an α_t = 0 round is the FL round's state, mix_weight included).
   new_state = state._replace(
       params=params, opt_state=opt_state, alg_state=alg_state, client_states=client_states,
-      round=state.round + 1, alpha=next_alpha(hybrid, state.alpha, cos),
+      round=state.round + 1, mix_weight=next_mix_weight(hybrid, state.mix_weight, cos),
   )
   return new_state, metrics

@@ -1,4 +1,4 @@
-"""The OmniISR objective: output CE, MI supervision, negative entropy (papers/omniisr.txt §3.1).
+"""The OmniISR objective: output CE, MI supervision, negative entropy (OmniISR paper §3.1).
 
 Every term is normalised the same way (methods §1): the mean over valid positions,
 where a position is an example (classification, ``[B, C]`` features) or a pixel
@@ -240,8 +240,8 @@ def isr_loss(
           f"isr.taps: tap {term.name!r} is not produced by the model; available: {sorted(taps)}"
       )
     z = taps[term.name]
-    if term.alpha > 0:
-      z_mi = scale_gradient(z, term.alpha) if spec.decouple_adapters else z
+    if term.mi_weight > 0:
+      z_mi = scale_gradient(z, term.mi_weight) if spec.decouple_adapters else z
       q_logits = apply_adapter(adapter_params[term.name], z_mi, labels.shape[1:])
       mi = cross_entropy(q_logits, labels, mask=mask, ignore_index=ignore_index, weight=weight)
       aux[f"mi/{term.name}"] = mi
@@ -250,12 +250,12 @@ def isr_loss(
       if spec.decouple_adapters:
         # Value α·L_MI; gradient α·∇_z L_MI into the backbone (through scale_gradient)
         # and ∇_φ L_MI into the adapter: mi − sg(mi) is exactly 0 but carries weight 1.
-        total = total + term.alpha * lax.stop_gradient(mi) + (mi - lax.stop_gradient(mi))
+        total = total + term.mi_weight * lax.stop_gradient(mi) + (mi - lax.stop_gradient(mi))
       else:
-        total = total + term.alpha * mi
-    if term.lam > 0:
+        total = total + term.mi_weight * mi
+    if term.ne_weight > 0:
       ne = negative_entropy(z, mask=mask, normalize=spec.ne_normalize, weight=weight)
       aux[f"ne/{term.name}"] = ne
-      total = total + term.lam * ne
+      total = total + term.ne_weight * ne
   aux["total"] = total
   return total, aux

@@ -7,11 +7,10 @@ state (FedSoL decays the local lr by 0.99 per round; hybrid mode needs η_t).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import optax
 
+from isr_jax.config_checks import check_number
 from isr_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
@@ -29,25 +28,6 @@ def _sgd(learning_rate, momentum, nesterov, weight_decay):
       optax.add_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
   )
-
-
-def check_number(value, setting: str, *, low=None, high=None, low_open=False, high_open=False):
-  """Raises a one-line ConfigError unless ``value`` is finite and inside the interval."""
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"{setting}={value!r} must be a number") from None
-  bad = not math.isfinite(v)
-  if low is not None:
-    bad |= v <= low if low_open else v < low
-  if high is not None:
-    bad |= v >= high if high_open else v > high
-  if bad:
-    left = f"({'-inf' if low is None else low}" if low_open or low is None else f"[{low}"
-    right = f"{'inf' if high is None else high})" if high_open or high is None else f"{high}]"
-    interval = f"{left}, {right}"
-    raise ConfigError(f"{setting}={value!r} must be in {interval}")
-  return v
 
 
 def make_optimizer(cfg, *, setting: str = "optimizer") -> optax.GradientTransformation:

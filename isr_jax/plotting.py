@@ -26,7 +26,7 @@ CURVE_PANELS: dict[str, str] = {
     "train/ce": "training cross-entropy",
     "train/loss": "training loss L_T",
     "fl/client_drift": "client drift",
-    "hybrid/alpha": "hybrid α (cloud weight)",
+    "hybrid/mix_weight": "hybrid α (cloud weight)",
     "hybrid/cos_cl_fl": "cos(g_CL, g_FL)",
 }
 

@@ -7,7 +7,7 @@ at the *unperturbed* ``w`` through any base optimizer:
 * SAM / FedSAM (Foret et al. 2021; Qu et al. 2022): A = B, ``ε = ρ g/‖g‖``;
 * ASAM / FedASAM (Kwon et al. 2021; Caldarola et al. 2022): A = B,
   ``ε = ρ T² g / ‖T g‖`` with ``T = |w| + η``;
-* FedSoL (Lee et al. 2024, papers/fedsol.txt Eq. 4, 12): A = a proximal loss,
+* FedSoL (Lee et al. 2024, FedSoL paper Eq. 4, 12): A = a proximal loss,
   B = the client's own objective, ``ε = ρ Λ ⊙ g_p/‖g_p‖`` with ``Λ`` all ones
   (fixed radius) or, per parameter tensor, ``|w_k − w_g| / ‖w_k − w_g‖₂``.
 
@@ -48,7 +48,7 @@ def normalize_by_global_norm(eps: float = SAM_EPS) -> optax.GradientTransformati
   """``g ↦ g / (‖g‖₂ + eps)``; a zero gradient stays zero (no NaN).
 
   The unit ascent direction of SAM (Foret et al. 2021; ``ε* = ρ ∇L/‖∇L‖₂`` as
-  restated in papers/fedsol.txt §2) and, between the two ``T``, of ASAM (Kwon et
+  restated in FedSoL paper §2) and, between the two ``T``, of ASAM (Kwon et
   al. 2021). ``eps`` only guards ``0/0``; it is not a noise floor. For
   FedSAM/FedASAM (A = B) ``g`` is the client objective's own gradient: it is
   exactly zero only where the objective is flat in floating point (say, a batch
@@ -74,7 +74,7 @@ class AnchorState(NamedTuple):
 
 
 def scale_by_discrepancy(eps: float = SAM_EPS) -> optax.GradientTransformation:
-  """FedSoL's adaptive radius Λ (papers/fedsol.txt App. G, Eq. 11).
+  """FedSoL's adaptive radius Λ (FedSoL paper App. G, Eq. 11).
 
   ``init(params)`` records ``params`` as the anchor ``w_g`` (call it with the
   global model at the start of local training); ``update`` multiplies each

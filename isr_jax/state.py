@@ -21,7 +21,7 @@ class TrainState(NamedTuple):
       personal, ``isr.aggregate_adapters=False``).
     rng: base PRNG key (raw uint32[2]); round ``t`` uses ``fold_in(rng, t)``.
     round: number of completed rounds (int32 scalar).
-    alpha: hybrid mixing weight α_t for the next round (float32 scalar).
+    mix_weight: hybrid mixing weight α_t for the next round (float32 scalar).
   """
 
   params: Any
@@ -30,4 +30,4 @@ class TrainState(NamedTuple):
   client_states: Any
   rng: jax.Array
   round: jax.Array
-  alpha: jax.Array
+  mix_weight: jax.Array

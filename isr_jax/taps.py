@@ -1,6 +1,6 @@
 """Which taps get intermediate supervision/regularisation, and with what weights.
 
-Selection is architecture-agnostic (papers/omniisr.txt §3.1, §4.4): a model lists
+Selection is architecture-agnostic (OmniISR paper §3.1, §4.4): a model lists
 its tap names in block order; ISR picks taps either by explicit name or by the
 presets of the paper's ablations —
 
@@ -27,8 +27,8 @@ class TapTerm(NamedTuple):
   """One ISR point: the tap and its weights ``α_m`` (MI) and ``λ_m`` (NE)."""
 
   name: str
-  alpha: float
-  lam: float
+  mi_weight: float
+  ne_weight: float
 
 
 class ISRSpec(NamedTuple):
@@ -54,7 +54,7 @@ class ISRSpec(NamedTuple):
   @property
   def adapter_taps(self) -> tuple[str, ...]:
     """Taps that need an adapter (α_m > 0)."""
-    return tuple(t.name for t in self.terms if t.alpha > 0)
+    return tuple(t.name for t in self.terms if t.mi_weight > 0)
 
 
 def default_tap_count(num_taps: int) -> int:
@@ -130,21 +130,22 @@ def make_isr_spec(
     num_taps: int = 0,
     spacing: int = 1,
     placement: str = "input",
-    alpha: float | Sequence[float] = 0.1,
-    lam: float | Sequence[float] = 0.01,
+    mi_weight: float | Sequence[float] = 0.1,
+    ne_weight: float | Sequence[float] = 0.01,
     ne_normalize: bool = False,
     decouple_adapters: bool = True,
 ) -> ISRSpec | None:
   """Builds the ISR spec for a model, or ``None`` when ISR is off.
 
-  ``alpha`` and ``lam`` are one number for every tap or one per selected tap.
+  ``mi_weight`` (α_m) and ``ne_weight`` (λ_m) are one number for every tap or one per selected tap.
   """
   if not enabled:
     return None
   chosen = select_taps(tap_names, names=taps, count=num_taps, spacing=spacing,
                        placement=placement)
-  alphas = _per_tap(alpha, chosen, "isr.mi_weight")
-  lams = _per_tap(lam, chosen, "isr.ne_weight")
-  terms = tuple(TapTerm(n, a, m) for n, a, m in zip(chosen, alphas, lams, strict=True))
+  mi_weights = _per_tap(mi_weight, chosen, "isr.mi_weight")
+  ne_weights = _per_tap(ne_weight, chosen, "isr.ne_weight")
+  terms = tuple(TapTerm(n, a, m)
+                for n, a, m in zip(chosen, mi_weights, ne_weights, strict=True))
   return ISRSpec(terms=terms, ne_normalize=bool(ne_normalize),
                  decouple_adapters=bool(decouple_adapters))

@@ -13,14 +13,16 @@ import optax
 from flax import nnx
 
 from isr_jax.data import load_dataset, pack_clients
-from isr_jax.fl.algorithm import Batch, bind_problem
+from isr_jax.fl.algorithm import Batch
+from isr_jax.fl.algorithms.fedaims import fedaims
 from isr_jax.fl.algorithms.fedavg import fedavg
-from isr_jax.fl.round import RoundFns, init_client_states
+from isr_jax.fl.registry import make_algorithm
+from isr_jax.fl.round import make_round
+from isr_jax.fl.spec import FLSpec
 from isr_jax.models import create_model
-from isr_jax.models.layers import xla_compiler_options
+from isr_jax.nn.compiler import xla_compiler_options
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.optim import learning_rate_at, make_optimizer
-from isr_jax.state import TrainState
 from isr_jax.taps import make_isr_spec
 
 UNEVEN_SIZES = (7, 30, 19, 45, 12, 26)
@@ -45,30 +47,39 @@ def sgd_config(lr=0.1, momentum=0.0, name="sgd"):
 
 
 def small_setup(*, isr=True, algorithm=None, local=None, server=None, data=None,
-                aggregate_adapters=True, alpha=0.5, model="lenet5", seed=0):
-  """``(state, fns, spec)`` for a LeNet-5 on digits with two ISR taps."""
+                aggregate_adapters=True, mix_weight=0.5, model="lenet5", seed=0):
+  """``(state, fns, spec)`` for a LeNet-5 on digits with two ISR taps.
+
+  ``algorithm``: an :class:`FLAlgorithm`, a config (``fl.algorithm`` built with
+  this problem), or ``problem -> FLAlgorithm`` (FedAIMS, sized from the model).
+  """
   _, _, info = digits()
   net = create_model(model, num_classes=10, input_shape=info.input_shape,
                      rngs=nnx.Rngs(seed))
-  spec = make_isr_spec(net.tap_names, enabled=isr, num_taps=2, spacing=2, alpha=0.5, lam=0.05)
+  spec = make_isr_spec(net.tap_names, enabled=isr, num_taps=2, spacing=2, mi_weight=0.5,
+                       ne_weight=0.05)
   graphdef, model_params = split_model(net)
   params = init_params(graphdef, model_params, spec, num_classes=10,
                        input_shape=info.input_shape, key=jax.random.PRNGKey(seed + 1))
   problem = make_problem(graphdef, spec)
-  algorithm = bind_problem(algorithm or fedavg(), problem)
+  if isinstance(algorithm, ml_collections.ConfigDict):
+    algorithm = make_algorithm(algorithm, problem)
+  elif callable(algorithm):
+    algorithm = algorithm(problem=problem)
   local = local or sgd_config()
-  server = server or sgd_config(lr=1.0)
-  server_opt = algorithm.server_optimizer or make_optimizer(server)
   data = uneven_clients() if data is None else data
-  fns = RoundFns(algorithm, problem, make_optimizer(local),
-                 functools.partial(learning_rate_at, local), server_opt)
-  state = TrainState(
-      params=params, opt_state=server_opt.init(params),
-      alg_state=algorithm.init_server_state(params, data),
-      client_states=init_client_states(algorithm, params, data, aggregate_adapters),
-      rng=jax.random.PRNGKey(seed + 2), round=jnp.zeros((), jnp.int32),
-      alpha=jnp.asarray(alpha, jnp.float32))
-  return state, fns, spec
+  built = make_round(
+      algorithm or fedavg(), problem,
+      FLSpec(clients_per_round=1, aggregate_adapters=aggregate_adapters),
+      local_optimizer=make_optimizer(local), local_lr=functools.partial(learning_rate_at, local),
+      server_optimizer=make_optimizer(server or sgd_config(lr=1.0)))
+  state = built.init(params, data, jax.random.PRNGKey(seed + 2), mix_weight=mix_weight)
+  return state, built.fns, spec
+
+
+def fedaims_with(**settings):
+  """FedAIMS with ``settings``, built when :func:`small_setup` hands it the problem."""
+  return functools.partial(fedaims, **settings)
 
 
 def plain_sgd_client(params, loss, x, y, idx, valid, lr):
@@ -100,7 +111,8 @@ def reference_trainer(cdata, key, lr, fns, spec, batch_size=None):
   """A :class:`LocalTrainer` whose ``train`` is a plain Python loop of optimizer steps.
 
   Mirrors the engine's schedule (same keys, same batches) but none of its
-  scan, step masking or freezing: the reference for ``local_update`` algorithms.
+  scan or step masking (freezing and projection done by hand): the reference for
+  ``local_update`` algorithms.
   ``grad_fn`` is jitted per call unless it says it is already (``grad_fn.compiled``).
   """
   from isr_jax.fl.algorithm import LocalTrainer
@@ -112,7 +124,7 @@ def reference_trainer(cdata, key, lr, fns, spec, batch_size=None):
   step = _optimizer_step(fns.local_optimizer)
   batch_size = batch_size or cdata.mask.shape[-1]
 
-  def train(start, grad_fn, *, epochs=None, trainable=None, stream=0):
+  def train(start, grad_fn, *, epochs=None, trainable=None, stream=0, project=None):
     k = key if stream == 0 else jax.random.fold_in(key, 7919 + stream)
     idx, valid = batch_schedule(
         k, cdata.mask.reshape(-1), batch_size,
@@ -130,6 +142,8 @@ def reference_trainer(cdata, key, lr, fns, spec, batch_size=None):
         updates = jax.tree_util.tree_map_with_path(
             lambda path, u: u if trainable(path) else jnp.zeros_like(u), updates)
       params = optax.apply_updates(params, updates)
+      if project is not None:
+        params = project(params)
       aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
       steps += 1
     return params, aux_sum, jnp.int32(steps)
@@ -146,7 +160,7 @@ def reference_round(state, data, fns, spec):
   """
   from isr_jax.fl.algorithm import ServerBroadcast
   from isr_jax.fl.personal import merge, personal_predicate, select, zero_personal
-  from isr_jax.fl.round import round_keys, sample_clients
+  from isr_jax.fl.selection import round_keys, sample_clients
 
   alg = fns.algorithm
   personal = personal_predicate(alg.personal, spec.aggregate_adapters)
@@ -183,7 +197,8 @@ def reference_round(state, data, fns, spec):
     sizes.append(float(cdata.num_examples))
   stacked = zero_personal(jax.tree.map(lambda *m: jnp.stack(m), *messages), personal)
   weights = jnp.asarray(sizes) / sum(sizes)
-  pseudo_grad, alg_state = alg.server_update(state.params, state.alg_state, stacked, weights)
+  pseudo_grad, alg_state, *_ = alg.server_update(state.params, state.alg_state, stacked,
+                                                 weights)
   pseudo_grad = zero_personal(pseudo_grad, personal)
   updates, opt_state = fns.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
   client_states = state.client_states

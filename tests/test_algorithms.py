@@ -15,7 +15,8 @@ from support import assert_trees_close, reference_round, small_setup, uneven_cli
 from experiments.configs.digits import get_config
 from isr_jax.config import default_config
 from isr_jax.fl.registry import ALGORITHMS, make_algorithm
-from isr_jax.fl.round import FLSpec, fl_round
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.spec import FLSpec
 from isr_jax.train import train_and_evaluate
 
 # Hyper-parameters that make each algorithm's own mechanism visible in 2 rounds.

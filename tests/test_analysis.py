@@ -1,4 +1,4 @@
-"""SPEC §3 quantities: CL–FL gap, paired wins, escape-time bound, heterogeneity."""
+"""methods §3 quantities: CL–FL gap, paired wins, escape-time bound, heterogeneity."""
 
 import functools
 import math
@@ -9,7 +9,8 @@ import pytest
 from support import small_setup, uneven_clients
 
 from isr_jax.analysis import cl_fl_gap, escape_time_bound, paired_wins, relative_gap_reduction
-from isr_jax.fl.round import FLSpec, fl_round
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.spec import FLSpec
 
 
 def test_gap_and_relative_reduction():

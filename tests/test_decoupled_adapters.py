@@ -17,7 +17,8 @@ from support import digits, sgd_config, small_setup
 
 from isr_jax.data import pack_clients
 from isr_jax.fl.algorithm import Batch
-from isr_jax.fl.round import FLSpec, fl_round
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.spec import FLSpec
 from isr_jax.losses import accuracy, scale_gradient
 from isr_jax.models import create_model
 from isr_jax.objective import init_params, make_problem, split_model
@@ -56,7 +57,7 @@ def test_scale_gradient_is_the_identity_with_a_scaled_cotangent():
 
 def test_value_same_backbone_gradient_same_adapter_gradient_unscaled():
   b = batch()
-  graphdef, decoupled, params = lenet(alpha=ALPHA, lam=0.01)
+  graphdef, decoupled, params = lenet(mi_weight=ALPHA, ne_weight=0.01)
   literal = decoupled._replace(decouple_adapters=False)
   v_d, aux_d, g_d = value_and_grads(graphdef, decoupled, params, b)
   v_l, aux_l, g_l = value_and_grads(graphdef, literal, params, b)
@@ -74,7 +75,7 @@ def test_value_same_backbone_gradient_same_adapter_gradient_unscaled():
 def test_mi_only_gradient_matches_the_split_objective():
   """∇ = ∇[CE + α MI(sg φ, z) + MI(φ, sg z)], written out by hand with stop_gradient."""
   b = batch(32)
-  graphdef, spec, params = lenet(alpha=ALPHA, lam=0.0)
+  graphdef, spec, params = lenet(mi_weight=ALPHA, ne_weight=0.0)
   _, _, got = value_and_grads(graphdef, spec, params, b)
   literal = make_problem(graphdef, spec._replace(decouple_adapters=False))
   sg = jax.lax.stop_gradient
@@ -93,7 +94,7 @@ def test_mi_only_gradient_matches_the_split_objective():
 
 def test_zero_alpha_is_plain_training_for_the_backbone():
   b = batch()
-  graphdef, spec, params = lenet(alpha=0.0, lam=0.0)
+  graphdef, spec, params = lenet(mi_weight=0.0, ne_weight=0.0)
   assert params["adapters"] == {}
   plain = make_problem(graphdef, None)
   value, aux, grads = value_and_grads(graphdef, spec, params, b)
@@ -104,7 +105,7 @@ def test_zero_alpha_is_plain_training_for_the_backbone():
 
 def test_adapter_accuracy_is_logged_per_tap():
   b = batch()
-  graphdef, spec, params = lenet(alpha=ALPHA, lam=0.0)
+  graphdef, spec, params = lenet(mi_weight=ALPHA, ne_weight=0.0)
   _, aux, _ = value_and_grads(graphdef, spec, params, b)
   assert {"mi_accuracy/conv1", "mi_accuracy/conv2"} <= set(aux)
   for tap in ("conv1", "conv2"):
@@ -127,7 +128,7 @@ def _one_step_round(algorithm, decouple):
   parts = [np.arange(i * 16, (i + 1) * 16) for i in range(3)]
   data = jax.tree.map(jnp.asarray, pack_clients(train.x, train.y, parts, 16))
   state, fns, spec = small_setup(algorithm=algorithm, data=data, local=sgd_config(lr=0.1))
-  spec = spec._replace(terms=tuple(t._replace(alpha=ALPHA) for t in spec.terms),
+  spec = spec._replace(terms=tuple(t._replace(mi_weight=ALPHA) for t in spec.terms),
                        decouple_adapters=decouple)
   net = create_model("lenet5", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
   problem = make_problem(split_model(net)[0], spec)

@@ -32,7 +32,8 @@ from isr_jax.diagnostics import (
 )
 from isr_jax.fl.algorithm import Batch
 from isr_jax.fl.algorithms.fedavg import client_grad as fedavg_client_grad
-from isr_jax.fl.round import FLSpec, RoundFns, make_trainer
+from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.losses import cross_entropy, mi_loss
 from isr_jax.models import create_model
 from isr_jax.objective import init_params, make_apply, make_problem, split_model
@@ -54,8 +55,8 @@ def lenet():
   """
   net = create_model("lenet5", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
   graphdef, model_params = split_model(net)
-  spec = make_isr_spec(net.tap_names, enabled=True, taps=("conv1", "conv2"), alpha=ALPHAS,
-                       lam=0.01)
+  spec = make_isr_spec(net.tap_names, enabled=True, taps=("conv1", "conv2"), mi_weight=ALPHAS,
+                       ne_weight=0.01)
   keys = iter(jax.random.split(jax.random.PRNGKey(3), 16))
   model_params = {name: {**layer, "bias": 0.05 * jax.random.normal(next(keys), layer["bias"].shape)}
                   for name, layer in model_params.items()}
@@ -77,7 +78,7 @@ def reference_gradients(apply, spec, params, batch):
     return alpha * mi_loss(params["adapters"][tap], z, batch.y, mask=batch.mask)
 
   g_ce = jax.jit(jax.grad(ce))(params["model"])
-  g_mi = {t.name: jax.jit(jax.grad(functools.partial(mi, tap=t.name, alpha=t.alpha)))(
+  g_mi = {t.name: jax.jit(jax.grad(functools.partial(mi, tap=t.name, alpha=t.mi_weight)))(
       params["model"]) for t in spec.terms}
   return g_ce, g_mi
 
@@ -204,7 +205,8 @@ def test_local_update_is_the_rounds_fedavg_client():
   train, _, _ = digits()
   net = create_model("lenet5", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
   graphdef, model_params = split_model(net)
-  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, spacing=2, alpha=0.1, lam=0.01)
+  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, spacing=2, mi_weight=0.1,
+                       ne_weight=0.01)
   params = init_params(graphdef, model_params, spec, num_classes=10, input_shape=(8, 8, 1),
                        key=jax.random.PRNGKey(1))
   problem = make_problem(graphdef, spec)

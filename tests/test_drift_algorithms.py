@@ -1,5 +1,5 @@
 """FedProx, FedDyn, SCAFFOLD, FedNova, FedIR, FedAvgM and FedAdagrad/FedAdam/FedYogi
-(SPEC §4): identities with FedAvg through the engine, hand-computed steps on a
+(methods §4): identities with FedAvg through the engine, hand-computed steps on a
 2-parameter model, the state SCAFFOLD and FedDyn carry across a round, and their
 config validation."""
 
@@ -28,14 +28,9 @@ from isr_jax.fl.algorithms.fedopt import adaptive_server_optimizer
 from isr_jax.fl.algorithms.fedprox import fedprox
 from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.fl.registry import make_algorithm
-from isr_jax.fl.round import (
-  FLSpec,
-  RoundFns,
-  fl_round,
-  init_client_states,
-  round_keys,
-  sample_clients,
-)
+from isr_jax.fl.round import fl_round, init_client_states
+from isr_jax.fl.selection import round_keys, sample_clients
+from isr_jax.fl.spec import FLSpec, RoundFns
 from isr_jax.losses import cross_entropy
 from isr_jax.optim import learning_rate_at, make_optimizer
 from isr_jax.state import TrainState
@@ -533,7 +528,7 @@ def quadratic_round(algorithm, seed=0):
       alg_state=algorithm.init_server_state(params, data),
       client_states=init_client_states(algorithm, params, data, True),
       rng=jax.random.PRNGKey(seed), round=jnp.zeros((), jnp.int32),
-      alpha=jnp.float32(0.5))
+      mix_weight=jnp.float32(0.5))
   sampled = np.sort(np.asarray(sample_clients(round_keys(state)[0], 4, 2)))
   engine = jax.jit(functools.partial(fl_round, fns=fns, spec=FLSpec(clients_per_round=2)))
   new, _ = engine(state, data)

@@ -1,4 +1,4 @@
-"""FedAIMS (papers/fedaims.txt §4, SPEC §4): Eq. 3 and Eq. 4 by hand, Algorithm 2 by
+"""FedAIMS (FedAIMS paper §4, methods §4): Eq. 3 and Eq. 4 by hand, Algorithm 2 by
 hand and against an independent float64 reference, the Eq. 12 objective against a
 float64 NumPy reference on a real model, and the round on digits: round 0 has no
 prototype term, μ = 0 with λ = 1 is FedPer, one intermediate block makes sampling
@@ -12,17 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from support import assert_trees_close, small_setup, uneven_clients
+from support import assert_trees_close, fedaims_with, small_setup, uneven_clients
 
 from isr_jax.config import default_config
 from isr_jax.errors import ConfigError
-from isr_jax.fl.algorithm import Batch, ServerBroadcast, bind_problem
-from isr_jax.fl.algorithms.fedaims import (
+from isr_jax.fl.algorithm import Batch, ServerBroadcast
+from isr_jax.fl.algorithms.fedaims_parts import (
     aggregate_prototypes,
     class_sums,
     client_prototypes,
     cosine_matrix,
-    fedaims,
     flat_backbone,
     prototypes_from_sums,
     supervision_sampling,
@@ -31,7 +30,9 @@ from isr_jax.fl.algorithms.fedaims import (
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.personal import merge
 from isr_jax.fl.registry import make_algorithm
-from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys, sample_clients
+from isr_jax.fl.spec import FLSpec
 from isr_jax.models import create_model
 from isr_jax.objective import make_apply, make_problem, split_model
 
@@ -175,7 +176,7 @@ def test_bad_settings_are_one_line_errors():
       make_algorithm(bad)
   for blocks, match in [(("nope", "features"), "not among"), (("block2", "block1", "features"),
                         "block order"), (("block1", "block2"), "head's input")]:
-    alg = fedaims(blocks=blocks)
+    alg = fedaims_with(blocks=blocks)
     with pytest.raises(ConfigError, match=f"fl.fedaims.blocks.*{match}"):
       small_setup(isr=False, algorithm=alg, model="convnet3")
 
@@ -198,8 +199,8 @@ def _np_sigma(s, c):
 @pytest.mark.parametrize("reduction", ["sum", "mse"])
 def test_objective_matches_a_float64_reference(full, reduction):
   mu = 0.7
-  state, fns, _ = small_setup(isr=False, algorithm=fedaims(mu=mu, reduction=reduction, full=full),
-                              model="convnet3")
+  algorithm = fedaims_with(mu=mu, reduction=reduction, full=full)
+  state, fns, _ = small_setup(isr=False, algorithm=algorithm, model="convnet3")
   alg = fns.algorithm
   data = uneven_clients()
   cstate = jax.tree.map(lambda a: a[1], state.client_states["alg"])
@@ -243,7 +244,7 @@ def test_objective_matches_a_float64_reference(full, reduction):
 def test_mu_zero_lambda_one_is_fedper():
   fedper = fedavg()._replace(name="fedper", personal="head")
   data = uneven_clients()
-  a, fns_a, _ = small_setup(algorithm=fedaims(mu=0.0, lam=1.0), data=data, model="convnet3")
+  a, fns_a, _ = small_setup(algorithm=fedaims_with(mu=0.0, lam=1.0), data=data, model="convnet3")
   b, fns_b, _ = small_setup(algorithm=fedper, data=data, model="convnet3")
   for (sa, ma), (sb, mb) in zip(rounds(a, fns_a, data, 2), rounds(b, fns_b, data, 2),
                                 strict=True):
@@ -256,7 +257,7 @@ def test_round_zero_has_no_prototype_term():
   data = uneven_clients()
   out = {}
   for mu in (0.0, 3.0):
-    state, fns, _ = small_setup(algorithm=fedaims(mu=mu, reduction="mse"), data=data,
+    state, fns, _ = small_setup(algorithm=fedaims_with(mu=mu, reduction="mse"), data=data,
                                 model="convnet3")
     assert not bool(state.alg_state["ready"])
     out[mu] = rounds(state, fns, data, 2)
@@ -275,9 +276,9 @@ def test_round_zero_has_no_prototype_term():
 def test_one_intermediate_block_makes_sampling_and_full_the_same():
   data = uneven_clients()
   blocks = ("block3", "features")
-  a, fa, _ = small_setup(algorithm=fedaims(blocks=blocks, reduction="mean"), data=data,
+  a, fa, _ = small_setup(algorithm=fedaims_with(blocks=blocks, reduction="mean"), data=data,
                          model="convnet3")
-  b, fb, _ = small_setup(algorithm=fedaims(blocks=blocks, reduction="mean", full=True),
+  b, fb, _ = small_setup(algorithm=fedaims_with(blocks=blocks, reduction="mean", full=True),
                          data=data, model="convnet3")
   assert set(a.client_states["alg"]) == {"sigma", "ce", "backbone"}
   assert set(b.client_states["alg"]) == {"sigma", "ce"}
@@ -291,7 +292,7 @@ def test_one_intermediate_block_makes_sampling_and_full_the_same():
 
 def test_personal_state_moves_only_for_sampled_clients_and_bytes_follow_table_6():
   data = uneven_clients()
-  state, fns, _ = small_setup(algorithm=fedaims(reduction="mse"), data=data, model="convnet3")
+  state, fns, _ = small_setup(algorithm=fedaims_with(reduction="mse"), data=data, model="convnet3")
   (s1, _), (s2, m2) = rounds(state, fns, data, 2)
   # Round 1's sample and plan, as the round computes them.
   ids = sample_clients(round_keys(s1)[0], 6, 3)
@@ -325,7 +326,7 @@ def test_personal_state_moves_only_for_sampled_clients_and_bytes_follow_table_6(
 
 def test_the_plan_comes_from_the_clients_latest_backbones():
   data = uneven_clients()
-  state, fns, _ = small_setup(algorithm=fedaims(reduction="mse"), data=data, model="convnet3")
+  state, fns, _ = small_setup(algorithm=fedaims_with(reduction="mse"), data=data, model="convnet3")
   alg = fns.algorithm
   ids = jnp.arange(6)
   # Round 0: every stored backbone is the initial one, all similarities 1.
@@ -350,7 +351,7 @@ def test_the_plan_comes_from_the_clients_latest_backbones():
 
 def test_prototypes_sent_up_are_eq3_of_the_received_backbone():
   data = uneven_clients()
-  state, fns, _ = small_setup(algorithm=fedaims(reduction="mse"), data=data, model="convnet3",
+  state, fns, _ = small_setup(algorithm=fedaims_with(reduction="mse"), data=data, model="convnet3",
                               isr=False)
   spec1 = FLSpec(clients_per_round=1, local_epochs=1)
   (s1, _), = rounds(state, fns, data, 1, spec=spec1)
@@ -372,7 +373,7 @@ def test_training_lowers_the_clients_loss():
   the clients' personalized models on their own data, also after the prototype
   term switched on (round 1)."""
   data = uneven_clients()
-  state, fns, _ = small_setup(algorithm=fedaims(reduction="mse"), data=data, model="convnet3",
+  state, fns, _ = small_setup(algorithm=fedaims_with(reduction="mse"), data=data, model="convnet3",
                               isr=False)
   problem = fns.problem
 
@@ -392,18 +393,15 @@ def test_training_lowers_the_clients_loss():
   assert last < 0.9 * first < 0.9 * start, (start, first, last)
 
 
-def test_registry_builds_unbound_and_binds_to_the_problem():
+def test_registry_builds_fedaims_once_from_the_problem():
   c = default_config()
   c.fl.algorithm = "fedaims_full"
-  alg = make_algorithm(c)
-  assert alg.personal == "head" and alg.bind is not None
-  with pytest.raises(ValueError, match="bind"):
-    alg.init_server_state(None, None)
+  with pytest.raises(ValueError, match="needs the run's problem"):
+    make_algorithm(c)
   net = create_model("lenet5", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
   graphdef, _ = split_model(net)
-  bound = bind_problem(alg, make_problem(graphdef, None))
-  assert bound.bind is None and bound.plan_round is None and bound.name == "fedaims_full"
-  assert bind_problem(bound, None) is bound
+  alg = make_algorithm(c, make_problem(graphdef, None))
+  assert alg.personal == "head" and alg.plan_round is None and alg.name == "fedaims_full"
 
 
 def test_resume_restores_personal_state_and_prototypes_exactly(tmp_path):
@@ -427,7 +425,7 @@ def test_vmap_and_sequential_clients_agree():
   data = uneven_clients()
   states = []
   for parallelism in ("vmap", "sequential"):
-    state, fns, _ = small_setup(algorithm=fedaims(reduction="mse"), data=data, model="lenet5")
+    state, fns, _ = small_setup(algorithm=fedaims_with(reduction="mse"), data=data, model="lenet5")
     spec = FLSpec(clients_per_round=3, local_epochs=1, parallelism=parallelism)
     states.append(rounds(state, fns, data, 2, spec=spec)[-1][0])
   assert_trees_close(states[0].params, states[1].params, atol=2e-5)

@@ -1,4 +1,4 @@
-"""FedSAM, FedASAM, FedSoL and the optax perturbation chain (SPEC §4)."""
+"""FedSAM, FedASAM, FedSoL and the optax perturbation chain (methods §4)."""
 
 import functools
 import math
@@ -17,7 +17,8 @@ from isr_jax.fl.algorithm import Batch, LocalProblem, ServerBroadcast
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedsol import fedasam, fedsam, fedsol, head_body_mask, kl_proximal_loss
 from isr_jax.fl.registry import PROXIMAL_SOURCES, PROXIMAL_STATIONARY, make_algorithm
-from isr_jax.fl.round import FLSpec, fl_round
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.spec import FLSpec
 from isr_jax.losses import cross_entropy
 from isr_jax.sam import perturbation, perturbed_gradient, sam_optimizer
 

@@ -1,4 +1,4 @@
-"""The jitted, vmapped FL round against a plain per-client Python loop (SPEC §2)."""
+"""The jitted, vmapped FL round against a plain per-client Python loop (methods §2)."""
 
 import functools
 from types import SimpleNamespace
@@ -22,7 +22,9 @@ from isr_jax.config import default_config
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.client import batch_schedule, run_local_steps
 from isr_jax.fl.registry import make_algorithm
-from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients, size_balanced_order
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys, sample_clients, size_balanced_order
+from isr_jax.fl.spec import FLSpec
 
 
 def reference_fedavg_round(state, data, fns, spec: FLSpec, lr):
@@ -178,7 +180,7 @@ def test_scaffold_with_personal_adapters_moves_and_corrects_only_the_model():
   config = default_config()
   config.fl.algorithm, config.fl.num_clients, config.isr.aggregate_adapters = "scaffold", 6, False
   data = uneven_clients()
-  state, fns, _ = small_setup(isr=True, algorithm=make_algorithm(config),
+  state, fns, _ = small_setup(isr=True, algorithm=config,
                               aggregate_adapters=False)
   spec = FLSpec(clients_per_round=3, local_epochs=1, aggregate_adapters=False)
   new, m = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
@@ -307,17 +309,18 @@ def test_every_mean_message_rule_reads_only_the_weighted_mean():
   given their weighted mean alone with weight 1 (random messages of the
   algorithm's own structure).
   """
-  from isr_jax.fl.algorithm import ServerBroadcast, bind_problem
+  from isr_jax.fl.algorithm import ServerBroadcast
   from isr_jax.fl.registry import ALGORITHMS
 
-  flagged = [n for n in sorted(ALGORITHMS) if make_algorithm(_config(n)).mean_messages]
-  assert {"fedavg", "fedprox", "fedper", "ditto", "fedbabu", "moon"} <= set(flagged)
-  assert not {"scaffold", "feddyn", "fednova", "fedaims", "fedgau"} & set(flagged)
   data = uneven_clients()
   state, fns, _ = small_setup(isr=True, data=data)
+  flagged = [n for n in sorted(ALGORITHMS)
+             if make_algorithm(_config(n), fns.problem).mean_messages]
+  assert {"fedavg", "fedprox", "fedper", "ditto", "fedbabu", "moon"} <= set(flagged)
+  assert not {"scaffold", "feddyn", "fednova", "fedaims", "fedgau"} & set(flagged)
   weights = jnp.asarray([0.5, 0.3, 0.2])
   for name in flagged:
-    alg = bind_problem(make_algorithm(_config(name)), fns.problem)
+    alg = make_algorithm(_config(name), fns.problem)
     params = state.params
     broadcast = ServerBroadcast(params, alg.init_server_state(params, data), state.round,
                                 jnp.float32(0.1), None)

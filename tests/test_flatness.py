@@ -25,7 +25,7 @@ from isr_jax.flatness import (
 )
 from isr_jax.losses import cross_entropy
 from isr_jax.models import create_model
-from isr_jax.models.layers import matmul
+from isr_jax.nn.dense import matmul
 from isr_jax.objective import make_apply, split_model
 from isr_jax.train import train_and_evaluate
 

@@ -1,4 +1,4 @@
-"""Hybrid CL–FL mode (SPEC §2): the α identities and the three schedules."""
+"""Hybrid CL–FL mode (methods §2): the α identities and the three schedules."""
 
 import functools
 
@@ -18,8 +18,10 @@ from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.feddyn import feddyn
 from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.fl.client import batch_schedule
-from isr_jax.fl.round import FLSpec, fl_round, round_keys
-from isr_jax.hybrid import HybridSpec, cosine, hybrid_round, mixing_weight, next_alpha
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys
+from isr_jax.fl.spec import FLSpec
+from isr_jax.hybrid import HybridSpec, cosine, hybrid_round, mixing_weight, next_mix_weight
 
 
 def cloud_data(batch_size=8):
@@ -39,13 +41,13 @@ ALGORITHMS = {
     "feddyn": lambda: feddyn(alpha=0.1, num_clients=6),
 }
 FIXED = HybridSpec(schedule="fixed")
-ADAPTIVE = HybridSpec(schedule="adaptive", beta=0.2, alpha_min=0.1, adaptive_rule="paper",
+ADAPTIVE = HybridSpec(schedule="adaptive", beta=0.2, mix_weight_min=0.1, adaptive_rule="paper",
                       cloud_steps=3)
 
 
 @functools.cache
 def _setup(name):
-  state, fns, _ = small_setup(alpha=0.5, algorithm=ALGORITHMS[name]())
+  state, fns, _ = small_setup(mix_weight=0.5, algorithm=ALGORITHMS[name]())
   return state, fns
 
 
@@ -53,7 +55,7 @@ def start(name, alpha):
   """``(state, fns)`` of a LeNet-5 with ISR; α lives in the state, so every α
   reuses one compiled round per (algorithm, schedule)."""
   state, fns = _setup(name)
-  return state._replace(alpha=jnp.asarray(alpha, jnp.float32)), fns
+  return state._replace(mix_weight=jnp.asarray(alpha, jnp.float32)), fns
 
 
 @functools.cache
@@ -95,7 +97,7 @@ def assert_cl_round(state, new, m, fns, cloud):
       new._replace(params=state.params, opt_state=state.opt_state),
       state._replace(round=state.round + 1))
   m = jax.device_get(m)
-  assert m["hybrid/alpha"] == 1.0
+  assert m["hybrid/mix_weight"] == 1.0
   assert m["comm/up_bytes"] == 0 and m["comm/down_bytes"] == 0
   assert m["fl/local_steps"] == 0 and m["fl/client_drift"] == 0
   assert m["hybrid/cos_cl_fl"] == 0 and m["hybrid/inner_cl_fl"] == 0
@@ -142,7 +144,7 @@ def test_alternating_is_a_cl_step_then_exactly_the_fl_round():
   assert_cl_round(state, after_cl, m, fns, cloud)
   after_fl, m = step(after_cl, data, cloud)
   chex.assert_trees_all_equal(after_fl, fl_step("feddyn")(after_cl, data)[0])
-  assert float(m["hybrid/alpha"]) == 0.0
+  assert float(m["hybrid/mix_weight"]) == 0.0
   assert float(m["comm/up_bytes"]) == 3 * per_client_bytes("feddyn", state.params)[0]
 
 
@@ -151,7 +153,7 @@ def test_adaptive_signed_rule_at_alpha_one_probes_the_clients_but_keeps_their_st
   # clients run and communicate; their step still has weight 0, so their state is dropped.
   data, cloud = uneven_clients(), cloud_data()
   state, fns = start("scaffold", 1.0)
-  hybrid = HybridSpec(schedule="adaptive", beta=0.5, alpha_min=0.1, adaptive_rule="signed")
+  hybrid = HybridSpec(schedule="adaptive", beta=0.5, mix_weight_min=0.1, adaptive_rule="signed")
   new, m = hybrid_step("scaffold", hybrid)(state, data, cloud)
   chex.assert_trees_all_equal(new.alg_state, state.alg_state)
   chex.assert_trees_all_equal(new.client_states, state.client_states)
@@ -160,7 +162,7 @@ def test_adaptive_signed_rule_at_alpha_one_probes_the_clients_but_keeps_their_st
   assert cos != 0 and float(m["fl/local_steps"]) > 0
   up, down = per_client_bytes("scaffold", state.params)  # the probe's messages did travel
   assert (float(m["comm/up_bytes"]), float(m["comm/down_bytes"])) == (3 * up, 3 * down)
-  assert float(new.alpha) == pytest.approx(min(1.0, max(0.1, 1.0 - 0.5 * cos)), abs=1e-6)
+  assert float(new.mix_weight) == pytest.approx(min(1.0, max(0.1, 1.0 - 0.5 * cos)), abs=1e-6)
 
 
 def test_adaptive_paper_rule_at_alpha_one_skips_the_clients():
@@ -168,7 +170,7 @@ def test_adaptive_paper_rule_at_alpha_one_skips_the_clients():
   state, _ = start("fedavg", 1.0)
   new, m = hybrid_step("fedavg", ADAPTIVE)(state, with_nan_inputs(uneven_clients()),
                                            cloud_data())
-  assert float(new.alpha) == 1.0 and float(m["comm/up_bytes"]) == 0
+  assert float(new.mix_weight) == 1.0 and float(m["comm/up_bytes"]) == 0
   assert float(m["fl/local_steps"]) == 0 and np.isfinite(float(m["train/loss"]))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new.params))
 
@@ -194,28 +196,28 @@ def test_fixed_schedule_never_changes_alpha():
   a = jnp.float32(0.3)
   for t, s in enumerate([1.0, -1.0, 0.2]):
     assert float(mixing_weight(spec, a, jnp.int32(t))) == pytest.approx(0.3)
-    a = next_alpha(spec, a, jnp.float32(s))
+    a = next_mix_weight(spec, a, jnp.float32(s))
   assert float(a) == pytest.approx(0.3)
 
 
 def _adaptive_sequence(spec, alpha0, cosines):
   a, seq = jnp.float32(alpha0), []
   for s in cosines:
-    a = next_alpha(spec, a, jnp.float32(s))
+    a = next_mix_weight(spec, a, jnp.float32(s))
     seq.append(round(float(a), 6))
   return seq
 
 
 def test_adaptive_paper_rule_only_grows_and_clips():
   # α_{t+1} = clip(α_t + β(1 − s), α_min, 1) — Algorithm 1 line 42.
-  spec = HybridSpec(schedule="adaptive", beta=0.1, alpha_min=0.05, adaptive_rule="paper")
+  spec = HybridSpec(schedule="adaptive", beta=0.1, mix_weight_min=0.05, adaptive_rule="paper")
   seq = _adaptive_sequence(spec, 0.2, [1.0, 0.5, -1.0, 0.0, -1.0, -1.0, -1.0, -1.0])
   assert seq == pytest.approx([0.2, 0.25, 0.45, 0.55, 0.75, 0.95, 1.0, 1.0])
 
 
 def test_adaptive_signed_rule_follows_alignment():
   # α_{t+1} = clip(α_t − β s, α_min, 1): aligned ⇒ more federated weight.
-  spec = HybridSpec(schedule="adaptive", beta=0.1, alpha_min=0.05, adaptive_rule="signed")
+  spec = HybridSpec(schedule="adaptive", beta=0.1, mix_weight_min=0.05, adaptive_rule="signed")
   seq = _adaptive_sequence(spec, 0.2, [1.0, 1.0, 1.0, -1.0, 0.0, -0.5])
   assert seq == pytest.approx([0.1, 0.05, 0.05, 0.15, 0.15, 0.2])
 
@@ -226,7 +228,7 @@ def test_adaptive_round_logs_alpha_and_cosine():
   alphas, cosines = [], []
   for _ in range(3):
     state, m = hybrid_step("fedavg", ADAPTIVE)(state, data, cloud)
-    alphas.append(float(m["hybrid/alpha"]))
+    alphas.append(float(m["hybrid/mix_weight"]))
     cosines.append(float(m["hybrid/cos_cl_fl"]))
   assert alphas[0] == pytest.approx(0.5)
   for t in range(2):

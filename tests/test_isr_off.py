@@ -1,4 +1,4 @@
-"""ISR off (M = 0, or every α = λ = 0) is plain training, bit for bit (SPEC §1)."""
+"""ISR off (M = 0, or every α = λ = 0) is plain training, bit for bit (methods §1)."""
 
 import functools
 
@@ -15,7 +15,8 @@ from isr_jax.data import pack_clients
 from isr_jax.fl.algorithm import LocalProblem
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.client import batch_schedule
-from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
+from isr_jax.fl.round import fl_round, init_client_states
+from isr_jax.fl.spec import FLSpec, RoundFns
 from isr_jax.losses import cross_entropy
 from isr_jax.models import create_model
 from isr_jax.objective import init_params, make_apply, make_problem, split_model
@@ -47,7 +48,7 @@ def setup(spec_kwargs):
 def cl_state(params, optimizer):
   return TrainState(params=params, opt_state=optimizer.init(params), alg_state={},
                     client_states={}, rng=jax.random.PRNGKey(2), round=jnp.zeros((), jnp.int32),
-                    alpha=jnp.float32(0))
+                    mix_weight=jnp.float32(0))
 
 
 def run_cl(problem, params, rounds=3):
@@ -74,7 +75,7 @@ def test_cl_isr_off_is_bit_for_bit_plain_training():
 
 
 def test_all_zero_weights_are_isr_off():
-  graphdef, spec, params = setup(dict(enabled=True, num_taps=3, alpha=0.0, lam=0.0))
+  graphdef, spec, params = setup(dict(enabled=True, num_taps=3, mi_weight=0.0, ne_weight=0.0))
   assert len(spec.terms) == 3 and params["adapters"] == {}
   zero = run_cl(make_problem(graphdef, spec), params)
   plain = run_cl(plain_problem(graphdef), params)

@@ -1,6 +1,8 @@
 """Tests of isr_jax.data.partition: exact cover, determinism, skew and error messages."""
 
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def _distinct_classes(labels, parts):
 @pytest.mark.parametrize(("n", "num_clients", "seed"), [(1000, 10, 0), (1000, 37, 3), (503, 50, 7)])
 def test_exact_cover_every_method(method, n, num_clients, seed):
   labels = _labels(n, seed=seed)
-  parts = partition(labels, num_clients, method, seed=seed, alpha=0.1)
+  parts = partition(labels, num_clients, method, seed=seed, concentration=0.1)
   _assert_valid(parts, n, num_clients)
 
 
@@ -43,7 +45,7 @@ def test_one_client_gets_everything(method):
 @pytest.mark.parametrize("method", PARTITIONS)
 def test_as_many_clients_as_examples(method):
   labels = _labels(40, num_classes=4)
-  parts = partition(labels, 40, method, seed=1, shards_per_client=1, alpha=0.05)
+  parts = partition(labels, 40, method, seed=1, shards_per_client=1, concentration=0.05)
   _assert_valid(parts, 40, 40)
   assert all(len(p) == 1 for p in parts)
 
@@ -66,8 +68,9 @@ def test_iid_sizes_are_even():
 def test_dirichlet_small_alpha_is_skewed():
   labels = _labels(10_000)
   iid = _distinct_classes(labels, partition(labels, 100, "iid", seed=0))
-  skewed = _distinct_classes(labels, partition(labels, 100, "dirichlet", seed=0, alpha=0.05))
-  mild = _distinct_classes(labels, partition(labels, 100, "dirichlet", seed=0, alpha=100.0))
+  dirichlet = functools.partial(partition, labels, 100, "dirichlet", seed=0)
+  skewed = _distinct_classes(labels, dirichlet(concentration=0.05))
+  mild = _distinct_classes(labels, dirichlet(concentration=100.0))
   assert iid.mean() > 9.5
   assert skewed.mean() < 3.0
   assert mild.mean() > 9.0
@@ -77,12 +80,12 @@ def test_dirichlet_small_alpha_is_skewed():
 def test_dirichlet_thousand_clients_tiny_alpha_terminates(n):
   # No resample-until-lucky loop: a single pass, whatever α and the client count.
   labels = _labels(n)
-  _assert_valid(partition(labels, 1000, "dirichlet", seed=0, alpha=0.01), n, 1000)
+  _assert_valid(partition(labels, 1000, "dirichlet", seed=0, concentration=0.01), n, 1000)
 
 
 def test_dirichlet_single_class_labels():
   labels = np.zeros(30, np.int64)
-  _assert_valid(partition(labels, 7, "dirichlet", seed=0, alpha=0.01), 30, 7)
+  _assert_valid(partition(labels, 7, "dirichlet", seed=0, concentration=0.01), 30, 7)
 
 
 def test_shards_give_few_labels_per_client():
@@ -132,8 +135,8 @@ def test_errors_name_the_setting():
       (dict(num_clients=0, method="iid"), "num_clients=0"),
       (dict(num_clients=301, method="iid"), "num_clients=301"),
       (dict(num_clients=5, method="nope"), "partition.method='nope'"),
-      (dict(num_clients=5, method="dirichlet", alpha=0.0), "partition.dirichlet_alpha=0.0"),
-      (dict(num_clients=5, method="dirichlet", alpha=-1.0), "partition.dirichlet_alpha=-1.0"),
+      (dict(num_clients=5, method="dirichlet", concentration=0.0), "dirichlet_alpha=0.0"),
+      (dict(num_clients=5, method="dirichlet", concentration=-1.0), "dirichlet_alpha=-1.0"),
       (dict(num_clients=5, method="shards", shards_per_client=0), "partition.shards_per_client"),
       (dict(num_clients=100, method="shards", shards_per_client=5), "partition.shards_per_client"),
       (dict(num_clients=5, method="pathological", classes_per_client=0), "classes_per_client=0"),

@@ -16,7 +16,9 @@ from isr_jax.data import pack_clients, split_clients
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.evaluate_clients import client_accuracy_stats, evaluate_clients
 from isr_jax.fl.personal import is_head, merge, personal_predicate, select, travelling_bytes
-from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys, sample_clients
+from isr_jax.fl.spec import FLSpec
 from isr_jax.optim import make_optimizer
 
 LENET5_HEAD = 84 * 10 + 10  # LeNet-5's classifier on digits

@@ -1,4 +1,4 @@
-"""Ditto, FedRoD and FedALA (FedAIMS Table 2, SPEC §4): identities with FedAvg and with
+"""Ditto, FedRoD and FedALA (FedAIMS Table 2, methods §4): identities with FedAvg and with
 local training through the jitted round on LeNet-5 with ISR, hand-computed updates,
 per-client state that only the sampled clients change, the personalized evaluation
 of each client's own model, and config validation."""
@@ -25,7 +25,10 @@ from isr_jax.fl.algorithms.fedrod import balanced_logits, fedrod, summed_head, w
 from isr_jax.fl.client import batch_schedule
 from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.personal import is_head, select
-from isr_jax.fl.round import FLSpec, fl_round, make_trainer, round_keys, sample_clients
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys, sample_clients
+from isr_jax.fl.spec import FLSpec
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.losses import cross_entropy
 
 SIZES = (7, 30, 19, 45, 12, 26)

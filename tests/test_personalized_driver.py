@@ -11,7 +11,7 @@ from support import driver_env
 
 from experiments import personalized_tables as personalized
 from experiments.configs.personalized import get_config
-from isr_jax.train import build_experiment
+from isr_jax.experiment import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(__file__))
 

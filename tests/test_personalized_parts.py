@@ -1,5 +1,5 @@
 """Local, FedPer, FedRep, LG-FedAvg and FedBABU: what each split makes exact, jitted on
-LeNet-5 with ISR on, the bytes from shapes, and the per-client evaluation (SPEC §4)."""
+LeNet-5 with ISR on, the bytes from shapes, and the per-client evaluation (methods §4)."""
 
 import functools
 import math
@@ -33,7 +33,10 @@ from isr_jax.fl.client import batch_schedule
 from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.personal import is_head, merge
 from isr_jax.fl.registry import make_algorithm
-from isr_jax.fl.round import FLSpec, fl_round, make_trainer, round_keys, sample_clients
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys, sample_clients
+from isr_jax.fl.spec import FLSpec
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.train import train_and_evaluate
 
 MINE = ("local", "fedper", "fedrep", "lg_fedavg", "fedbabu")

@@ -23,7 +23,9 @@ from isr_jax.fl.algorithms.fedgau import aggregation_weights, fedgau
 from isr_jax.fl.algorithms.fedntd import fedntd, ntd_loss
 from isr_jax.fl.algorithms.moon import moon, moon_proximal_loss
 from isr_jax.fl.registry import make_algorithm
-from isr_jax.fl.round import FLSpec, fl_round, round_keys, sample_clients
+from isr_jax.fl.round import fl_round
+from isr_jax.fl.selection import round_keys, sample_clients
+from isr_jax.fl.spec import FLSpec
 from isr_jax.losses import cross_entropy
 from isr_jax.models import create_model
 from isr_jax.objective import init_params, make_problem, split_model
@@ -180,8 +182,8 @@ def test_moon_contrasts_the_projection_head_of_a_real_model_with_isr():
   train, _, info = digits()
   net = create_model("lenet5", num_classes=10, input_shape=info.input_shape,
                      rngs=nnx.Rngs(0), projection_dim=16)
-  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, spacing=2, alpha=0.5,
-                       lam=0.05)
+  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, spacing=2, mi_weight=0.5,
+                       ne_weight=0.05)
   graphdef, model_params = split_model(net)
   start = init_params(graphdef, model_params, spec, num_classes=10,
                       input_shape=info.input_shape, key=jax.random.PRNGKey(1))

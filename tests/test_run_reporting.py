@@ -170,7 +170,7 @@ def test_panels_only_for_logged_metrics(tmp_path):
       {"round": r, "train/ce": 2.0 / r, "train/loss": 2.0 / r, "fl/client_drift": 0.1 * r,
        "test/accuracy": 0.2 * r, "test/loss": 1.0 / r} for r in (1, 2, 3)])
   hybrid = fake_workdir(tmp_path / "hybrid_isr", [
-      {"round": r, "train/ce": 2.0 / r, "train/loss": 2.5 / r, "hybrid/alpha": 0.5,
+      {"round": r, "train/ce": 2.0 / r, "train/loss": 2.5 / r, "hybrid/mix_weight": 0.5,
        "hybrid/cos_cl_fl": "nan" if r == 2 else 0.3} for r in (1, 2, 3)])
   assert plot_workdirs([fl], str(tmp_path / "fl.png")) == (
       "test/accuracy", "test/loss", "train/ce", "fl/client_drift")  # train/loss = train/ce

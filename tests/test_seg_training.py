@@ -29,10 +29,10 @@ from test_algorithms import TEST_SETTINGS, algorithm_config, per_client_bytes
 from experiments.configs.segmentation import MODELS, get_config
 from isr_jax.data import load_dataset, pack_clients, partition
 from isr_jax.errors import ConfigError
-from isr_jax.fl.algorithm import bind_problem
 from isr_jax.fl.registry import ALGORITHMS, make_algorithm
-from isr_jax.fl.round import FLSpec, RoundFns, fl_round, init_client_states
-from isr_jax.models.layers import Conv
+from isr_jax.fl.round import fl_round, init_client_states
+from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.nn.conv import Conv
 from isr_jax.objective import init_params, make_problem, split_model
 from isr_jax.optim import make_optimizer
 from isr_jax.state import TrainState
@@ -75,7 +75,7 @@ def seg_config(model, mode, isr, algorithm, partition):
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compile():
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr("isr_jax.train.xla_compiler_options", fast_compiler_options)
+    patch.setattr("isr_jax.experiment.xla_compiler_options", fast_compiler_options)
     yield
 
 
@@ -141,12 +141,12 @@ def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
   data, info = dense_clients()
   net = TinySeg(info.num_classes, nnx.Rngs(0))
   graphdef, model_params = split_model(net)
-  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, alpha=0.5, lam=0.05)
+  spec = make_isr_spec(net.tap_names, enabled=True, num_taps=2, mi_weight=0.5, ne_weight=0.05)
   params = init_params(graphdef, model_params, spec, num_classes=info.num_classes,
                        input_shape=info.input_shape, key=jax.random.PRNGKey(1))
   config = algorithm_config(algorithm)
   problem = make_problem(graphdef, spec, ignore_index=255, representation="decoder")
-  alg = bind_problem(make_algorithm(config), problem)
+  alg = make_algorithm(config, problem)
   if algorithm in CLASSIFICATION_ONLY:
     with pytest.raises(ConfigError, match="one label per example"):
       alg.init_server_state(params, data)

@@ -58,16 +58,17 @@ def test_bad_placement_and_spacing():
 
 
 def test_spec_weights_per_tap_and_validation():
-  spec = make_isr_spec(TAPS, enabled=True, num_taps=2, spacing=2, alpha=(0.1, 0.2), lam=0.05)
+  spec = make_isr_spec(TAPS, enabled=True, num_taps=2, spacing=2, mi_weight=(0.1, 0.2),
+                       ne_weight=0.05)
   assert spec.tap_names == ("t0", "t2")
-  assert [t.alpha for t in spec.terms] == [0.1, 0.2]
-  assert [t.lam for t in spec.terms] == [0.05, 0.05]
+  assert [t.mi_weight for t in spec.terms] == [0.1, 0.2]
+  assert [t.ne_weight for t in spec.terms] == [0.05, 0.05]
   assert make_isr_spec(TAPS, enabled=False) is None
   with pytest.raises(ConfigError, match=r"isr\.mi_weight=-0\.1 must be"):
-    make_isr_spec(TAPS, enabled=True, num_taps=1, alpha=-0.1)
+    make_isr_spec(TAPS, enabled=True, num_taps=1, mi_weight=-0.1)
   with pytest.raises(ConfigError, match=r"isr\.ne_weight=-1"):
-    make_isr_spec(TAPS, enabled=True, num_taps=1, lam=-1)
+    make_isr_spec(TAPS, enabled=True, num_taps=1, ne_weight=-1)
   with pytest.raises(ConfigError, match=r"isr\.mi_weight has 3 values but 2 taps"):
-    make_isr_spec(TAPS, enabled=True, num_taps=2, alpha=(1, 2, 3))
-  only_ne = make_isr_spec(TAPS, enabled=True, num_taps=2, alpha=0.0, lam=0.1)
+    make_isr_spec(TAPS, enabled=True, num_taps=2, mi_weight=(1, 2, 3))
+  only_ne = make_isr_spec(TAPS, enabled=True, num_taps=2, mi_weight=0.0, ne_weight=0.1)
   assert only_ne.adapter_taps == ()

@@ -16,11 +16,12 @@ from test_algorithms import LENET5_DIGITS, per_client_bytes
 from experiments.configs.digits import get_config
 from isr_jax.config import validate
 from isr_jax.errors import CheckpointError, ConfigError, NaNLossError
+from isr_jax.experiment import build_experiment
 from isr_jax.fl.algorithm import Batch
 from isr_jax.fl.client import auto_parallelism, local_step_flops
 from isr_jax.metric_writer import read_metrics
 from isr_jax.models import create_model
-from isr_jax.train import build_experiment, train_and_evaluate
+from isr_jax.train import train_and_evaluate
 
 
 def tiny(run_mode="fl", isr=False, **overrides):
@@ -56,7 +57,7 @@ def test_one_run_per_mode(tmp_path, mode, isr):
   params = result["state"].params
   assert sum(x.size for x in jax.tree.leaves(params["model"])) == LENET5_DIGITS
   if mode == "hybrid":
-    assert m["hybrid/alpha"] == pytest.approx(0.5)
+    assert m["hybrid/mix_weight"] == pytest.approx(0.5)
     assert -1.0 <= m["hybrid/cos_cl_fl"] <= 1.0
   if mode != "cl":
     # Every sampled client ran its 20 steps; 3 clients × the model (+ adapters) each way.

@@ -15,7 +15,7 @@ the bigger run. Append ``,local`` for a smoke run of a few seconds per run.
 import ml_collections
 
 from isr_jax.config import default_config
-from isr_jax.fl.registry import ALGORITHMS, is_personalized
+from isr_jax.fl.registry import global_model_algorithms
 
 
 def get_config(arg: str = "digits"):
@@ -44,8 +44,7 @@ def get_config(arg: str = "digits"):
   c.compare = ml_collections.ConfigDict()
   # The global model's accuracy is what this table compares: the personalized methods
   # (Local, FedPer, ...) are compared per client by experiments/configs/personalized.py.
-  c.compare.algorithms = tuple(sorted(
-      name for name, entry in ALGORITHMS.items() if not is_personalized(entry.build(c))))
+  c.compare.algorithms = global_model_algorithms(c)
   c.compare.seeds = (0, 1, 2)
   if dataset == "digits":
     c.model.name = "lenet5"

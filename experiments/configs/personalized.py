@@ -5,7 +5,7 @@ r"""Personalized FL in FedAIMS's Table 2 setting, on the data available offline.
   python -m experiments.main --config=experiments/configs/personalized.py:local \
       --config.fl.algorithm=fedrep --workdir=/tmp/pfl_smoke
 
-FedAIMS §5.1 (papers/fedaims.txt; methods §4): 100 clients, 10 % sampled per
+FedAIMS §5.1 (FedAIMS paper; methods §4): 100 clients, 10 % sampled per
 round, T = 300 rounds of E = 5 local epochs, batch 64, SGD with lr 0.1,
 momentum 0.9, weight decay 1e-4 and lr decay 0.99 per round; label skew
 Dir(0.3) or Dir(0.1); a 3-layer ConvNet for EMNIST-balanced, a 4-layer one for

@@ -10,7 +10,14 @@ from isr_jax.fl.algorithm import (
 )
 from isr_jax.fl.client import CLIENT_PARALLELISM, batch_schedule, map_clients, run_local_steps
 from isr_jax.fl.registry import ALGORITHMS, make_algorithm
-from isr_jax.fl.round import FLSpec, RoundFns, federated_update, fl_round, init_client_states
+from isr_jax.fl.round import (
+    FederatedRound,
+    federated_update,
+    fl_round,
+    init_client_states,
+    make_round,
+)
+from isr_jax.fl.spec import FLSpec, RoundFns
 
 __all__ = [
     "ALGORITHMS",
@@ -18,6 +25,7 @@ __all__ = [
     "Batch",
     "FLAlgorithm",
     "FLSpec",
+    "FederatedRound",
     "LocalProblem",
     "RoundFns",
     "ServerBroadcast",
@@ -27,6 +35,7 @@ __all__ = [
     "init_client_states",
     "loss_grad",
     "make_algorithm",
+    "make_round",
     "map_clients",
     "run_local_steps",
     "weighted_sum",

@@ -110,8 +110,10 @@ class FLAlgorithm(NamedTuple):
     client_final: ``(broadcast, ctx, local_params, num_steps, client_state)
       -> (message, new_client_state)``; ``message`` is what travels up.
     server_update: ``(params, alg_state, messages, weights) -> (pseudo_grad,
-      alg_state)`` with ``messages`` stacked over the sampled clients and
-      ``weights`` = ``|D_n| / Σ_k |D_k|`` (zero for padding clients).
+      alg_state)`` or ``(pseudo_grad, alg_state, metrics)``, with ``messages``
+      stacked over the sampled clients and ``weights`` = ``|D_n| / Σ_k |D_k|``
+      (zero for padding clients); ``metrics`` (scalars) are logged as
+      ``server/<name>`` (FedExP's step size).
     server_optimizer: the server's optax optimizer when the algorithm defines
       it (FedAvgM's momentum, FedAdam); ``None`` uses ``fl.server_optimizer``.
     downlink: ``broadcast -> pytree``, what travels down to each client (for
@@ -132,16 +134,12 @@ class FLAlgorithm(NamedTuple):
       its personal head). ``None``: the model at ``params``.
     plan_round: ``(alg_state, client_states, ids) -> plan``, a server decision
       over ALL of the round's sampled clients taken before any of them trains
-      (FedAIMS's supervision sampling, papers/fedaims.txt Algorithm 2):
+      (FedAIMS's supervision sampling, FedAIMS paper Algorithm 2):
       ``client_states`` are the sampled clients' algorithm states stacked in
       sampling order, ``ids`` their client ids (−1 for the padding clients that
       fill the mesh); ``plan`` is stacked the same way and each client gets its
       row as ``broadcast.plan``. ``None``: nothing to plan (``broadcast.plan`` is
       ``None``).
-    bind: ``problem -> FLAlgorithm``, the algorithm specialised to the run's model
-      when its state depends on the model's taps (FedAIMS sizes its per-client
-      adapters from them); :func:`bind_problem` applies it before any state is
-      initialised. ``None``: the algorithm does not depend on the model.
     mean_messages: ``server_update`` reads the messages only as their weighted
       mean ``weighted_sum(messages, weights)`` (FedAvg's rule, which most
       algorithms reuse). The round then hands it that mean as the only message,
@@ -163,17 +161,7 @@ class FLAlgorithm(NamedTuple):
   local_update: Callable[..., tuple[Params, PyTree, dict, jax.Array]] | None = None
   eval_model: Callable[..., Callable[[jax.Array], jax.Array]] | None = None
   plan_round: Callable[..., PyTree] | None = None
-  bind: Callable[..., FLAlgorithm] | None = None
   mean_messages: bool = False
-
-
-def bind_problem(algorithm: FLAlgorithm, problem: LocalProblem) -> FLAlgorithm:
-  """``algorithm`` specialised to ``problem``'s model (:attr:`FLAlgorithm.bind`).
-
-  Call it once, before the algorithm's state is initialised; a no-op for the
-  algorithms that do not depend on the model, and for one already bound.
-  """
-  return algorithm if algorithm.bind is None else algorithm.bind(problem)
 
 
 class LocalTrainer(NamedTuple):
@@ -181,14 +169,15 @@ class LocalTrainer(NamedTuple):
   data and the engine's local optimizer, schedule and step masking.
 
   Attributes:
-    train: ``(start, grad_fn, *, epochs=None, trainable=None, stream=0) ->
+    train: ``(start, grad_fn, *, epochs=None, trainable=None, stream=0, project=None) ->
       (params, aux_sum, num_steps)``: local SGD from ``start`` with ``grad_fn(params,
       batch, key) -> (grads, aux)`` for ``epochs`` epochs (``None``: the round's
       ``fl.local_epochs`` / ``fl.local_steps``); ``trainable(path) -> bool`` freezes
       the other leaves (their update is zeroed after the optimizer, so weight decay
       and momentum cannot move them); it may return a traced boolean scalar when
       the choice is made inside the round (FedAIMS's sampled block, from
-      ``broadcast.plan``); ``stream`` picks an independent shuffle.
+      ``broadcast.plan``); ``stream`` picks an independent shuffle; ``project(params)
+      -> params`` runs after every step (APFL projects its mixing weight to [0, 1]).
     problem: the client objective.
     data: the client's row of ``ClientData`` (``[S, B, ...]``).
     key: the client's PRNG key this round.

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from isr_jax.fl.algorithm import Batch
-from isr_jax.models.layers import textbook_lowering
+from isr_jax.nn.lowering import textbook_lowering
 from isr_jax.sharding import CLIENT_AXIS
 
 CLIENT_PARALLELISM = ("auto", "vmap", "chunked", "sequential")
@@ -94,7 +94,7 @@ def local_step_flops(loss: Callable[[Any, Batch], Any], params: Any, batch: Batc
 
   Counted on the traced program before optimisation (lowering only, no
   compile: ~0.1 s for a small CNN), with textbook convolutions
-  (:func:`~isr_jax.models.layers.textbook_lowering`): the count measures the
+  (:func:`~isr_jax.nn.lowering.textbook_lowering`): the count measures the
   model's arithmetic, not the zeros a CPU lowering multiplies. The backward of
   a network costs about twice its forward.
   """
@@ -157,6 +157,7 @@ def run_local_steps(
     key: jax.Array,
     unroll: int | bool = 1,
     all_or_none: bool = False,
+    project: Callable[[Any], Any] | None = None,
 ):
   """Runs ``T`` masked optimizer steps over slot-indexed batches.
 
@@ -176,6 +177,8 @@ def run_local_steps(
       nothing" rule is then applied once after the loop instead of at every
       step, which spares each step a select over the parameters and optimizer
       state and the copy of them it forces (7 % of a FedAvg-CNN round on CPU).
+    project: applied to the parameters after every step (projected SGD onto a
+      constraint set, e.g. APFL's mixing weight onto [0, 1]); ``None``: none.
 
   Returns:
     ``(params, opt_state, aux_sum, num_steps)``: final state, the per-term sums
@@ -186,7 +189,8 @@ def run_local_steps(
     batch = Batch(x=x[idx_t], y=y[idx_t], mask=valid_t)
     grads, aux = grad_fn(params, batch, jax.random.fold_in(key, t))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_opt_state, aux
+    new_params = optax.apply_updates(params, updates)
+    return (new_params if project is None else project(new_params)), new_opt_state, aux
 
   active = jnp.any(valid, axis=1)
   num_steps = jnp.sum(active.astype(jnp.int32))

@@ -20,7 +20,8 @@ from jax import lax
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.client import map_clients
 from isr_jax.fl.personal import merge
-from isr_jax.fl.round import FLSpec, RoundFns, make_trainer
+from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.state import TrainState
 
 

@@ -96,14 +96,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_state
-from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.config_checks import check_flag, check_number
+from isr_jax.fl.algorithm import FLAlgorithm
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import (
-    label_counts,
-    position_mean,
-    position_weights,
-    restricted_kl,
-    valid_positions,
+  label_counts,
+  position_mean,
+  position_weights,
+  restricted_kl,
+  valid_positions,
 )
 
 # Logit given to absent classes in CE_P; finite, so a padded example whose
@@ -251,13 +252,21 @@ def balancefl(lam: float = 1.0, temperature: float = 2.0, *, balanced: bool = Tr
     (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, aux
 
-  return FLAlgorithm(
-      name="balancefl",
-      init_server_state=no_state,
-      init_client_state=no_state,
-      client_init=client_init,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-  )
+  return fedavg()._replace(
+      name="balancefl", client_init=client_init, client_grad=client_grad)
+
+
+# BalanceFL (Shuai et al., IPSN 2022): λ = 1, T = 2, class-balanced sampler and
+# feature augmentation on — the authors' CIFAR-10 config (sxontheway/BalanceFL,
+# CIFAR10/config/fedlt.yaml: lamda 1, Temp 2, balanced_loader, feat_aug).
+DEFAULTS = dict(lam=1.0, temperature=2.0, balanced=True, resample=True, feature_aug=True)
+
+
+def settings(config, name: str = "balancefl") -> dict:
+  """:func:`balancefl`'s arguments from ``config.fl.<name>``."""
+  c = config.fl[name]
+  return dict(
+      lam=check_number(c.lam, f"fl.{name}.lam", low=0),
+      temperature=check_number(c.temperature, f"fl.{name}.temperature", low=0, low_open=True),
+      **{flag: check_flag(c[flag], f"fl.{name}.{flag}")
+         for flag in ("balanced", "resample", "feature_aug")})

@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import optax.tree_utils as otu
 
-from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, loss_grad, no_state
+from isr_jax.config_checks import check_integer, check_number
+from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, loss_grad
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.algorithms.fedavg import client_grad as fedavg_client_grad
-from isr_jax.fl.algorithms.fedavg import server_update
+from isr_jax.fl.algorithms.fedavg import fedavg
 
 
 def init_client_state(params, client_data=None):
@@ -92,16 +92,18 @@ def ditto(lam: float = 0.1, personal_epochs: int = 5) -> FLAlgorithm:
     del params
     return lambda x: trainer.problem.apply(client_state["v"]["model"], x)[0]
 
-  return FLAlgorithm(
-      name="ditto",
-      init_server_state=no_state,
-      init_client_state=init_client_state,
-      client_init=client_init,
-      client_grad=fedavg_client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      local_update=local_update,
-      eval_model=eval_model,
-  )
+  return fedavg()._replace(
+      name="ditto", init_client_state=init_client_state, client_init=client_init,
+      client_final=client_final, local_update=local_update, eval_model=eval_model)
 
+
+# Ditto (Li, Hu, Beirami, Smith, ICML 2021, Algorithm 1): λ = 0.1 and E_p = 5
+# personal epochs per round, FedAIMS's settings (FedAIMS paper §5.1, methods §4).
+DEFAULTS = dict(lam=0.1, personal_epochs=5)
+
+
+def settings(config, name: str = "ditto") -> dict:
+  """:func:`ditto`'s arguments from ``config.fl.<name>``."""
+  c = config.fl[name]
+  return dict(lam=check_number(c.lam, f"fl.{name}.lam", low=0),
+              personal_epochs=check_integer(c.personal_epochs, f"fl.{name}.personal_epochs"))

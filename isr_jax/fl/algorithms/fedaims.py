@@ -1,4 +1,4 @@
-"""FedAIMS (papers/fedaims.txt §4): federated adaptive intermediate supervision.
+"""FedAIMS (FedAIMS paper §4): federated adaptive intermediate supervision.
 
 Personalized FL with a shared backbone φ and a personal head ψ (FedPer's split,
 ``personal="head"``). Per round (Algorithm 1):
@@ -97,210 +97,37 @@ experiments/RESULTS.md at commit cc57a03): a block's auxiliary term costs less t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from isr_jax.adapters import apply_adapter, init_adapter
+from isr_jax.config_checks import check_flag, check_integer, check_number, check_one_of
 from isr_jax.errors import ConfigError
-from isr_jax.fl.algorithm import FLAlgorithm
+from isr_jax.fl.algorithm import FLAlgorithm, LocalProblem
+from isr_jax.fl.algorithms.fedaims_parts import (
+    AGGREGATIONS,
+    REDUCTIONS,
+    aggregate_prototypes,
+    apply_sigma,
+    block_features,
+    block_names,
+    client_prototypes,
+    cosine_matrix,
+    flat_backbone,
+    init_sigma,
+    prototype_distance,
+    supervision_sampling,
+    tap_layout,
+)
 from isr_jax.fl.algorithms.fedavg import server_update as fedavg_server_update
 from isr_jax.fl.personal import HEAD
 from isr_jax.losses import cross_entropy
-from isr_jax.models.layers import global_avg_pool, matmul
 
-REDUCTIONS = ("sum", "mean", "mse")
-AGGREGATIONS = ("present", "literal")
 PROTOTYPE_TIMES = ("start", "end")
 ABSENT_CLASSES = ("zero", "mask")
-COSINE_EPS = 1e-8
-
-# -- blocks and their features --
-
-
-def block_features(tap: jax.Array, pool: bool) -> jax.Array:
-  """``φ^j(x)``: the tap ``[B, ...]`` flattened to ``[B, D_j]``, or pooled to ``[B, C_j]``."""
-  return global_avg_pool(tap) if pool else tap.reshape(tap.shape[0], -1)
-
-
-def block_names(tap_order: Sequence[str], blocks: Sequence[str], representation: str
-                ) -> tuple[str, ...]:
-  """Blocks 1..m: the model's taps in block order (or ``blocks``), ending at the head's input."""
-  taps = tuple(tap_order)
-  names = tuple(blocks) or taps
-  unknown = [n for n in names if n not in taps]
-  if unknown:
-    raise ConfigError(f"fl.fedaims.blocks: {unknown} not among the model's taps {list(taps)}")
-  if list(names) != sorted(names, key=taps.index) or len(set(names)) != len(names):
-    raise ConfigError(f"fl.fedaims.blocks={list(names)} must be distinct taps in block "
-                      f"order {list(taps)}")
-  if names[-1] != representation:
-    raise ConfigError(f"fl.fedaims.blocks={list(names)} must end with the head's input tap "
-                      f"{representation!r} (block m)")
-  if len(names) < 2:
-    raise ConfigError(f"fl.fedaims.blocks={list(names)}: FedAIMS needs m >= 2 blocks")
-  return names
-
-
-def tap_layout(apply: Callable, model_params, x: jax.Array) -> dict[str, tuple[int, ...]]:
-  """Every tap's shape for the input ``x``, in the model's block order, without running it.
-
-  The order is recorded while tracing: ``eval_shape`` returns the dict with its keys
-  sorted, and the models write their taps in block order (``model.tap_names``).
-  """
-  order: list[str] = []
-
-  def forward(p, x):
-    _, taps = apply(p, x)
-    order.extend(taps)
-    return taps
-
-  shapes = jax.eval_shape(forward, model_params, x)
-  return {name: tuple(shapes[name].shape) for name in order}
-
-
-# -- Eq. 3 and Eq. 4: prototypes --
-
-
-def class_sums(features: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int):
-  """``(Σ_{y=k} φ(x), #{y=k})`` over the real examples of one batch (Eq. 3's parts)."""
-  valid = mask.astype(features.dtype)
-  labels = jnp.where(mask, labels, 0)
-  sums = jax.ops.segment_sum(features * valid[:, None], labels, num_segments=num_classes)
-  counts = jax.ops.segment_sum(valid, labels, num_segments=num_classes)
-  return sums, counts
-
-
-def prototypes_from_sums(sums: jax.Array, counts: jax.Array) -> jax.Array:
-  """Eq. 3: the class means; an absent class (count 0) gets the zero prototype."""
-  present = counts[:, None] > 0
-  return jnp.where(present, sums / jnp.where(present, counts[:, None], 1.0), 0.0)
-
-
-def client_prototypes(apply: Callable, model_params, data, block: str, *, pool: bool,
-                      num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """``(C_i [K, D], counts [K])`` of block ``block`` over the client's data (Eq. 3).
-
-  One pass over the client's packed batches ``data.x [S, B, ...]``.
-  """
-
-  def one_batch(carry, batch):
-    x, y, mask = batch
-    _, taps = apply(model_params, x)
-    sums, counts = class_sums(block_features(taps[block], pool), y, mask, num_classes)
-    return (carry[0] + sums, carry[1] + counts), None
-
-  x0 = jax.ShapeDtypeStruct(data.x.shape[1:], data.x.dtype)
-  feature_dim = jax.eval_shape(
-      lambda x: block_features(apply(model_params, x)[1][block], pool), x0).shape[-1]
-  init = (jnp.zeros((num_classes, feature_dim), jnp.float32),
-          jnp.zeros((num_classes,), jnp.float32))
-  (sums, counts), _ = lax.scan(one_batch, init, (data.x, data.y, data.mask))
-  return prototypes_from_sums(sums, counts), counts
-
-
-def aggregate_prototypes(prototypes: jax.Array, counts: jax.Array, weights: jax.Array,
-                         mode: str = "present") -> jax.Array:
-  """Eq. 4: ``C_g = Σ_i p_i C_i`` over the clients ``[n, K, D]`` with weights ``p`` ``[n]``.
-
-  ``"present"``: per class, over the clients with ``counts > 0``, ``p_i``
-  renormalised among them (0 where no client has the class); ``"literal"``: the
-  printed sum, a missing prototype counting as 0.
-  """
-  if mode == "literal":
-    return jnp.tensordot(weights, prototypes, axes=1)
-  if mode != "present":
-    raise ValueError(f"aggregation={mode!r} is not one of {AGGREGATIONS}")
-  w = weights[:, None] * (counts > 0)  # [n, K]
-  total = jnp.sum(w, axis=0)
-  summed = jnp.einsum("nk,nkd->kd", w, prototypes)
-  return jnp.where(total[:, None] > 0, summed / jnp.where(total > 0, total, 1.0)[:, None], 0.0)
-
-
-# -- Algorithm 2: supervision sampling --
-
-
-def flat_backbone(model_params) -> jax.Array:
-  """The backbone φ (every model leaf outside the head) as one vector."""
-  body = {k: v for k, v in model_params.items() if k not in HEAD}
-  return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(body)])
-
-
-def cosine_matrix(vectors: jax.Array) -> jax.Array:
-  """``cos(v_i, v_j)`` for the rows of ``vectors`` ``[n, P]``."""
-  norms = jnp.sqrt(jnp.sum(vectors * vectors, axis=1))
-  unit = vectors / jnp.maximum(norms, COSINE_EPS)[:, None]
-  return jnp.matmul(unit, unit.T, precision=lax.Precision.HIGHEST)
-
-
-def supervision_sampling(similarity: jax.Array, real: jax.Array, num_groups: int
-                         ) -> jax.Array:
-  """Algorithm 2: each client's supervised block, ``1..num_groups`` (0 for padding).
-
-  Clients in the given order go to one of ``num_groups`` (= m − 1) groups: the
-  candidates are the groups of minimal current size (balance, Eq. 10's
-  constraint); among them the one with the least ``δ_{i,k}`` (Eq. 11: mean
-  similarity to its members, 0 when empty), ties to the lowest index. Groups
-  are then stably sorted by size, ascending; the r-th supervises block r, so
-  larger groups get deeper blocks.
-
-  Args:
-    similarity: ``[n, n]`` cosine similarities of the clients' backbones.
-    real: ``[n]`` bool, False for padding clients (never assigned).
-    num_groups: m − 1.
-  """
-  n = similarity.shape[0]
-
-  def add(carry, i):
-    member, sizes = carry  # member [n, G] one-hot rows; sizes [G]
-    sums = similarity[i] @ member
-    delta = jnp.where(sizes > 0, sums / jnp.maximum(sizes, 1).astype(sums.dtype), 0.0)
-    candidate = sizes == jnp.min(sizes)
-    group = jnp.argmin(jnp.where(candidate, delta, jnp.inf))  # first minimum: lowest index
-    join = real[i]
-    member = member.at[i, group].set(join.astype(member.dtype))
-    sizes = sizes.at[group].add(join.astype(sizes.dtype))
-    return (member, sizes), None
-
-  init = (jnp.zeros((n, num_groups), similarity.dtype), jnp.zeros((num_groups,), jnp.int32))
-  (member, sizes), _ = lax.scan(add, init, jnp.arange(n))
-  order = jnp.argsort(sizes, stable=True)  # order[r] = the group at rank r
-  rank = jnp.zeros((num_groups,), jnp.int32).at[order].set(jnp.arange(num_groups))
-  group = jnp.argmax(member, axis=1)
-  return jnp.where(real, rank[group] + 1, 0)
-
-
-# -- Eq. 5 / 8 and the adapters --
-
-
-def init_sigma(key: jax.Array, d_in: int, hidden: int, d_out: int) -> dict:
-  """σ: Dense(d_in→h) → ReLU → Dense(h→d_out), Flax's Dense initialisation."""
-  k1, k2 = jax.random.split(key)
-  return {"hidden": init_adapter(k1, d_in, hidden), "out": init_adapter(k2, hidden, d_out)}
-
-
-def apply_sigma(sigma: dict, c: jax.Array) -> jax.Array:
-  h = jax.nn.relu(matmul(c, sigma["hidden"]["kernel"]) + sigma["hidden"]["bias"])
-  return matmul(h, sigma["out"]["kernel"]) + sigma["out"]["bias"]
-
-
-def prototype_distance(target: jax.Array, features: jax.Array, mask: jax.Array,
-                       reduction: str = "sum") -> jax.Array:
-  """Eq. 5/8 on a batch: ``Σ_{real b} ‖target_b − φ_b‖²`` (``sum``), /N (``mean``),
-  /(N·D) (``mse``)."""
-  squared = jnp.sum(jnp.square(target - features), axis=-1)
-  total = jnp.sum(jnp.where(mask, squared, 0.0))
-  if reduction == "sum":
-    return total
-  n = jnp.maximum(jnp.sum(mask.astype(total.dtype)), 1.0)
-  if reduction == "mean":
-    return total / n
-  if reduction == "mse":
-    return total / (n * features.shape[-1])
-  raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-
 
 # -- the algorithm --
 
@@ -309,7 +136,7 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
             reduction: str = "sum", aggregation: str = "present", pool: bool = False,
             blocks: Sequence[str] = (), adapt_last: bool = False,
             prototype_at: str = "start", absent_classes: str = "zero", full: bool = False,
-            seed: int = 0, problem=None) -> FLAlgorithm:
+            seed: int = 0, problem: LocalProblem) -> FLAlgorithm:
   """FedAIMS (``full=False``) or FedAIMS-Full, see the module docstring.
 
   Args:
@@ -328,8 +155,8 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
       pulls its examples toward the zero row, ``"mask"`` leaves them out of R.
     full: FedAIMS-Full (every block, no sampling).
     seed: the adapters' initialisation.
-    problem: the run's :class:`LocalProblem`; ``None`` returns the algorithm
-      unbound (``bind`` fills it in, :func:`isr_jax.fl.algorithm.bind_problem`).
+    problem: the run's :class:`LocalProblem` (the per-client adapters are sized
+      from its model's taps).
   """
   if mu < 0:
     raise ValueError(f"mu={mu} must be >= 0")
@@ -343,21 +170,7 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
                                (absent_classes, ABSENT_CLASSES, "absent_classes")):
     if value not in allowed:
       raise ValueError(f"{name}={value!r} is not one of {allowed}")
-  settings = dict(mu=mu, lam=lam, hidden=hidden, reduction=reduction, aggregation=aggregation,
-                  pool=pool, blocks=tuple(blocks), adapt_last=adapt_last,
-                  prototype_at=prototype_at, absent_classes=absent_classes, full=full,
-                  seed=seed)
   name = "fedaims_full" if full else "fedaims"
-
-  if problem is None:
-    def unbound(*args, **kwargs):
-      raise ValueError(f"{name}: the algorithm depends on the model's taps; bind it to the "
-                       "run's problem first (isr_jax.fl.algorithm.bind_problem)")
-
-    return FLAlgorithm(
-        name=name, init_server_state=unbound, init_client_state=unbound, client_init=unbound,
-        client_grad=unbound, client_final=unbound, server_update=unbound, personal="head",
-        bind=lambda problem: fedaims(**settings, problem=problem))
 
   apply, representation = problem.apply, problem.representation
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xFEDA)
@@ -529,15 +342,41 @@ def fedaims(*, mu: float = 1.0, lam: float | None = None, hidden: int = 64,
     return down
 
   return FLAlgorithm(
-      name=name,
-      init_server_state=init_server_state,
-      init_client_state=init_client_state,
-      client_init=client_init,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      downlink=downlink,
-      personal="head",
-      local_update=local_update,
-      plan_round=None if full else plan_round,
-  )
+      name=name, init_server_state=init_server_state, init_client_state=init_client_state,
+      client_init=client_init, client_grad=client_grad, client_final=client_final,
+      server_update=server_update, downlink=downlink, personal="head", local_update=local_update,
+      plan_round=None if full else plan_round)
+
+
+# μ = 1 (§5.1, picked from {0.01, ..., 5} in §5.3.1); λ = None means 1/m (Eq. 12);
+# h = 64 and no σ^m: Table 8's adapter storage (ResNet-18 0.49 MiB, EMNIST
+# ConvNet 0.06 MiB); flattened blocks (pool False) as Eq. 5/8 are printed, but
+# reduction "mse" (/(N·D_j)) instead of the printed sum over examples: with
+# "sum" local SGD diverges at the paper's lr 0.1 (and at 0.01 on ConvNet3) once
+# R switches on; "mse" trains. Eq. 4 over the clients that have the class
+# ("present"); C_i^m before training (Algorithm 1, line 9). A class no sampled
+# client held keeps its zero global prototype in R (absent_classes "zero", what
+# the paper's formulas give; "mask" leaves it out). Methods §4.
+DEFAULTS = dict(mu=1.0, lam=None, hidden=64, reduction="mse", aggregation="present",
+                pool=False, blocks=(), adapt_last=False, prototype_at="start",
+                absent_classes="zero")
+
+
+def settings(config, name: str = "fedaims") -> dict:
+  """:func:`fedaims`'s arguments from ``config.fl.<name>`` (``fedaims_full``: Full)."""
+  c = config.fl[name]
+  blocks = tuple(c.blocks)
+  if not all(isinstance(b, str) for b in blocks):
+    raise ConfigError(f"fl.{name}.blocks={c.blocks!r} must be tap names")
+  return dict(
+      mu=check_number(c.mu, f"fl.{name}.mu", low=0),
+      lam=None if c.lam is None else check_number(c.lam, f"fl.{name}.lam", low=0, high=1),
+      hidden=check_integer(c.hidden, f"fl.{name}.hidden"),
+      reduction=check_one_of(c.reduction, REDUCTIONS, f"fl.{name}.reduction"),
+      aggregation=check_one_of(c.aggregation, AGGREGATIONS, f"fl.{name}.aggregation"),
+      pool=check_flag(c.pool, f"fl.{name}.pool"), blocks=blocks,
+      adapt_last=check_flag(c.adapt_last, f"fl.{name}.adapt_last"),
+      prototype_at=check_one_of(c.prototype_at, PROTOTYPE_TIMES, f"fl.{name}.prototype_at"),
+      absent_classes=check_one_of(c.absent_classes, ABSENT_CLASSES,
+                                  f"fl.{name}.absent_classes"),
+      full=name == "fedaims_full", seed=int(config.seed))

@@ -69,11 +69,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from isr_jax.config_checks import check_integer, check_number, check_one_of
 from isr_jax.errors import ConfigError
-from isr_jax.fl.algorithm import Batch, FLAlgorithm, loss_grad, no_state
+from isr_jax.fl.algorithm import Batch, FLAlgorithm, loss_grad
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.algorithms.fedavg import client_grad as fedavg_client_grad
-from isr_jax.fl.algorithms.fedavg import server_update
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.personal import is_head, merge, select
 
 ALA_LAYERS = ("head", "all")
@@ -207,15 +207,30 @@ def fedala(eta: float = 0.1, fraction: float = 0.1, layers: str = "head", *,
     model = blend(params, client_state["local"], w, part)["model"]
     return lambda x: trainer.problem.apply(model, x)[0]
 
-  return FLAlgorithm(
-      name="fedala",
-      init_server_state=no_state,
-      init_client_state=init_client_state,
-      client_init=client_init,
-      client_grad=fedavg_client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      local_update=local_update,
-      eval_model=eval_model,
-  )
+  return fedavg()._replace(
+      name="fedala", init_client_state=init_client_state, client_init=client_init,
+      client_final=client_final, local_update=local_update, eval_model=eval_model)
+
+
+# FedALA (Zhang et al., AAAI 2023): η = 0.1 and s = 0.1, FedAIMS's settings
+# (FedAIMS paper §5.1: "random sampling ratio 0.1, local aggregation
+# learning rate 0.1"; the authors' code runs η = 1.0, s = 80 %). ALA on the
+# output layer, the authors' p (TsingZ0/FedALA main.py: layer_idx = 2 tensors,
+# the last layer's weight and bias); the convergence test of the first ALA,
+# threshold 0.1 over the last 10 epoch losses, is their ALA.py's default. The
+# cap of 50 epochs on that first ALA is ours (it must be bounded to jit).
+DEFAULTS = dict(eta=0.1, sample_fraction=0.1, layers="head", threshold=0.1, num_pre_loss=10,
+                max_start_epochs=50)
+
+
+def settings(config, name: str = "fedala") -> dict:
+  """:func:`fedala`'s arguments from ``config.fl.<name>``."""
+  c = config.fl[name]
+  return dict(
+      eta=check_number(c.eta, f"fl.{name}.eta", low=0),
+      fraction=check_number(c.sample_fraction, f"fl.{name}.sample_fraction", low=0, high=1,
+                            low_open=True),
+      layers=check_one_of(c.layers, ALA_LAYERS, f"fl.{name}.layers"),
+      threshold=check_number(c.threshold, f"fl.{name}.threshold", low=0, low_open=True),
+      num_pre_loss=check_integer(c.num_pre_loss, f"fl.{name}.num_pre_loss"),
+      max_start_epochs=check_integer(c.max_start_epochs, f"fl.{name}.max_start_epochs"))

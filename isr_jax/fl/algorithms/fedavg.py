@@ -38,12 +38,6 @@ def server_update(params, alg_state, messages, weights):
 
 def fedavg() -> FLAlgorithm:
   return FLAlgorithm(
-      name="fedavg",
-      init_server_state=no_state,
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-  )
+      name="fedavg", init_server_state=no_state, init_client_state=no_state,
+      client_init=no_context, client_grad=client_grad, client_final=client_final,
+      server_update=server_update, mean_messages=True)

@@ -26,7 +26,7 @@ What is fine-tuned, ``fl.fedbabu.finetune_part``:
   ``baselines/fedbabu/fedbabu/task.py`` ``finetune``, and PFLlib's
   ``clientbabu.fine_tune(which_module=['base', 'head'])``);
 * ``"head"``: the head only, as FedAIMS's baseline list words it
-  (papers/fedaims.txt §5.1: "fine-tune the personalized head at test time").
+  (FedAIMS paper §5.1: "fine-tune the personalized head at test time").
 
 Default E_ft = 5: FedAIMS §5.1 and the Flower baseline's ``num-finetune-epochs``.
 """
@@ -36,8 +36,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, no_context, no_state, weighted_sum
-from isr_jax.fl.algorithms.fedavg import client_grad
+from isr_jax.config_checks import check_integer, check_one_of
+from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, weighted_sum
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import not_head, require_head
 from isr_jax.fl.personal import is_head, merge, select
 
@@ -82,16 +83,21 @@ def fedbabu(finetune_epochs: int = 5, finetune_part: str = "all") -> FLAlgorithm
           trainable=is_head if finetune_part == "head" else None)
     return lambda x: trainer.problem.apply(params["model"], x)[0]
 
-  return FLAlgorithm(
-      name="fedbabu",
-      init_server_state=require_head("fedbabu"),
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      downlink=lambda broadcast: select(broadcast.params, not_head),
-      local_update=local_update,
-      eval_model=eval_model,
-  )
+  return fedavg()._replace(
+      name="fedbabu", init_server_state=require_head("fedbabu"), client_final=client_final,
+      server_update=server_update, downlink=lambda broadcast: select(broadcast.params, not_head),
+      local_update=local_update, eval_model=eval_model)
+
+
+# FedBABU (Oh, Kim, Yun, ICLR 2022): E_ft = 5 fine-tuning epochs at evaluation
+# (FedAIMS §5.1; the Flower baseline's num-finetune-epochs) of the whole model,
+# as FedBABU personalizes ("head": FedAIMS's wording, the head only).
+DEFAULTS = dict(finetune_epochs=5, finetune_part="all")
+
+
+def settings(config, name: str = "fedbabu") -> dict:
+  """:func:`fedbabu`'s arguments from ``config.fl.<name>``."""
+  c = config.fl[name]
+  return dict(
+      finetune_epochs=check_integer(c.finetune_epochs, f"fl.{name}.finetune_epochs", low=0),
+      finetune_part=check_one_of(c.finetune_part, FINETUNE_PARTS, f"fl.{name}.finetune_part"))

@@ -19,7 +19,7 @@ by a static branch). The ``h`` update keeps the paper's unweighted sum over the
 sampled clients divided by ``N``; padding rows (weight 0) are left out of it.
 
 The two extra terms are also FedSoL's loss A when ``fl.fedsol.proximal="feddyn"``
-(papers/fedsol.txt App. H); they read the client's ``∇L_i(θ_i^{t−1})`` from
+(FedSoL paper App. H); they read the client's ``∇L_i(θ_i^{t−1})`` from
 FedDyn's own context.
 """
 
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from isr_jax.config_checks import check_integer, check_number
 from isr_jax.fl.algorithm import FLAlgorithm, weighted_sum
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
 from isr_jax.fl.algorithms.shared import with_proximal_term
@@ -101,3 +102,15 @@ def feddyn(alpha: float = 0.01, *, num_clients: int) -> FLAlgorithm:
       client_final=client_final,
       server_update=server_update,
   )
+
+
+# FedDyn (Acar et al., ICLR 2021): α = 0.01, the authors' CIFAR-10 example
+# (alpemreacar/FedDyn, example_cifar_10.py, alpha_coef = 1e-2); OmniISR Table VII
+# runs 0.005 and 0.01.
+DEFAULTS = dict(alpha=0.01)
+
+
+def settings(config, name: str = "feddyn") -> dict:
+  """:func:`feddyn`'s arguments from ``config.fl.<name>`` and ``fl.num_clients``."""
+  return dict(alpha=check_number(config.fl[name].alpha, f"fl.{name}.alpha", low=0),
+              num_clients=check_integer(config.fl.num_clients, "fl.num_clients"))

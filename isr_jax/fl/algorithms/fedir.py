@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, no_state
-from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.fl.algorithm import FLAlgorithm, loss_grad
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import label_counts, position_weights
 
 
@@ -76,13 +76,6 @@ def client_grad(params, ctx, batch, problem, key):
 
 
 def fedir() -> FLAlgorithm:
-  return FLAlgorithm(
-      name="fedir",
-      init_server_state=init_server_state,
-      init_client_state=no_state,
-      client_init=client_init,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-  )
+  return fedavg()._replace(
+      name="fedir", init_server_state=init_server_state, client_init=client_init,
+      client_grad=client_grad)

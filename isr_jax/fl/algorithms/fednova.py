@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_context, no_state, weighted_sum
-from isr_jax.fl.algorithms.fedavg import client_grad
+from isr_jax.config_checks import check_local_sgd
+from isr_jax.fl.algorithm import FLAlgorithm, weighted_sum
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import step_weight_sum
 
 
@@ -54,12 +55,11 @@ def fednova(momentum: float = 0.0, *, nesterov: bool = False) -> FLAlgorithm:
     tau_eff = jnp.sum(weights * messages["a"])
     return otu.tree_scale(tau_eff, weighted_sum(messages["d"], weights)), alg_state
 
-  return FLAlgorithm(
-      name="fednova",
-      init_server_state=no_state,
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-  )
+  return fedavg()._replace(
+      name="fednova", client_final=client_final, server_update=server_update, mean_messages=False)
+
+
+def settings(config, name: str = "fednova") -> dict:
+  """:func:`fednova`'s arguments: the clients' SGD momentum (no setting of its own)."""
+  return check_local_sgd(config, name, "its normalizer ‖a_i‖₁ is the sum of local "
+                         "SGD(-momentum) step weights (Wang et al. 2020)")

@@ -30,8 +30,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
-from isr_jax.fl.algorithms.fedavg import client_final, server_update
+from isr_jax.config_checks import check_number
+from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import global_anchor, position_mean, restricted_kl
 
 
@@ -66,13 +67,18 @@ def fedntd(beta: float = 1.0, tau: float = 1.0) -> FLAlgorithm:
         "ntd": (beta, ntd_loss(logits, z_g, batch.y, tau=tau, mask=batch.mask,
                                weight=batch.weight))})
 
-  return FLAlgorithm(
-      name="fedntd",
-      init_server_state=no_state,
-      init_client_state=no_state,
-      client_init=global_anchor,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-  )
+  return fedavg()._replace(
+      name="fedntd", client_init=global_anchor, client_grad=client_grad)
+
+
+# FedNTD (Lee et al., NeurIPS 2022): β = 1, τ = 1, the authors' code
+# (Lee-Gihun/FedNTD config/fedntd.json) and FedSoL's pick from β ∈ {0.5, 1},
+# τ ∈ {1, 3} (FedSoL paper, App. C).
+DEFAULTS = dict(beta=1.0, tau=1.0)
+
+
+def settings(config, name: str = "fedntd") -> dict:
+  """:func:`fedntd`'s arguments from ``config.fl.<name>``."""
+  c = config.fl[name]
+  return dict(beta=check_number(c.beta, f"fl.{name}.beta", low=0),
+              tau=check_number(c.tau, f"fl.{name}.tau", low=0, low_open=True))

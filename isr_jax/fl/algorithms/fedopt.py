@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from isr_jax.config_checks import check_number
 from isr_jax.fl.algorithm import FLAlgorithm
 from isr_jax.fl.algorithms.fedavg import fedavg
 
@@ -116,3 +117,25 @@ def fedadam(learning_rate: float = 0.01, *, b1: float = 0.9, b2: float = 0.99,
 def fedyogi(learning_rate: float = 0.01, *, b1: float = 0.9, b2: float = 0.99,
             tau: float = 1e-3) -> FLAlgorithm:
   return _fedopt("fedyogi", "yogi", learning_rate, b1, b2, tau)
+
+
+# FedAdagrad / FedAdam / FedYogi (Reddi et al., ICLR 2021, Algorithm 2, §5):
+# β1 = 0.9, β2 = 0.99, τ = 1e-3 (their README: τ "at least 0.001"); the server
+# rate η is tuned per task on a half-decade grid, 10^-1 (FedAdagrad) and 10^-2
+# (FedAdam, FedYogi) the values picked most often. FedAdagrad's β1 = 0: their
+# experiments ran a Keras Adagrad on the server (README), which has no momentum.
+FEDADAGRAD_DEFAULTS = dict(learning_rate=0.1, b1=0.0, tau=1e-3)
+FEDADAM_DEFAULTS = dict(learning_rate=0.01, b1=0.9, b2=0.99, tau=1e-3)
+FEDYOGI_DEFAULTS = dict(learning_rate=0.01, b1=0.9, b2=0.99, tau=1e-3)
+
+
+def settings(config, name: str) -> dict:
+  """The arguments of :func:`fedadagrad`, :func:`fedadam` or :func:`fedyogi` from
+  ``config.fl.<name>`` (FedAdagrad has no ``b2``)."""
+  c = config.fl[name]
+  out = dict(learning_rate=check_number(c.learning_rate, f"fl.{name}.learning_rate", low=0,
+                                        low_open=True),
+             tau=check_number(c.tau, f"fl.{name}.tau", low=0, low_open=True))
+  for beta in ("b1", "b2") if "b2" in c else ("b1",):
+    out[beta] = check_number(c[beta], f"fl.{name}.{beta}", low=0, high=1, high_open=True)
+  return out

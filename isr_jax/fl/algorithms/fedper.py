@@ -22,20 +22,11 @@ adapters belong to the shared part and are averaged unless
 
 from __future__ import annotations
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_context, no_state
-from isr_jax.fl.algorithms.fedavg import client_final, client_grad, server_update
+from isr_jax.fl.algorithm import FLAlgorithm
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import require_head
 
 
 def fedper() -> FLAlgorithm:
-  return FLAlgorithm(
-      name="fedper",
-      init_server_state=require_head("fedper"),
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      personal="head",
-  )
+  return fedavg()._replace(
+      name="fedper", init_server_state=require_head("fedper"), personal="head")

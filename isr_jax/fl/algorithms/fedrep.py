@@ -22,7 +22,7 @@ ISR adapters read the body's taps: they train with the body (second phase)
 and are averaged with it unless ``isr.aggregate_adapters=False``. The loss of
 both phases is ``L_T`` (plain cross-entropy when ISR is off).
 
-Defaults: E_p = 5, FedAIMS's setting (papers/fedaims.txt §5.1) and PFLlib's
+Defaults: E_p = 5, FedAIMS's setting (FedAIMS paper §5.1) and PFLlib's
 ``plocal_epochs`` for FedRep; the authors' code (lgcollins/FedRep,
 ``models/Update.py``) runs ``local_ep − local_rep_ep`` head epochs and then
 ``local_rep_ep`` = 1 representation epoch (10 and 1 in the paper's §5).
@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import jax
 
-from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, no_context, no_state
-from isr_jax.fl.algorithms.fedavg import client_final, client_grad, server_update
+from isr_jax.config_checks import check_integer
+from isr_jax.fl.algorithm import FLAlgorithm, loss_grad
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import not_head, require_head
 from isr_jax.fl.personal import is_head
 
@@ -54,15 +55,17 @@ def fedrep(head_epochs: int = 5) -> FLAlgorithm:
     aux_sum = jax.tree.map(lambda a, b: a + b, aux_head, aux_body)
     return params, ctx, aux_sum, steps_head + steps_body
 
-  return FLAlgorithm(
-      name="fedrep",
-      init_server_state=require_head("fedrep"),
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      personal="head",
-      local_update=local_update,
-  )
+  return fedavg()._replace(
+      name="fedrep", init_server_state=require_head("fedrep"), personal="head",
+      local_update=local_update)
+
+
+# FedRep (Collins et al., ICML 2021): E_p = 5 head epochs before the round's body
+# epochs, FedAIMS's setting (FedAIMS paper §5.1) and PFLlib's plocal_epochs;
+# the authors' code runs local_ep − local_rep_ep head epochs, then 1 body epoch.
+DEFAULTS = dict(head_epochs=5)
+
+
+def settings(config, name: str = "fedrep") -> dict:
+  """:func:`fedrep`'s arguments from ``config.fl.<name>``."""
+  return dict(head_epochs=check_integer(config.fl[name].head_epochs, f"fl.{name}.head_epochs"))

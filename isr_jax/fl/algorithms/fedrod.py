@@ -52,10 +52,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from isr_jax.config_checks import check_integer
 from isr_jax.errors import ConfigError
-from isr_jax.fl.algorithm import FLAlgorithm, no_state
+from isr_jax.fl.algorithm import FLAlgorithm
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.algorithms.fedavg import server_update
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import label_counts
 
 LOG_ABSENT = -1e9  # log-prior of a class the client does not have (log 0)
@@ -148,16 +149,19 @@ def fedrod(personal_epochs: int = 5) -> FLAlgorithm:
     model = summed_head(params["model"], client_state["head"])
     return lambda x: trainer.problem.apply(model, x)[0]
 
-  return FLAlgorithm(
-      name="fedrod",
-      init_server_state=no_state,
-      init_client_state=init_client_state,
-      client_init=client_init,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      local_update=local_update,
-      eval_model=eval_model,
-  )
+  return fedavg()._replace(
+      name="fedrod", init_client_state=init_client_state, client_init=client_init,
+      client_grad=client_grad, client_final=client_final, local_update=local_update,
+      eval_model=eval_model)
 
+
+# FedRoD (Chen & Chao, ICLR 2022): E_p = 5 epochs of personalized-head training
+# per round (FedAIMS paper §5.1, methods §4); the generic model trains the
+# round's epochs on the balanced softmax.
+DEFAULTS = dict(personal_epochs=5)
+
+
+def settings(config, name: str = "fedrod") -> dict:
+  """:func:`fedrod`'s arguments from ``config.fl.<name>``."""
+  return dict(personal_epochs=check_integer(config.fl[name].personal_epochs,
+                                            f"fl.{name}.personal_epochs"))

@@ -21,20 +21,11 @@ common random initialisation, as here. No hyper-parameter.
 
 from __future__ import annotations
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_context, no_state
-from isr_jax.fl.algorithms.fedavg import client_final, client_grad, server_update
+from isr_jax.fl.algorithm import FLAlgorithm
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import require_head
 
 
 def lg_fedavg() -> FLAlgorithm:
-  return FLAlgorithm(
-      name="lg_fedavg",
-      init_server_state=require_head("lg_fedavg"),
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-      personal="body",
-  )
+  return fedavg()._replace(
+      name="lg_fedavg", init_server_state=require_head("lg_fedavg"), personal="body")

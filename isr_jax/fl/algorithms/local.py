@@ -1,6 +1,6 @@
 """Local: every client trains its own model on its own data; nothing is shared.
 
-The "Local" baseline of personalized FL (papers/fedaims.txt §5.1: "each client
+The "Local" baseline of personalized FL (FedAIMS paper §5.1: "each client
 trains its model independently with its local dataset"; 0 MB per round in its
 Table 6; PFLlib's ``local``). Client ``i``'s model ``θ_i`` is its personal state
 (``personal = "all"``: the model and the ISR adapters), and a round is, for
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from isr_jax.fl.algorithm import FLAlgorithm, no_context, no_state
-from isr_jax.fl.algorithms.fedavg import client_grad
+from isr_jax.fl.algorithm import FLAlgorithm
+from isr_jax.fl.algorithms.fedavg import fedavg
 
 
 def client_final(broadcast, ctx, local_params, num_steps, client_state):
@@ -42,15 +42,7 @@ def server_update(params, alg_state, messages, weights):
 
 
 def local() -> FLAlgorithm:
-  return FLAlgorithm(
-      name="local",
-      init_server_state=no_state,
-      init_client_state=no_state,
-      client_init=no_context,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      server_optimizer=optax.set_to_zero(),
-      downlink=lambda broadcast: {},
-      personal="all",
-  )
+  return fedavg()._replace(
+      name="local", client_final=client_final, server_update=server_update,
+      server_optimizer=optax.set_to_zero(), downlink=lambda broadcast: {}, personal="all",
+      mean_messages=False)

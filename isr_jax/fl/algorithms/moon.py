@@ -36,7 +36,7 @@ Choices where the paper leaves room:
 * Defaults: ``μ = 1`` and ``τ = 0.5``. The paper tunes μ over
   {0.1, 1, 5, 10} per dataset and picks 5 for CIFAR-10, 1 for CIFAR-100 and
   Tiny-ImageNet (§4.1); 1 is also its code's default and FedAIMS's setting
-  (papers/fedaims.txt §5.1). μ = 5 belongs to its CIFAR-10 regime of 10 local
+  (FedAIMS paper §5.1). μ = 5 belongs to its CIFAR-10 regime of 10 local
   epochs (hundreds of local steps) per round: with one short local epoch, as in
   the digits comparison, the contrastive term outweighs the supervised loss for
   the first rounds and training starts late (experiments/RESULTS.md at commit cc57a03).
@@ -44,7 +44,7 @@ Choices where the paper leaves room:
 * One negative (the previous model), the paper's default buffer size of 1.
 
 ``moon_proximal_loss`` is ``μ ℓ_con`` with the proximal-loss signature, for
-FedSoL's composition (papers/fedsol.txt App. H, ``fl.fedsol.proximal="moon"``);
+FedSoL's composition (FedSoL paper App. H, ``fl.fedsol.proximal="moon"``);
 there ``anchor`` is the global model and ``ctx`` MOON's own client context.
 """
 
@@ -53,9 +53,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms, no_state
+from isr_jax.config_checks import check_number
+from isr_jax.fl.algorithm import FLAlgorithm, grad_with_terms
 from isr_jax.fl.algorithms.fedavg import client_final as fedavg_client_final
-from isr_jax.fl.algorithms.fedavg import server_update
+from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.shared import position_mean
 
 COSINE_EPS = 1e-8  # as torch.nn.CosineSimilarity, which the authors' code uses
@@ -137,13 +138,21 @@ def moon(mu: float = 1.0, tau: float = 0.5) -> FLAlgorithm:
         "con": (mu, contrastive_loss(_features(taps, problem), z_glob, z_prev, tau=tau,
                                      mask=batch.mask, weight=batch.weight))})
 
-  return FLAlgorithm(
-      name="moon",
-      init_server_state=no_state,
-      init_client_state=init_client_state,
-      client_init=client_init,
-      client_grad=client_grad,
-      client_final=client_final,
-      server_update=server_update,
-      mean_messages=True,
-  )
+  return fedavg()._replace(
+      name="moon", init_client_state=init_client_state, client_init=client_init,
+      client_grad=client_grad, client_final=client_final)
+
+
+# MOON (Li, He, Song, CVPR 2021, §4.1): τ = 0.5; μ = 1, the paper's pick for
+# CIFAR-100 and Tiny-ImageNet from {0.1, 1, 5, 10} (5 for CIFAR-10, in a regime
+# of 10 local epochs per round) and its code's default (QinbinLi/MOON main.py);
+# also FedAIMS's (FedAIMS paper §5.1). The paper's projection head (output
+# 256) is part of the network: model.options.projection_dim = 256.
+DEFAULTS = dict(mu=1.0, tau=0.5)
+
+
+def settings(config, name: str = "moon") -> dict:
+  """:func:`moon`'s arguments from ``config.fl.<name>``."""
+  c = config.fl[name]
+  return dict(mu=check_number(c.mu, f"fl.{name}.mu", low=0),
+              tau=check_number(c.tau, f"fl.{name}.tau", low=0, low_open=True))

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from isr_jax.config_checks import check_integer, check_local_sgd, check_one_of
 from isr_jax.fl.algorithm import FLAlgorithm, loss_grad, weighted_sum
 from isr_jax.fl.algorithms.shared import step_weight_sum
 
@@ -149,12 +150,28 @@ def scaffold(*, num_clients: int, momentum: float = 0.0, nesterov: bool = False,
     return pseudo_grad, {"c": c}
 
   return FLAlgorithm(
-      name="scaffold",
-      init_server_state=init_server_state,
-      init_client_state=init_client_state,
-      client_init=client_init,
-      client_grad=make_client_grad(weight),
+      name="scaffold", init_server_state=init_server_state, init_client_state=init_client_state,
+      client_init=client_init, client_grad=make_client_grad(weight),
       client_final=make_client_final(momentum, nesterov, personal_adapters, weight),
-      server_update=server_update,
-      downlink=downlink,
-  )
+      server_update=server_update, downlink=downlink)
+
+
+# SCAFFOLD's option II follows the clients' SGD momentum ρ; other local
+# optimizers are rejected. Under momentum the correction enters scaled by 1 − β,
+# as NIID-Bench's SCAFFOLD applies it (module docstring; "full" diverges on
+# digits:fl).
+DEFAULTS = dict(momentum_correction="scaled")
+
+
+def settings(config, name: str = "scaffold") -> dict:
+  """:func:`scaffold`'s arguments from ``config.fl.<name>``, ``fl.num_clients``, the
+  ISR adapters' placement and the clients' SGD."""
+  return dict(
+      num_clients=check_integer(config.fl.num_clients, "fl.num_clients"),
+      personal_adapters=not config.isr.aggregate_adapters,
+      momentum_correction=check_one_of(config.fl[name].momentum_correction,
+                                       MOMENTUM_CORRECTIONS, f"fl.{name}.momentum_correction"),
+      **check_local_sgd(config, name,
+                        "its control variates c_i⁺ = c_i − c + (x − y_i)/(K η) are mean "
+                        "gradients only under local SGD (Karimireddy et al. 2020, Eq. 4 "
+                        "option II)"))

@@ -1,0 +1,105 @@
+"""Which clients train this round, their rows of the data and state, and the order they run in.
+
+A round samples ``clients_per_round`` clients, gathers their rows of the packed
+data and of the stacked per-client state, pads their number up to the mesh with
+empty clients (id −1), and, after training, scatters the new state back to the
+sampled rows. Everything here is a gather or a scatter on the leading client
+axis, inside the round's one jit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from isr_jax.data.packing import ClientData
+from isr_jax.fl.client import resolve_parallelism
+from isr_jax.fl.spec import FLSpec
+from isr_jax.sharding import padded_count
+from isr_jax.state import TrainState
+
+
+class SampledClients(NamedTuple):
+  """The round's clients, in sampling order, padding clients last.
+
+  Attributes:
+    ids: client ids ``[K']`` (−1 for the padding clients that fill the mesh).
+    real: ``ids >= 0``.
+    data: their rows of the packed data; a padding client has no examples.
+    states: their rows of the stacked per-client state.
+  """
+
+  ids: jax.Array
+  real: jax.Array
+  data: ClientData
+  states: Any
+
+
+def sample_clients(key: jax.Array, num_clients: int, k: int) -> jax.Array:
+  """``k`` distinct client indices, uniformly at random."""
+  return jax.random.choice(key, num_clients, (k,), replace=False)
+
+
+def round_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sampling, clients, cloud) keys of the current round, derived from ``state.rng``."""
+  key = jax.random.fold_in(state.rng, state.round)
+  return tuple(jax.random.split(key, 3))  # type: ignore[return-value]
+
+
+def take_rows(tree, rows: jax.Array):
+  """Rows ``rows`` of every leaf's leading axis."""
+  return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), tree)
+
+
+def select_clients(key: jax.Array, data: ClientData, client_states: Any,
+                   spec: FLSpec) -> SampledClients:
+  """Samples the round's clients and gathers their data and state.
+
+  Padding clients (id −1) fill the mesh: they read row 0, have no examples and
+  weight 0, and are never written back (:func:`scatter_states`).
+  """
+  k = spec.clients_per_round
+  sampled = sample_clients(key, spec.num_clients or data.num_clients, k)
+  ids = jnp.concatenate([sampled, -jnp.ones(padded_count(k, spec.mesh) - k, sampled.dtype)])
+  real = ids >= 0
+  rows = jnp.where(real, ids, 0)
+  client_data = take_rows(data, rows)
+  client_data = client_data._replace(
+      mask=client_data.mask & real[:, None, None],
+      num_examples=jnp.where(real, client_data.num_examples, 0))
+  return SampledClients(ids, real, client_data, take_rows(client_states, rows))
+
+
+def scatter_states(client_states: Any, sampled: SampledClients, new_states: Any) -> Any:
+  """``client_states`` with the sampled clients' rows replaced by ``new_states``."""
+
+  def scatter(full, new):
+    rows = jnp.where(sampled.real, sampled.ids, full.shape[0])  # out of range: dropped
+    return full.at[rows].set(new, mode="drop")
+
+  return jax.tree.map(scatter, client_states, new_states)
+
+
+def size_balanced_order(num_examples: jax.Array, spec: FLSpec) -> jax.Array:
+  """The order in which the sampled clients enter the client map.
+
+  ``sequential`` on one device runs each client for its own steps: sampling
+  order. Otherwise the clients are sorted by size, largest first, and dealt to
+  the mesh's devices in snake order (0, 1, …, D−1, D−1, …, 0, …), so each
+  device gets a near-equal share of the work and, within a device, consecutive
+  clients — a ``chunked`` chunk, the lanes of a ``vmap`` — have similar sizes:
+  a chunk's cost is its largest client's, and the round's approaches
+  Σ steps / chunk.
+  """
+  k = num_examples.shape[0]
+  devices = 1 if spec.mesh is None else spec.mesh.size
+  if k == 1 or (devices == 1 and resolve_parallelism(spec.parallelism) == "sequential"):
+    return jnp.arange(k)
+  by_size = jnp.argsort(-num_examples, stable=True)
+  per_device = k // devices
+  rank = jnp.arange(per_device)[None, :]            # position within a device
+  device = jnp.arange(devices)[:, None]
+  snake = jnp.where(rank % 2 == 0, device, devices - 1 - device)
+  return by_size[(rank * devices + snake).reshape(-1)]
