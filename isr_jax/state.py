@@ -17,8 +17,10 @@ class TrainState(NamedTuple):
       CL mode, the server optimizer in FL and hybrid mode.
     alg_state: the FL algorithm's server state (``{}`` for FedAvg and in CL).
     client_states: per-client persistent state stacked on a leading client axis:
-      ``{"alg": ..., "adapters": ...}`` (``adapters`` only when adapters are
-      personal, ``isr.aggregate_adapters=False``).
+      ``{"alg": the algorithm's client state, "personal": the leaves that stay
+      on the clients}`` (``personal`` only when there are any: a personalized
+      algorithm's model part, or the ISR adapters when
+      ``isr.aggregate_adapters=False``; see :func:`isr_jax.fl.round.init_client_states`).
     rng: base PRNG key (raw uint32[2]); round ``t`` uses ``fold_in(rng, t)``.
     round: number of completed rounds (int32 scalar).
     mix_weight: hybrid mixing weight α_t for the next round (float32 scalar).
