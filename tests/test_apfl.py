@@ -30,8 +30,7 @@ NUM_CLIENTS = 6
 @functools.cache
 def run(algorithm_name, rounds=2):
   """``(states, fns)`` of ``rounds`` jitted rounds from the same start."""
-  algorithm = {"fedavg": fedavg, "apfl": apfl,
-               "apfl_fixed0": lambda: apfl(personal_weight=0.0, adaptive=False)}[algorithm_name]()
+  algorithm = {"fedavg": fedavg, "apfl": apfl}[algorithm_name]()
   local = default_config().client_optimizer
   local.learning_rate, local.momentum, local.weight_decay = 0.1, 0.0, 0.0
   state, fns, _ = small_setup(isr=True, algorithm=algorithm, data=uneven_clients(), local=local)
@@ -113,17 +112,29 @@ def test_local_update_projects_the_weight_after_every_step():
   assert len(calls) == 2 and calls[0] is not None
 
 
-def test_fixed_zero_weight_is_the_global_model():
-  # α = 0, not learned: v̄ = w for every client; v still trains (its gradient is α ∇f = 0 at α = 0).
-  states, fns = run("apfl_fixed0")
-  chex.assert_trees_all_equal(states[-1].client_states["alg"]["weight"],
-                              jnp.zeros((NUM_CLIENTS,), jnp.float32))
-  assert_trees_close(states[-1].client_states["alg"]["v"],
-                     states[0].client_states["alg"]["v"], atol=0)
+def test_fixed_weight_is_frozen_and_zero_weight_evaluates_the_global_model():
+  # adaptive=False freezes α against every update (weight decay and momentum included) ...
+  frozen = []
+
+  def train(start, grad_fn, *, epochs=None, trainable=None, stream=0, project=None):
+    frozen.extend(path[0].key for path, _ in jax.tree_util.tree_leaves_with_path(start)
+                  if not trainable(path))
+    return start, {}, jnp.int32(0)
+
+  trainer = LocalTrainer(train=train, problem=None, data=None, key=None)
+  params = {"model": {"w": jnp.ones(2)}, "adapters": {}}
+  apfl(personal_weight=0.0, adaptive=False).local_update(
+      params, {"v": params, "weight": jnp.float32(0.0)}, trainer)
+  assert frozen == ["weight"]
+  # ... and at α = 0 every client's personalized model is the global one.
+  states, fns = run("apfl")
+  state = states[-1]
+  zero = state._replace(client_states={**state.client_states, "alg": {
+      **state.client_states["alg"], "weight": jnp.zeros((NUM_CLIENTS,), jnp.float32)}})
   data = uneven_clients()
-  ev = jax.jit(functools.partial(evaluate_clients, fns=fns, spec=SPEC))(states[-1], data, data)
+  ev = jax.jit(functools.partial(evaluate_clients, fns=fns, spec=SPEC))(zero, data, data)
   plain = jax.jit(functools.partial(evaluate_clients, fns=fns._replace(algorithm=fedavg()),
-                                    spec=SPEC))(states[-1], data, data)
+                                    spec=SPEC))(zero, data, data)
   assert float(ev["accuracy_mean"]) == float(plain["accuracy_mean"])
 
 

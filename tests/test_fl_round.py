@@ -72,7 +72,7 @@ def test_vmapped_round_equals_per_client_loop(local_epochs, local_steps):
 def test_client_parallelism_strategies_agree():
   data = uneven_clients()
   results = []
-  for strategy, chunk in [("vmap", 0), ("sequential", 0), ("chunked", 2), ("chunked", 3)]:
+  for strategy, chunk in [("vmap", 0), ("sequential", 0), ("chunked", 2)]:  # 2 + 2 + 1
     state, fns, _ = small_setup(isr=True)
     spec = FLSpec(clients_per_round=5, local_epochs=1, parallelism=strategy, chunk_size=chunk)
     new_state, _ = jax.jit(functools.partial(fl_round, fns=fns, spec=spec))(state, data)
