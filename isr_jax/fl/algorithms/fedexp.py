@@ -32,9 +32,10 @@ from isr_jax.fl.algorithm import FLAlgorithm, weighted_sum
 from isr_jax.fl.algorithms.fedavg import fedavg
 
 
-def server_step_size(deltas, weights: jax.Array, epsilon: float) -> jax.Array:
-  """``η_g`` of the module docstring for client updates ``deltas`` stacked on axis 0."""
-  mean = weighted_sum(deltas, weights)
+def server_step_size(deltas, weights: jax.Array, epsilon: float, mean=None) -> jax.Array:
+  """``η_g`` of the module docstring for client updates ``deltas`` stacked on axis 0
+  (``mean``: their weighted mean ``Δ̄`` when the caller has it)."""
+  mean = weighted_sum(deltas, weights) if mean is None else mean
   squared = jax.vmap(lambda d: otu.tree_norm(d, squared=True))(deltas)
   sampled = jnp.sum(weights > 0).astype(jnp.float32)
   ratio = jnp.sum(weights * squared) / (
@@ -49,8 +50,8 @@ def fedexp(epsilon: float = 1e-3) -> FLAlgorithm:
 
   def server_update(params, alg_state, messages, weights):
     del params
-    eta = server_step_size(messages["delta"], weights, epsilon)
     mean = weighted_sum(messages["delta"], weights)
+    eta = server_step_size(messages["delta"], weights, epsilon, mean)
     pseudo_grad = jax.tree.map(lambda d: -eta.astype(d.dtype) * d, mean)
     return pseudo_grad, alg_state, {"eta_g": eta}
 
