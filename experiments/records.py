@@ -83,16 +83,43 @@ def run_record(workdir: str, run: Mapping) -> dict:
   return record
 
 
-def sweep_records(sweep_dir: str) -> list[dict]:
-  """Records of every run listed in ``<sweep_dir>/sweep.json``, in its order."""
+def sweep_records(sweep_dir: str, prior: Iterable[dict] = ()) -> list[dict]:
+  """Records of every run listed in ``<sweep_dir>/sweep.json``, in its order.
+
+  ``prior`` records (a committed ``results.jsonl`` of the same sweep) stand in
+  for runs whose workdir has not finished them: a grid spans machines and
+  sessions through its committed records, not only through its workdirs.
+  """
   spec = read_json(os.path.join(sweep_dir, SWEEP_FILE))
   if spec is None:
     raise FileNotFoundError(f"{os.path.join(sweep_dir, SWEEP_FILE)} not found: not a sweep "
                             "workdir (run experiments.sweep there first)")
   shared = {"sweep": spec["name"], "report": spec.get("report", ""),
             "command": spec.get("command", "")}
-  return [{**shared, **run_record(os.path.join(sweep_dir, run["name"]), run)}
-          for run in spec["runs"]]
+  finished = finished_records(prior, spec["runs"])
+  records = []
+  for run in spec["runs"]:
+    record = {**shared, **run_record(os.path.join(sweep_dir, run["name"]), run)}
+    if record["status"] != "done" and run["name"] in finished:
+      record = {**finished[run["name"]], **shared}
+    records.append(record)
+  return records
+
+
+def finished_records(records: Iterable[dict], runs: Iterable[Mapping]) -> dict[str, dict]:
+  """The ``done`` records among ``records`` of the ``runs`` they describe, by run name.
+
+  A record counts only where its run is the same run: same name, seed and
+  settings (a sweep file edited since keeps nothing of the runs it changed).
+  """
+  wanted = {r["name"]: r for r in runs}
+  kept = {}
+  for record in records:
+    run = wanted.get(record.get("name"))
+    if (run is not None and record.get("status") == "done" and record.get("seed") == run["seed"]
+        and record.get("settings") == dict(run["settings"])):
+      kept[record["name"]] = record
+  return kept
 
 
 def write_records(records: Iterable[dict], path: str) -> None:
@@ -101,9 +128,11 @@ def write_records(records: Iterable[dict], path: str) -> None:
 
 
 def read_records(path: str) -> list[dict]:
-  """The records of a ``results.jsonl``, or of a sweep workdir (collected afresh)."""
+  """The records of a ``results.jsonl``, or of a sweep workdir (collected afresh; the
+  runs its last ``results.jsonl`` took from prior records are kept)."""
   if os.path.isdir(path):
-    return sweep_records(path)
+    last = os.path.join(path, RESULTS_FILE)
+    return sweep_records(path, read_records(last) if os.path.exists(last) else ())
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 

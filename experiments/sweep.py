@@ -13,7 +13,10 @@ setting in every run. Every run trains in ``<workdir>/<run name>`` with
 resumes the unfinished runs and reads back the finished ones. Several
 processes may work on one sweep at once: each skips a run that another is
 training (the workdir's lock, :func:`isr_jax.workdir.exclusive`), or they split
-it statically with ``--shard=i/n``. Every config is built and
+it statically with ``--shard=i/n``. ``--prior_records=experiments/results``
+takes the runs that the committed records hold as done instead of training them
+again, so a grid continues on another machine or in another session from what
+was committed. Every config is built and
 validated before the first run trains: a wrong setting stops the sweep in one
 line. At the end (and with ``--collect``, without training) every run's record
 goes into ``<workdir>/results.jsonl`` and ``results.csv``
@@ -32,7 +35,7 @@ import sys
 from absl import app, flags, logging
 
 from experiments.common_flags import SEEDS, WORKDIR
-from experiments.records import RESULTS_FILE
+from experiments.records import RESULTS_FILE, read_records
 from experiments.sweeps import Grid, Run, Sweep, axis, expand
 from experiments.sweeps.runner import build_config, execute, load_python_file
 from isr_jax.errors import (
@@ -52,6 +55,10 @@ _ONLY = flags.DEFINE_string("only", None, "Run only the runs whose name matches 
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at the i-th.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their settings; train nothing.")
 _COLLECT = flags.DEFINE_bool("collect", False, "Only collect the records of runs already made.")
+_PRIOR = flags.DEFINE_string(
+    "prior_records", None,
+    "Records of this sweep's runs finished elsewhere (a results.jsonl, or a directory "
+    "holding <sweep name>.jsonl, e.g. experiments/results): done runs are not trained again.")
 _RETRY_DIVERGED = flags.DEFINE_bool("retry_diverged", False,
                                     "Train again the runs that diverged (their DIVERGED file).")
 
@@ -121,6 +128,20 @@ def shard_of(runs: list[Run], shard: str) -> list[Run]:
   return runs[i::n]
 
 
+def prior_records(path: str | None, sweep_name: str) -> list[dict]:
+  """The records ``--prior_records`` names; none where a directory lacks this sweep's file."""
+  if path is None:
+    return []
+  if os.path.isdir(path):
+    path = os.path.join(path, f"{sweep_name}.jsonl")
+    if not os.path.exists(path):
+      return []
+  try:
+    return read_records(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"--prior_records={path}: not a readable results.jsonl ({e})") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -135,6 +156,7 @@ def main(argv):
     seeds = None if SEEDS.value is None else [int(s) for s in SEEDS.value]
     every = expand(sweep, seeds)
     runs = shard_of([r for r in every if only is None or only.search(r.name)], _SHARD.value)
+    prior = prior_records(_PRIOR.value, sweep.name)
   except re.error as e:
     sys.exit(f"error: --only={_ONLY.value!r} is not a regular expression: {e}")
   except (ConfigError, ValueError) as e:
@@ -153,7 +175,7 @@ def main(argv):
     print(f"sweep {sweep.name}: {len(runs)} runs in {sweep_dir}", flush=True)
   try:
     records = execute(sweep_dir, sweep, [] if _COLLECT.value else runs, sweep_command(),
-                      every=every, retry_diverged=_RETRY_DIVERGED.value)
+                      every=every, retry_diverged=_RETRY_DIVERGED.value, prior=prior)
   except Preempted as e:
     print(f"stopped: {e}; the same command resumes the sweep", file=sys.stderr)
     sys.exit(128 + e.signum)

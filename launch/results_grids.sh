@@ -40,7 +40,8 @@ mkdir -p "$RUNS"
 
 worker() {
   for s in "${SWEEPS[@]}"; do
-    nice -n 10 "$PYTHON" -m experiments.sweep --sweep="$(spec "$s")" --workdir="$RUNS/$s"
+    nice -n 10 "$PYTHON" -m experiments.sweep --sweep="$(spec "$s")" --workdir="$RUNS/$s" \
+      --prior_records=experiments/results
   done
 }
 pids=()
@@ -54,7 +55,8 @@ for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 
 dirs=()
 for s in "${SWEEPS[@]}"; do
-  "$PYTHON" -m experiments.sweep --sweep="$(spec "$s")" --workdir="$RUNS/$s" --collect > /dev/null
+  "$PYTHON" -m experiments.sweep --sweep="$(spec "$s")" --workdir="$RUNS/$s" --collect \
+    --prior_records=experiments/results > /dev/null
   case "$s" in
     fedsol) "$PYTHON" -m experiments.flatness --workdirs="$RUNS/$s" ;;
     isr_gap|isr_taps) "$PYTHON" -m experiments.isr_diagnostics --workdirs="$RUNS/$s" ;;

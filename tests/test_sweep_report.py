@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 from support import driver_env
 
 from experiments import report
-from experiments.records import read_records
+from experiments.records import finished_records, read_records
 from experiments.sections import BUILDERS
 from experiments.sections.demo import format_table
 from experiments.stats import mean_interval, paired_difference
@@ -103,6 +103,31 @@ def test_sweep_trains_records_and_resumes(small_sweep):
   again = run_sweep(*args)
   assert again.returncode == 0, again.stderr[-2000:]
   assert again.stdout.count("finished earlier, read back") == 2
+
+
+def test_prior_records_continue_a_sweep_elsewhere(small_sweep, tmp_path):
+  """A fresh workdir given the committed records trains none of the runs they hold as done."""
+  workdir, args, _ = small_sweep
+  committed = os.path.join(workdir, "results.jsonl")
+  elsewhere = [a for a in args if not a.startswith("--workdir")]
+  out = run_sweep(*elsewhere, f"--workdir={tmp_path}", f"--prior_records={committed}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "2 runs already done in the prior records" in out.stdout
+  assert "test/accuracy=" not in out.stdout and "2/24 runs done" in out.stdout
+  before = {r["name"]: r for r in read_records(committed) if r["status"] == "done"}
+  after = {r["name"]: r for r in read_records(str(tmp_path)) if r["status"] == "done"}
+  assert after.keys() == before.keys()
+  assert all(after[n]["final"] == before[n]["final"] for n in before)
+  # A record of the same run name under other settings or another seed is not that run.
+  runs = [{"name": n, "seed": r["seed"], "settings": r["settings"]} for n, r in before.items()]
+  changed = [{**before["cl-none-seed0"], "settings": {"num_rounds": 2}},
+             {**before["cl-dec0.1-seed0"], "seed": 5}]
+  assert finished_records(changed, runs) == {}
+  assert finished_records(before.values(), runs).keys() == before.keys()
+  missing = run_sweep(*elsewhere, f"--workdir={tmp_path}", "--prior_records=/no/such.jsonl")
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines()[-1].startswith(
+      "error: --prior_records=/no/such.jsonl: not a readable results.jsonl")
 
 
 @pytest.mark.parametrize("args, message", [

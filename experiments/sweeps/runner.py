@@ -22,6 +22,7 @@ from experiments.records import (
     DIVERGED_FILE,
     RESULTS_FILE,
     SWEEP_FILE,
+    finished_records,
     sweep_records,
     write_records,
 )
@@ -128,9 +129,10 @@ def machine_info() -> dict:
           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def collect(sweep_dir: str) -> list[dict]:
-  """Writes ``results.jsonl`` and ``results.csv`` from the runs' workdirs; returns the records."""
-  records = sweep_records(sweep_dir)
+def collect(sweep_dir: str, prior: list[dict] = ()) -> list[dict]:
+  """Writes ``results.jsonl`` and ``results.csv`` from the runs' workdirs (and the
+  ``prior`` records of runs finished elsewhere); returns the records."""
+  records = sweep_records(sweep_dir, prior)
   write_records(records, os.path.join(sweep_dir, RESULTS_FILE))
   rows = []
   for r in records:
@@ -187,9 +189,14 @@ def train_runs(runs: list[Run], configs: list, sweep_dir: str, *,
 
 
 def execute(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str, *,
-            every: list[Run] | None = None, retry_diverged: bool = False) -> list[dict]:
+            every: list[Run] | None = None, retry_diverged: bool = False,
+            prior: list[dict] = ()) -> list[dict]:
   """Builds and checks every run's config, lists ``every`` run in sweep.json, trains
   ``runs`` and collects the records of all of them.
+
+  A run that ``prior`` (records collected elsewhere: another machine, an earlier
+  session's committed ``experiments/results/<sweep>.jsonl``) holds as done, with
+  the same seed and settings, is not trained again; its record joins the others.
 
   Raises:
     ConfigError, DataNotFoundError, CheckpointError, WorkdirError: one line each,
@@ -198,5 +205,11 @@ def execute(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str, *,
   """
   configs = [build_config(r) for r in runs]
   write_spec(sweep_dir, sweep, runs if every is None else every, command)
-  train_runs(runs, configs, sweep_dir, retry_diverged=retry_diverged)
-  return collect(sweep_dir)
+  finished = finished_records(prior, map(_plain, runs))
+  if finished:
+    print(f"{len(finished)} runs already done in the prior records; not trained again",
+          flush=True)
+  todo = [(r, c) for r, c in zip(runs, configs, strict=True) if r.name not in finished]
+  train_runs([r for r, _ in todo], [c for _, c in todo], sweep_dir,
+             retry_diverged=retry_diverged)
+  return collect(sweep_dir, prior)
