@@ -29,6 +29,7 @@ from isr_jax.fl.algorithms.fedprox import fedprox
 from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import fl_round, init_client_states
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.fl.selection import round_keys, sample_clients
 from isr_jax.fl.spec import FLSpec, RoundFns
 from isr_jax.losses import cross_entropy
@@ -169,20 +170,55 @@ def test_fedir_with_identical_label_distributions_is_fedavg():
 # ---------------------------------------------------------------- hand-computed steps
 
 
-def test_fedprox_step_by_hand():
-  # Li et al. Eq. 2: ∇h = ∇F(w) + μ(w − w_g), μ = 0.1, w = (1, 2), w_g = (0.5, 1):
-  # (0.5, 0.5) + 0.1·(0.5, 1) = (0.55, 0.6); prox = 0.05·(0.25 + 1) = 0.0625.
-  alg = fedprox(mu=0.1)
-  ctx = alg.client_init(broadcast([0.5, 1.0]), {}, None)
-  grads, aux = alg.client_grad(two([1.0, 2.0]), ctx, BATCH_A, quadratic_problem(), None)
-  np.testing.assert_allclose(model_w(grads), [0.55, 0.6], rtol=1e-6)
+def local_fedprox(mu, lr, momentum=0.0, epochs=1):
+  """FedProx's local update on problem A (one step of batch 2 per epoch) from w = (1, 2),
+  anchored at w^t = (0.5, 1)."""
+  alg = fedprox(mu=mu)
+  one = jax.tree.map(lambda a: a[None], BATCH_A)  # one slot row: [S = 1, B = 2, ...]
+  cdata = ClientData(one.x, one.y, one.mask, jnp.int32(2))
+  optimizer = optax.inject_hyperparams(optax.sgd, static_args="momentum")(
+      learning_rate=lr, momentum=momentum or None)
+  fns = RoundFns(alg, quadratic_problem(), optimizer, lambda t: lr, optax.sgd(1.0))
+  spec = FLSpec(clients_per_round=1, local_epochs=epochs)
+
+  @jax.jit
+  def local(start):
+    trainer = make_trainer(cdata, jax.random.key(0), jnp.float32(lr), fns, spec)
+    ctx = alg.client_init(broadcast([0.5, 1.0], lr=lr), {}, None)
+    params, _, aux_sum, num_steps = alg.local_update(start, ctx, trainer)
+    return params, aux_sum, num_steps
+
+  params, aux_sum, num_steps = local(two([1.0, 2.0]))
+  return model_w(params), aux_sum, int(num_steps)
+
+
+def test_fedprox_local_step_by_hand():
+  # Li et al. Eq. 2 by proximal SGD: the step on ∇F, then the proximal operator of
+  # (μ/2)‖w − w_g‖² with step η. η = 0.5, μ = 0.1, w = (1, 2), w_g = (0.5, 1), ∇F = (0.5, 0.5):
+  # w' = (0.75, 1.75); prox = (w' + 0.05·w_g)/1.05 = (0.775, 1.8)/1.05.
+  w, aux, steps = local_fedprox(mu=0.1, lr=0.5)
+  np.testing.assert_allclose(w, [0.775 / 1.05, 1.8 / 1.05], rtol=1e-6)
+  # The reported term is at the step's start: 0.05·(0.25 + 1) = 0.0625, F = 0.5.
   np.testing.assert_allclose([aux["prox"], aux["total"], aux["ce"]], [0.0625, 0.5625, 0.5],
                              rtol=1e-6)
+  assert steps == 1
+  np.testing.assert_allclose(local_fedprox(mu=0.0, lr=0.5)[0], [0.75, 1.75], rtol=1e-6)
   # Server = FedAvg: Δ = (0.2, −0.4), (−0.6, 0.8) with weights (0.25, 0.75):
   # mean Δ = (−0.4, 0.5), pseudo-gradient = (0.4, −0.5).
+  alg = fedprox(mu=0.1)
   msgs = stacked({"delta": two([0.2, -0.4])}, {"delta": two([-0.6, 0.8])})
   pseudo, _ = alg.server_update(two([0.0, 0.0]), {}, msgs, jnp.array([0.25, 0.75]))
   np.testing.assert_allclose(model_w(pseudo), [0.4, -0.5], rtol=1e-6)
+
+
+def test_fedprox_stiff_term_under_momentum_stays_bounded():
+  """ημ = 50 under heavy-ball momentum: the proximal step contracts toward the anchor,
+  where the term's gradient fed through the momentum buffer diverged (ημ > 2(1 + β))."""
+  w, aux, steps = local_fedprox(mu=100.0, lr=0.5, momentum=0.9, epochs=40)
+  assert steps == 40 and np.isfinite(aux["total"])
+  # Its fixed point: the momentum buffer holds ∇F/(1 − β), so μ(1 − β)(w_g − w) = ∇F(w)
+  # = ((w₁ − 0)/2, (w₂ − 1)/2): w = (5/10.5, 1), reached within 0.9⁴⁰ ≈ 1.5 %.
+  np.testing.assert_allclose(w, [5 / 10.5, 1.0], atol=1e-3)
 
 
 def test_feddyn_client_and_server_step_by_hand():
