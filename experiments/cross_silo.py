@@ -11,7 +11,9 @@ next to the accuracy NIID-Bench reports for the same setting.
   python -m experiments.cross_silo --workdir=/tmp/cs --local --rounds=2   # seconds
 
 A run is ``skew:algorithm:seed`` with ``skew`` one of ``dirichlet`` (Dir(0.5))
-and ``classes2`` (#C = 2).
+and ``classes2`` (#C = 2). The console shows one line per run with the grid's
+ETA; SIGTERM or Ctrl-C stops it with one ``stopped:`` line and exit code 128 +
+the signal's number, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from absl import app, flags, logging
 from experiments.common_flags import WORKDIR
 from experiments.configs import cross_silo
 from experiments.cross_silo_table import format_markdown, parse_run, run_dir, summarize_run
-from experiments.reporting import train_unless_diverged, write_csv
+from experiments.reporting import GridProgress, one_line_stops, train_unless_diverged, write_csv
 
 DEFAULT_RUNS = ("dirichlet:fedavg:0", "dirichlet:fedprox:0", "dirichlet:scaffold:0",
                 "dirichlet:fednova:0", "classes2:fedavg:0", "dirichlet:fedavg:1")
@@ -48,6 +50,7 @@ def main(argv):
   workdir = WORKDIR.value or "runs/cross_silo"
   os.makedirs(workdir, exist_ok=True)
   rows = []
+  grid = GridProgress(len(runs))
   for skew, algorithm, seed in runs:
     path = run_dir(workdir, skew, algorithm, seed)
     if not _REPORT_ONLY.value:
@@ -56,10 +59,13 @@ def main(argv):
       config.fl.algorithm = algorithm
       config.seed = seed
       config.num_rounds = _ROUNDS.value
-      train_unless_diverged(config, path, os.path.basename(path))
+      grid.start(os.path.basename(path))
+      with one_line_stops():
+        grid.finish(train_unless_diverged(config, path, ""))
     rows.append({"skew": skew, "algorithm": algorithm, "seed": seed,
                  **summarize_run(path)})
-    print(format_markdown(rows[-1:]).splitlines()[-1], flush=True)
+    if _REPORT_ONLY.value:
+      print(format_markdown(rows[-1:]).splitlines()[-1], flush=True)
   markdown = format_markdown(rows)
   with open(os.path.join(workdir, "cross_silo.md"), "w") as f:
     f.write(markdown)

@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.common_flags import WORKDIR
+from experiments.config_files import check_command_line, flag_error_message
 from isr_jax.errors import (
   CheckpointError,
   ConfigError,
@@ -39,10 +40,13 @@ from isr_jax.errors import (
   Preempted,
   WorkdirError,
 )
+from isr_jax.progress import headline
 from isr_jax.train import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/configs file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "An experiments/configs file with its preset words (digits.py:fl,isr); "
+    "'python -m experiments.settings' lists the files, their presets, the algorithms, datasets "
+    "and models, and every setting with its default and allowed values.", lock_config=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize first.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
@@ -78,13 +82,39 @@ def _unknown_setting(argv: list[str], e: Exception) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every failure as one ``error:`` line."""
+  """absl's flag parsing, with every failure as one ``error:`` line.
+
+  The config file and the settings its overrides name are checked first
+  (:mod:`experiments.config_files`), so that a missing file, a bad preset word
+  or an unknown setting is answered in its own words, not ml_collections'.
+  """
   try:
-    return flags.FLAGS(argv)
+    loaded = check_command_line(argv)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  try:
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
+    sys.exit(f"error: {flag_error_message(loaded, ' '.join(str(e).split()))}")
   except (AttributeError, KeyError) as e:  # an override naming no setting
     sys.exit(f"error: {_unknown_setting(argv, e)}")
+  if len(rest) > 1:
+    sys.exit(f"error: unexpected argument {rest[1]!r}: settings are flags, "
+             "--config.<setting>=<value> ('python -m experiments.settings' lists them)")
+  return rest
+
+
+def _check_platforms() -> None:
+  """One ``error:`` line when ``JAX_PLATFORMS`` names a platform this machine cannot start."""
+  wanted = os.environ.get("JAX_PLATFORMS", "")
+  if not wanted:
+    return
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:  # 'cuda' without its plugin fails an assert
+    reason = str(e).split(" (set JAX_PLATFORMS")[0].strip() or "its plugin is not installed"
+    sys.exit(f"error: JAX_PLATFORMS={wanted!r} cannot be used here ({reason}): unset it to "
+             "let JAX choose, or name a platform this machine has (e.g. cpu)")
 
 
 def main(argv):
@@ -99,6 +129,7 @@ def main(argv):
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  _check_platforms()
   try:
     result = train_and_evaluate(_CONFIG.value, WORKDIR.value)
   except Preempted as e:
@@ -109,8 +140,10 @@ def main(argv):
     sys.exit(130)
   except (ConfigError, DataNotFoundError, NaNLossError, CheckpointError, WorkdirError) as e:
     sys.exit(f"error: {e}")
-  shown = {k: round(v, 4) for k, v in result["metrics"].items() if k.startswith("test/")}
-  print(f"done: {shown}")
+  # The headline (personal accuracy first for a personalized run); every metric is
+  # in the workdir's metrics.jsonl, each client's accuracy in its personal.jsonl.
+  reused = " (finished earlier, reused)" if result["finished_earlier"] else ""
+  print(f"done{reused}: {headline(result['metrics']) or 'nothing evaluated'} — {WORKDIR.value}")
 
 
 if __name__ == "__main__":

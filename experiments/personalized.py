@@ -22,7 +22,9 @@ Runs each method on each label skew from one base config and writes, in
 ``--config`` is ``experiments/configs/personalized.py`` (``small`` by default: the
 whole grid in about 27 minutes on 2 CPU cores; drop ``small`` for the paper's
 300 rounds of 5 epochs). Runs resume, and a finished run is only read back, so
-an interrupted driver continues where it stopped.
+an interrupted driver continues where it stopped. The console shows one line
+per run (``[k/N] name … personal accuracy … (time; grid ETA)``); SIGTERM or
+Ctrl-C stops it with one ``stopped:`` line and exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from experiments.personalized_tables import (
   summarize,
   timing_table,
 )
-from experiments.reporting import train_unless_diverged, write_csv
+from experiments.reporting import GridProgress, one_line_stops, train_unless_diverged, write_csv
 from isr_jax.fl.registry import ALGORITHMS
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -74,13 +76,15 @@ def run_config(base, method: str, skew: str, seed: int):
 def run_all(base, workdir: str, methods, skews, seeds) -> dict:
   """``{(method, skew): [{"final", "best", "history", "sigma"} or None per seed]}``."""
   results: dict = {}
+  grid = GridProgress(len(skews) * len(methods) * len(seeds))
   for skew in skews:
     for method in methods:
       for seed in seeds:
         name = f"{skew}_{method}_seed{seed}"
-        t0 = time.perf_counter()
+        grid.start(name)
         out = train_unless_diverged(run_config(base, method, skew, seed),
-                                    os.path.join(workdir, name), f"{name:32s}")
+                                    os.path.join(workdir, name), "")
+        grid.finish(out)
         if out is None:
           results.setdefault((method, skew), []).append(None)
           continue
@@ -95,9 +99,6 @@ def run_all(base, workdir: str, methods, skews, seeds) -> dict:
             "up": last["comm/up_bytes"] / clients, "down": last["comm/down_bytes"] / clients,
             "sigma": 4 * sum(x.size for x in jax.tree.leaves(out["state"].params["model"])),
         })
-        print(f"  {name:32s} personal acc {evals[-1][ACCURACY]:.4f} ± "
-              f"{evals[-1]['personal/accuracy_std']:.4f} ({time.perf_counter() - t0:.0f}s)",
-              flush=True)
   return results
 
 
@@ -123,7 +124,8 @@ def main(argv):
   print(f"{len(methods)} methods × {len(skews)} label skews × {len(seeds)} seed(s) on "
         f"{base.dataset.name} ({base.model.name}), {_ROUNDS.value or base.num_rounds} rounds, "
         f"{base.fl.num_clients} clients ({base.fl.clients_per_round} per round)", flush=True)
-  results = run_all(base, workdir, methods, skews, seeds)
+  with one_line_stops():
+    results = run_all(base, workdir, methods, skews, seeds)
   rows = summarize(results, methods, skews)
   title = (f"{base.dataset.name}, {base.model.name}, {base.fl.num_clients} clients, "
            f"{rows[0]['round']} rounds of {base.fl.local_epochs} local epoch(s)")

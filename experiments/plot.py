@@ -3,7 +3,9 @@ r"""Overlays the learning curves of several workdirs in one PNG.
   python -m experiments.plot --workdirs=runs/fl,runs/fl_isr,runs/hybrid --out=cmp.png
   python -m experiments.plot runs/* --out=cmp.png
 
-Each workdir is one line per panel, labelled with its name (or ``--labels``).
+Each workdir is one line per panel, labelled with its name (or ``--labels``);
+the title says what the runs share (algorithm, dataset, partition, ISR: from
+their ``config.json``), or ``--title``.
 The panels are those of ``isr_jax.plotting.CURVE_PANELS`` that any of the runs
 logged — accuracy, losses, client drift, hybrid α, cos(g_CL, g_FL) — or
 ``--metrics``. Every run already draws its own ``learning_curves.png``.

@@ -3,7 +3,8 @@
 A record is what every table and figure of experiments/RESULTS.md is computed
 from: the run's labels and seed, its final metrics, the best test accuracy, the
 curve of the evaluated rounds and anything a measurement wrote beside it
-(``flatness.json``). Records are one JSON line each in a sweep's
+(``flatness.json``), and for a personalized run each client's own accuracy at
+the last evaluation (``personal.jsonl``). Records are one JSON line each in a sweep's
 ``results.jsonl``; committed copies under ``experiments/results/`` let
 ``experiments.report`` rebuild RESULTS.md without the workdirs.
 """
@@ -16,6 +17,7 @@ import os
 import statistics
 from collections.abc import Iterable, Mapping
 
+from isr_jax.client_results import read_per_client
 from isr_jax.metric_writer import METRICS_FILE, read_metrics
 from isr_jax.workdir import CONFIG_FILE, read_json, write_atomic
 
@@ -76,6 +78,9 @@ def run_record(workdir: str, run: Mapping) -> dict:
   times = [r["time/round_s"] for r in history if "time/round_s" in r]
   if times:
     record["round_s"] = statistics.median(times)
+  clients = read_per_client(workdir)
+  if clients:  # the last evaluation's, as "final" has it: one value per client
+    record["per_client"] = clients[-1]
   for name in EXTRA_FILES:
     extra = read_json(os.path.join(workdir, name))
     if extra is not None:

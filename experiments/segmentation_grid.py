@@ -32,6 +32,7 @@ from experiments.reporting import (
   divergence_note,
   fmt,
   mean_std,
+  one_line_stops,
   train_unless_diverged,
   write_csv,
 )
@@ -163,7 +164,8 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   seeds = [int(s) for s in (SEEDS.value or ["0", "1"])]
   t0 = time.perf_counter()
-  results = run_grid(workdir, _MODELS.value, _DATASETS.value, seeds, _FIGURE_EXAMPLES.value)
+  with one_line_stops():
+    results = run_grid(workdir, _MODELS.value, _DATASETS.value, seeds, _FIGURE_EXAMPLES.value)
   text, rows = tables(results, seeds)
   with open(os.path.join(workdir, "table3.md"), "w") as f:
     f.write(text)

@@ -179,6 +179,9 @@ def main(argv):
   except Preempted as e:
     print(f"stopped: {e}; the same command resumes the sweep", file=sys.stderr)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # Ctrl-C between runs: nothing in progress to save
+    print("stopped: interrupted; the same command resumes the sweep", file=sys.stderr)
+    sys.exit(130)
   except (ConfigError, DataNotFoundError, CheckpointError, WorkdirError) as e:
     sys.exit(f"error: {e}")
   done = sum(r["status"] == "done" for r in records)

@@ -15,10 +15,17 @@ import ml_collections
 from ml_collections import config_dict
 
 from isr_jax.config_checks import check_number, check_one_of
+from isr_jax.config_names import check_no_old_names, current_names
 from isr_jax.data import DATASETS, PARTITION_METHODS, SEGMENTATION_DATASETS
 from isr_jax.errors import ConfigError
 from isr_jax.fl.client import CLIENT_PARALLELISM
-from isr_jax.fl.registry import ALGORITHMS, algorithm_defaults, check_algorithm_settings
+from isr_jax.fl.registry import (
+    ALGORITHMS,
+    algorithm_defaults,
+    algorithm_sections_read,
+    check_algorithm_settings,
+    check_unused_algorithm_settings,
+)
 from isr_jax.hybrid import ADAPTIVE_RULES, SCHEDULES
 from isr_jax.models import MODELS
 from isr_jax.nn.lowering import CONV_IMPLS
@@ -71,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
       progress=True,  # phases and "round k/N" with rate and ETA (isr_jax logger, INFO)
       tensorboard=True,  # TensorBoard events in the workdir (tensorboardX, no TensorFlow)
       plots=True,  # <workdir>/learning_curves.png at the end of the run
+      verbose=False,  # also every round's metrics on the console (always in metrics.jsonl)
   ))
 
   c.dataset = ml_collections.ConfigDict()
@@ -155,13 +163,22 @@ def _positive_int(value, setting: str, minimum: int = 1):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises :class:`ConfigError` (one line) on the first invalid setting."""
+  """Raises :class:`ConfigError` (one line) on the first invalid setting.
+
+  Every algorithm's section is range-checked, also those the run does not read.
+  """
+  check_no_old_names(config)
   check_one_of(config.mode, MODES, "mode")
   check_one_of(config.dataset.name.split("/")[0] if config.dataset.name.startswith("emnist/")
           else config.dataset.name, DATASETS, "dataset.name")
   check_one_of(config.model.name, MODELS, "model.name")
   check_one_of(config.model.conv_impl, CONV_IMPLS, "model.conv_impl")
   _check_task(config.model.name, config.dataset.name)
+  if config.dataset.get("image_size") and config.dataset.name not in SEGMENTATION_DATASETS:
+    raise ConfigError(
+        f"dataset.image_size={tuple(config.dataset.image_size)} is read only by segmentation "
+        f"datasets ({', '.join(sorted(SEGMENTATION_DATASETS))}); dataset.name="
+        f"{config.dataset.name!r} keeps its images' size: leave it unset")
   if (not isinstance(config.seed, int) or isinstance(config.seed, bool)
       or not 0 <= config.seed <= _MAX_SEED):
     raise ConfigError(f"seed={config.seed!r} must be an integer in [0, {_MAX_SEED}]")
@@ -196,6 +213,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   fl = config.fl
   check_one_of(fl.algorithm, ALGORITHMS, "fl.algorithm")
   check_algorithm_settings(config)
+  check_unused_algorithm_settings(config)
   _positive_int(fl.num_clients, "fl.num_clients")
   _positive_int(fl.clients_per_round, "fl.clients_per_round")
   if fl.clients_per_round > fl.num_clients:
@@ -264,17 +282,22 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
     ``(unsafe, safe_changed)``: one ``"name: old → new"`` per setting that differs
     and is not in :data:`RESUME_SAFE_SETTINGS` (a setting only one side has shows
     as ``<absent>``), sorted; and whether any safe setting differs. A config.json
-    written before a setting existed is read with :data:`SETTINGS_ADDED_LATER`;
-    settings it lacks in the sections of algorithms other than its own are skipped.
+    written before a setting existed is read with :data:`SETTINGS_ADDED_LATER`,
+    one written before a rename under the new name
+    (:data:`~isr_jax.config_names.RENAMED_SETTINGS`). The sections of
+    algorithms the run does not read (``fl.fedprox`` under FedAvg) are skipped.
   """
-  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  old = _flatten(current_names(saved))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  read = algorithm_sections_read(config) if old.get("fl.algorithm") == config.fl.algorithm \
+      else frozenset()
   absent = object()
   show = lambda v: "<absent>" if v is absent else repr(v)
   unsafe, safe_changed = [], False
   for key in sorted(old.keys() | new.keys()):
-    section = key.rsplit(".", 1)[0].removeprefix("fl.")
-    if key not in old and section in ALGORITHMS and section != old.get("fl.algorithm"):
-      continue  # added since, to an algorithm this run does not run: never read by it
+    parts = key.split(".")
+    if parts[0] == "fl" and len(parts) > 2 and parts[1] in ALGORITHMS and parts[1] not in read:
+      continue  # never read by this run's algorithm (a changed fl.algorithm is shown)
     a, b = old.get(key, SETTINGS_ADDED_LATER.get(key, absent)), new.get(key, absent)
     if a == b:
       continue
@@ -292,6 +315,7 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
   (what that run computed) or else today's default, so a run saved before a
   setting existed can still be rebuilt and measured.
   """
+  saved = current_names(saved)
   config = ml_collections.ConfigDict(saved)
   present = _flatten(saved)
   defaults = _flatten(json.loads(default_config().to_json_best_effort()))

@@ -35,11 +35,12 @@ from isr_jax.data import (
     split_clients,
     split_cloud,
 )
+from isr_jax.errors import ConfigError
 from isr_jax.evaluate import evaluate_classifier
 from isr_jax.fl.algorithm import Batch, LocalProblem
 from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
 from isr_jax.fl.evaluate_clients import evaluate_clients
-from isr_jax.fl.registry import make_algorithm, personalized_eval_on
+from isr_jax.fl.registry import is_personalized, make_algorithm, personalized_eval_on
 from isr_jax.fl.round import make_round
 from isr_jax.fl.spec import FLSpec
 from isr_jax.hybrid import HybridSpec, hybrid_round
@@ -135,6 +136,12 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
                         config.dataset.batch_size), None
   own_train, own_test = split_clients(clients, labels, config.fl.client_test_fraction,
                                       seed=config.seed)
+  if not any(len(t) for t in own_test):  # else the personal/ metrics average over no client
+    sizes = [len(c) for c in clients]
+    raise ConfigError(
+        f"fl.client_test_fraction={config.fl.client_test_fraction} leaves every client's own "
+        f"test split empty (clients hold {min(sizes)}-{max(sizes)} examples): raise it, use "
+        "fewer clients, or set fl.personalized_eval='off'")
   # A client's test split is small (150 examples on average in the personalized
   # preset): batches of eval_batch_size (500) would be mostly padding, and every
   # client's padding is evaluated; the training batch bounds each one's by B - 1.
@@ -239,6 +246,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     fns = federated.fns
     rows = padded_count(config.fl.num_clients, mesh)
     held_out = personalized_eval_on(config, algorithm)
+    if not held_out and is_personalized(algorithm):
+      logger.warning("fl.personalized_eval=off with %s, a personalized algorithm: only the "
+                     "global model is evaluated, not the personal models it trains",
+                     config.fl.algorithm)
     if config.mode == "fl":
       clients, own_test = _pack_fl(config, train, info, np.arange(len(train.y)), held_out)
       round_fn = federated.step

@@ -35,14 +35,25 @@ class JsonlWriter:
     self.echo = echo
     self.enabled = enabled  # False on every process but the first of a multi-host job
     os.makedirs(workdir, exist_ok=True)
-    if enabled and os.path.exists(self.path):
+    if not enabled:
+      return
+    if os.path.lexists(self.path) and not os.path.isfile(self.path):
+      raise WorkdirError(f"{self.path} is not a file: move it away or use another --workdir")
+    if os.path.exists(self.path):
       self._truncate_after(resume_round)
+    elif resume_round:
+      logger.warning("%s was missing: it starts at round %d, without the %d rounds of the "
+                     "checkpoint resumed from", self.path, resume_round + 1, resume_round)
 
   def _truncate_after(self, resume_round: int) -> None:
     """Drops lines of rounds after the restored checkpoint: the resumed run
     recomputes them (deterministically), so keeping both would duplicate rounds."""
     records = read_metrics(self.path)
     kept = [rec for rec in records if rec.get("round", 0) <= resume_round]
+    last = max((rec.get("round", 0) for rec in kept), default=0)
+    if last < resume_round:  # lines lost (edited, an older copy): say so, keep what is there
+      logger.warning("%s holds rounds up to %d only: rounds %d-%d of the checkpoint resumed "
+                     "from are not in it", self.path, last, last + 1, resume_round)
     if len(kept) < len(records) or _is_torn(self.path):  # else leave the file alone
       write_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
 

@@ -1,4 +1,9 @@
-"""What a run is doing, on the console: its phases, then "round k/N" with rate and ETA.
+"""What a run is doing, on the console: its phases, "round k/N" with rate and ETA, its result.
+
+The console is for following a run; its metrics go to ``metrics.jsonl`` and
+TensorBoard (``logging.verbose=True`` also logs every round's metrics). A
+round's line ends with the headline of the latest evaluation
+(:func:`headline`), and the run ends with one ``result:`` line.
 
 Everything goes through the ``isr_jax`` logger at INFO, the logger the
 per-round metrics already use, so the command line (absl's handler) and a
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 logger = logging.getLogger("isr_jax")
 
@@ -44,6 +49,30 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
   hours, minutes = divmod(minutes, 60)
   return f"{hours}h{minutes:02d}m"
+
+
+def headline(metrics: Mapping[str, object]) -> str:
+  """The one-line result of an evaluation: what the run exists to measure, first.
+
+  Personalized accuracy (each client's own model on its own test split, mean ±
+  std across clients) where the run measured it, then the global model's test
+  accuracy; ``""`` where nothing was evaluated.
+  """
+  def number(key):
+    value = metrics.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+  parts = []
+  if number("personal/accuracy_mean") is not None:
+    spread = number("personal/accuracy_std")
+    clients = number("personal/clients")
+    parts.append(f"personal accuracy {metrics['personal/accuracy_mean']:.4f}"
+                 + (f" ± {spread:.4f}" if spread is not None else "")
+                 + (f" over {int(clients)} clients" if clients is not None else ""))
+  if number("test/accuracy") is not None:
+    global_model = "global model's " if parts else ""
+    parts.append(f"{global_model}test accuracy {metrics['test/accuracy']:.4f}")
+  return "; ".join(parts)
 
 
 def format_rate(seconds_per_round: float) -> str:
@@ -96,8 +125,11 @@ class Progress:
     else:
       self._log("training %d rounds", self.num_rounds)
 
-  def round(self, r: int) -> str | None:
-    """Reports round ``r`` (1-based) when it is due; returns the line, or None."""
+  def round(self, r: int, note: str = "") -> str | None:
+    """Reports round ``r`` (1-based) when it is due; returns the line, or None.
+
+    ``note`` (the latest evaluation's :func:`headline`) ends the line.
+    """
     if self._start is None:
       self.start(r - 1)
     first, t0 = self._start
@@ -111,8 +143,15 @@ class Progress:
     per_round = (now - t0) / (r - first)
     line = (f"round {r}/{self.num_rounds} ({100 * r // self.num_rounds}%): "
             f"{format_rate(per_round)}, ETA {format_duration(per_round * (self.num_rounds - r))}")
+    if note:
+      line += f" — {note}"
     self._log("%s", line)
     return line
+
+  def result(self, summary: str) -> None:
+    """The run's one-line result (``result: <headline>``), once it ended."""
+    if summary:
+      self._log("result: %s", summary)
 
   def _log(self, msg: str, *args) -> None:
     if self.enabled:

@@ -10,6 +10,7 @@ round, so a round is one compiled call and can never silently recompile.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -23,12 +24,13 @@ import ml_collections
 
 from isr_jax import checkpoint, writers
 from isr_jax import workdir as workdir_files
+from isr_jax.client_results import PerClientWriter
 from isr_jax.config import RESUME_SAFE_SETTINGS, resume_changes, validate
 from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.experiment import Experiment, build_experiment
 from isr_jax.metric_writer import METRICS_FILE, JsonlWriter, read_metrics
 from isr_jax.preemption import stop_requests
-from isr_jax.progress import Progress
+from isr_jax.progress import Progress, headline
 from isr_jax.state import TrainState
 
 logger = logging.getLogger("isr_jax")
@@ -42,7 +44,9 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
   Raises:
     ConfigError: a setting outside :data:`RESUME_SAFE_SETTINGS` differs from
-      the workdir's config.json (one line listing each, old → new).
+      the workdir's config.json (one line listing each, old → new). Settings
+      the run never reads (another algorithm's ``fl.<name>``) are not compared;
+      ``validate`` has already refused values out of range.
   """
   if not checkpoint.saved_steps(workdir):
     return True
@@ -53,8 +57,8 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str) -> bool:
   if unsafe:
     raise ConfigError(
         f"{workdir} holds a run with other settings ({'; '.join(unsafe)}): resume it with its "
-        f"own config (only {', '.join(sorted(RESUME_SAFE_SETTINGS))} may change) or use "
-        "another --workdir")
+        f"own config (only {', '.join(sorted(RESUME_SAFE_SETTINGS))} and logging.* may "
+        "change) or train this config in another workdir")
   return safe_changed
 
 
@@ -67,7 +71,7 @@ def _finished_run(exp: Experiment, state: TrainState, workdir: str,
   """
   summary_path = os.path.join(workdir, workdir_files.SUMMARY_FILE)
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  history = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+  history = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
   summary = workdir_files.read_json(summary_path)
   done = int(state.round)
   if summary is None:
@@ -78,11 +82,69 @@ def _finished_run(exp: Experiment, state: TrainState, workdir: str,
     test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
     summary = {"round": done, **{f"test/{k}": float(v) for k, v in test.items()}}
   metrics = {k: v for k, v in summary.items() if k != "round"}
-  shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
-                   if k.startswith("test/") and isinstance(v, float))
-  logger.info("%s finished round %d already; nothing to do: %s", workdir, done, shown)
+  logger.info("%s finished round %d already; reused, not trained again: %s", workdir, done,
+              headline(metrics) or "no evaluation recorded")
   return {"metrics": metrics, "history": history, "state": state, "compile_s": 0.0,
           "experiment": exp, "finished_earlier": True}
+
+
+def _recover_config_file(workdir: str, primary: bool) -> None:
+  """Writes a lost config.json back from the config kept with the newest checkpoint.
+
+  So a resume is compared with the config its checkpoints were trained under
+  (a changed seed would otherwise resume them silently). Checkpoints saved
+  before the config was kept with them leave nothing to recover.
+  """
+  path = os.path.join(workdir, workdir_files.CONFIG_FILE)
+  if os.path.lexists(path):
+    return
+  found = checkpoint.saved_metadata(workdir, "config")
+  if found is None or not isinstance(found[1], dict):
+    return
+  step, saved = found
+  if primary:
+    workdir_files.write_json(path, saved)
+  logger.warning("%s was missing: recovered from the checkpoint of round %d", path, step)
+
+
+def _check_data_shape(config: ml_collections.ConfigDict, exp: Experiment, workdir: str) -> None:
+  """Refuses data whose examples differ in shape from those the checkpoints were trained on.
+
+  The restore would only find that the state does not match the model.
+
+  Raises:
+    ConfigError: the shapes differ (one line naming both and the round).
+  """
+  found = checkpoint.saved_metadata(workdir, "input_shape")
+  if found is None or not isinstance(found[1], list) or \
+      tuple(found[1]) == tuple(exp.info.input_shape):
+    return
+  step, saved = found
+  shown = lambda shape: "×".join(str(d) for d in shape)  # noqa: E731
+  raise ConfigError(
+      f"dataset.name={config.dataset.name!r} gave examples of shape "
+      f"{shown(exp.info.input_shape)}, but the checkpoint of round {step} in {workdir} was "
+      f"trained on {shown(saved)}: check dataset.data_dir and dataset.image_size, or use "
+      "another --workdir")
+
+
+def divergence_hint(config: ml_collections.ConfigDict) -> str:
+  """What a diverged run had on that a user may lower: the step sizes of the optimizers
+  the mode uses, the ISR weights when ISR is on, the FL algorithm's own settings."""
+  optimizers = {"cl": ("cl_optimizer",), "fl": ("client_optimizer",),
+                "hybrid": ("client_optimizer", "cl_optimizer")}[config.mode]
+  knobs = []
+  for name in optimizers:
+    knobs.append(f"{name}.learning_rate={config[name].learning_rate:g}")
+    if config[name].get("momentum"):
+      knobs.append(f"{name}.momentum={config[name].momentum:g}")
+  if config.isr.enabled:
+    knobs += [f"isr.mi_weight={config.isr.mi_weight:g}", f"isr.ne_weight={config.isr.ne_weight:g}"]
+  algorithm = config.fl.algorithm
+  if config.mode != "cl" and algorithm in config.fl and hasattr(config.fl[algorithm], "items"):
+    knobs += [f"fl.{algorithm}.{k}={v}" for k, v in sorted(config.fl[algorithm].items())
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
+  return "lower one of " + ", ".join(knobs)
 
 
 def _preempted(signum: int, done: int, directory: str) -> Preempted:
@@ -151,6 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict[str, Any]:
   """:func:`train_and_evaluate` once the workdir is usable and this run holds it."""
+  checkpoint.prepare_directory(workdir)
+  _recover_config_file(workdir, primary)
   record_config = _check_resume(config, workdir)
   report = Progress(config.num_rounds, enabled=config.logging.progress)
   with stop_requests() as stop:
@@ -158,6 +222,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
                  config.model.name, config.mode, "on" if config.isr.enabled else "off")
     exp = build_experiment(config)
     report.end("data and model ready")
+    _check_data_shape(config, exp, workdir)
     manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
     out = None
     try:
@@ -169,8 +234,14 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
         return _finished_run(exp, state, workdir, primary)
       if restored is not None:
         logger.info("resuming %s from round %d", workdir, start)
-      writer = JsonlWriter(workdir, resume_round=start, enabled=primary)
-      out = writers.fan_out(writer, workdir, tensorboard=primary and config.logging.tensorboard)
+      # The console shows progress; every round's metrics only with logging.verbose.
+      writer = JsonlWriter(workdir, resume_round=start, enabled=primary,
+                           echo=bool(config.logging.get("verbose", False)))
+      out = writers.fan_out(writer, workdir, tensorboard=primary and config.logging.tensorboard,
+                            config=json.loads(config.to_json_best_effort()))
+      per_client = (PerClientWriter(workdir, config.fl.num_clients, resume_round=start,
+                                    enabled=primary)
+                    if exp.client_eval_fn is not None else None)
 
       report.begin("compiling the round")
       t0 = time.perf_counter()
@@ -182,6 +253,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
         raise _preempted(stop.signum, start, str(manager.directory))
 
       metrics: dict[str, float] = {}
+      evaluated = ""  # the latest evaluation's headline, for the progress lines
       last_saved = start if restored is not None else None
       report.start(start)
       for r in range(start + 1, config.num_rounds + 1):
@@ -194,27 +266,33 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
                   f"{manager.directory}" if last_saved else "no checkpoint had been written yet")
           raise NaNLossError(
               f"train/loss became {metrics['train/loss']} in round {r}; training stopped and "
-              f"{kept} — lower the learning rate or the ISR weights")
+              f"{kept} — {divergence_hint(config)}")
         if r % config.eval_every == 0 or r == config.num_rounds:
           test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
           metrics.update({f"test/{k}": float(v) for k, v in test.items()})
           if exp.client_eval_fn is not None:
             own = jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
+            per_client.write(r, own.pop("client_correct"), own.pop("client_examples"))
             metrics.update({f"personal/{k}": float(v) for k, v in own.items()})
+          evaluated = headline(metrics)
         out.write(r, metrics)
-        report.round(r)
+        report.round(r, note=evaluated)
         stopping = stop.signum is not None and r < config.num_rounds
         if r % config.checkpoint_every == 0 or r == config.num_rounds or stopping:
           if primary and record_config:  # with its first checkpoint the run has gone ahead
             workdir_files.write_atomic(os.path.join(workdir, workdir_files.CONFIG_FILE),
                                        config.to_json_best_effort(indent=2, sort_keys=True))
             record_config = False
-          checkpoint.save(manager, r, state)  # written while the next round runs
+          # Written while the next round runs, with what a resume is checked against.
+          checkpoint.save(manager, r, state, metadata={
+              "config": json.loads(config.to_json_best_effort()),
+              "input_shape": list(exp.info.input_shape)})
           last_saved = r
         if stopping:
           checkpoint.wait(manager)
           raise _preempted(stop.signum, r, str(manager.directory))
       checkpoint.wait(manager)
+      report.result(headline(metrics))
     finally:
       # Also on errors: waits for a save in flight and stops Orbax's threads.
       checkpoint.close(manager, quiet=sys.exc_info()[0] is not None)

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 
 from isr_jax.errors import WorkdirBusy, WorkdirError
@@ -63,14 +64,25 @@ def io_error(path: str, e: BaseException) -> WorkdirError:
                       "files already in it are kept")
 
 
+# Glob characters: legal in file names, but Orbax reads checkpoint paths as patterns.
+GLOB_CHARACTERS = "[]*?"
+
+
 def prepare(workdir: str) -> None:
   """Creates ``workdir`` if needed and checks that files can be written in it.
 
   Raises:
-    WorkdirError: it is a file, or it cannot be created or written.
+    WorkdirError: it is a file, its path holds one of :data:`GLOB_CHARACTERS`,
+      or it cannot be created or written.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"workdir {workdir} is a file, not a directory: use another --workdir")
+  # Orbax globs under the checkpoint directory: with these characters in its path
+  # it wrote steps that could not be read back (a "[1]" matches "1", not itself).
+  special = sorted(set(GLOB_CHARACTERS) & set(os.path.abspath(workdir)))
+  if special:
+    raise WorkdirError(f"workdir {os.path.abspath(workdir)} has {' '.join(special)} in its path, "
+                       "which checkpoints cannot be saved under: use another --workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     # os.access says yes to root on a read-only mount; only a real write tells.
@@ -89,7 +101,8 @@ def exclusive(workdir: str) -> Iterator[None]:
 
   An advisory ``flock`` on ``<workdir>/.lock``, which the kernel releases when
   the holder exits however it exits (kill -9 included), so no stale lock is
-  ever left behind; the file keeps the holder's pid and host for the message.
+  ever left behind: a lock file left by a killed run does not block the next
+  one. The file keeps the holder's pid, host and start time for the message.
 
   Raises:
     WorkdirBusy: another process holds the lock (one line naming it).
@@ -107,9 +120,14 @@ def exclusive(workdir: str) -> Iterator[None]:
       holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
       raise WorkdirBusy(f"{workdir} is in use by {holder}: wait for that run to end, or use "
                         "another --workdir") from None
+    except OSError as e:  # a file system without locks (some network mounts)
+      raise WorkdirError(f"cannot lock {path}: {os.strerror(e.errno) if e.errno else e} — use "
+                         "a --workdir on a file system that supports flock") from e
     try:
       os.ftruncate(fd, 0)
-      os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+      started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+      os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {started}\n"
+                .encode(), 0)
     except OSError as e:
       raise io_error(path, e) from e
     yield
@@ -140,11 +158,11 @@ def read_json(path: str) -> dict | None:
   """The object in a JSON file, or ``None`` if there is no such file.
 
   Raises:
-    WorkdirError: the file is unreadable or not JSON.
+    WorkdirError: the file is unreadable, not JSON, or not a JSON object.
   """
   try:
     with open(path) as f:
-      return json.load(f)
+      obj = json.load(f)
   except FileNotFoundError:
     return None
   except json.JSONDecodeError as e:
@@ -152,6 +170,10 @@ def read_json(path: str) -> dict | None:
                        "it") from e
   except OSError as e:
     raise WorkdirError(f"cannot read {path}: {os.strerror(e.errno) if e.errno else e}") from e
+  if not isinstance(obj, dict):
+    raise WorkdirError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object): repair "
+                       "or remove it")
+  return obj
 
 
 def write_json(path: str, obj: dict) -> None:

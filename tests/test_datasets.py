@@ -277,6 +277,21 @@ def test_tfds_missing_data_says_how_to_prepare(tmp_path):
   assert os.listdir(tmp_path) == []  # Nothing was downloaded or prepared.
 
 
+def test_tfds_default_data_dir_without_the_data_says_how_to_prepare(tmp_path, monkeypatch, caplog):
+  # With no dataset.data_dir, tfds 4.9's data_source fails with KeyError("... `splits`
+  # is empty ...") instead of its not-prepared error.
+  from tensorflow_datasets.core import constants
+
+  monkeypatch.setattr(constants, "DATA_DIR", str(tmp_path))
+  with pytest.raises(DataNotFoundError) as info:
+    load_dataset("cifar10")
+  message = str(info.value)
+  assert message.startswith(f"tfds cifar10 not found in {tmp_path / 'cifar10'}")
+  assert "(dataset.data_dir unset)" in message and "\n" not in message
+  assert "'tfds build cifar10 --file_format=array_record --data_dir=DIR'" in message
+  assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
+
+
 def test_tfds_tfrecord_data_says_array_record_is_needed(prepared_mnist_dir, tmp_path):
   data_dir = tmp_path / "copy"
   os.makedirs(data_dir / "mnist" / "3.0.1")

@@ -29,9 +29,9 @@ from isr_jax.fl.algorithms.fedprox import fedprox
 from isr_jax.fl.algorithms.scaffold import scaffold
 from isr_jax.fl.registry import make_algorithm
 from isr_jax.fl.round import fl_round, init_client_states
-from isr_jax.fl.trainer import make_trainer
 from isr_jax.fl.selection import round_keys, sample_clients
 from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.fl.trainer import make_trainer
 from isr_jax.losses import cross_entropy
 from isr_jax.optim import learning_rate_at, make_optimizer
 from isr_jax.state import TrainState

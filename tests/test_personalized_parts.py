@@ -19,6 +19,7 @@ from support import (
 )
 
 from experiments.configs.personalized import get_config
+from isr_jax.client_results import read_per_client
 from isr_jax.config import default_config, validate
 from isr_jax.errors import ConfigError
 from isr_jax.fl.algorithm import loss_grad
@@ -286,13 +287,17 @@ def test_personalized_eval_of_fedavg_is_the_global_model_on_each_clients_split(t
   _, test = result["experiment"].client_eval_data
   model = result["state"].params["model"]
   apply = jax.jit(result["experiment"].apply)
-  want = summary(*per_client_accuracy(lambda _, x: apply(model, x)[0], test,
-                                       c.fl.num_clients))
+  correct, count = per_client_accuracy(lambda _, x: apply(model, x)[0], test, c.fl.num_clients)
+  want = summary(correct, count)
   assert want["clients"] == c.fl.num_clients
   for k, v in want.items():
     assert math.isclose(record[f"personal/{k}"], v, abs_tol=1e-6), (k, record, v)
   # The global model's own test metrics are still there, next to the per-client ones.
   assert "test/accuracy" in record
+  # Each client's own accuracy and example count are kept too, one line per evaluation.
+  (clients,) = read_per_client(str(tmp_path))
+  assert clients["round"] == 1 and clients["examples"] == [int(n) for n in count]
+  np.testing.assert_allclose(clients["accuracy"], correct / count, atol=1e-6)
 
 
 def test_personalized_preset_builds_in_the_paper_setting():
@@ -310,7 +315,7 @@ def test_personalized_preset_builds_in_the_paper_setting():
   for name in (*MINE, "fedavg", "fedprox", "moon"):
     c.fl.algorithm = name
     validate(c)
-  with pytest.raises(ValueError, match="one label skew"):
+  with pytest.raises(ValueError, match="exclude each other"):
     get_config("dir03,dir01")
 
 

@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import tiny
 
-from isr_jax import metric_writer, workdir
+from isr_jax import checkpoint, metric_writer, workdir
 from isr_jax.config import default_config, resume_changes, saved_config, validate
 from isr_jax.data import load_dataset
 from isr_jax.errors import ConfigError, WorkdirBusy, WorkdirError
@@ -88,13 +89,17 @@ def test_a_config_saved_before_newer_settings_existed_still_resumes():
       "fl.scaffold.momentum_correction: 'full' → 'scaled'"]
   new.fl.scaffold.momentum_correction = "full"
   assert resume_changes(saved, new) == ([], False)
-  # A section the saved run had is compared as before, whichever algorithm runs.
+  # Another algorithm's section is never read by this run: not compared.
   saved["fl"]["ditto"] = {"lam": 0.5, "personal_epochs": 5}
-  assert resume_changes(saved, new)[0] == ["fl.ditto.lam: 0.5 → 0.1"]
+  assert resume_changes(saved, new) == ([], False)
 
 
 def test_a_finished_run_is_reported_and_nothing_changes(tmp_path, caplog):
   first = train_and_evaluate(tiny("fl", num_rounds=2), str(tmp_path))
+  # Kept with each step too, for a resume whose config.json was lost.
+  assert checkpoint.saved_metadata(str(tmp_path), "config") == (
+      2, workdir.read_json(str(tmp_path / "config.json")))
+  assert checkpoint.saved_metadata(str(tmp_path), "input_shape") == (2, [8, 8, 1])
   before = snapshot(tmp_path)
   with caplog.at_level(logging.INFO, logger="isr_jax"):
     again = train_and_evaluate(tiny("fl", num_rounds=2), str(tmp_path))
@@ -302,9 +307,11 @@ def test_a_second_run_on_the_same_workdir_is_one_line_and_writes_nothing(tmp_pat
          "--config=experiments/configs/digits.py:fl,local", f"--workdir={tmp_path}"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path} is in use by process {os.getpid()} on {socket.gethostname()}: "
-        "wait for that run to end, or use another --workdir")
+    assert re.fullmatch(
+        re.escape(f"error: {tmp_path} is in use by process {os.getpid()} on "
+                  f"{socket.gethostname()} since ") + r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+        + re.escape(": wait for that run to end, or use another --workdir"),
+        proc.stderr.strip().splitlines()[-1])
     assert snapshot(tmp_path) == before
   # Released with its holder, even one killed with SIGKILL (the kernel drops the flock).
   holder = subprocess.Popen(

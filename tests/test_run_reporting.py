@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 from test_train import tiny
 
 from isr_jax import progress
@@ -26,6 +27,15 @@ def tensorboard_scalars(logdir):
   acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tensorboard_hparams(logdir):
+  """The run's hparams as TensorBoard's HPARAMS tab reads them; its config is also text."""
+  acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  assert "config/text_summary" in acc.Tags()["tensors"]
+  content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+  return plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
 
 
 def assert_tensorboard_matches_jsonl(workdir):
@@ -66,12 +76,19 @@ def test_a_run_reports_progress_tensorboard_and_curves(tmp_path, isr_jax_info):
   progress_lines = [line for line in lines if line.startswith("round ") and "ETA" in line]
   assert [line.split(" (")[0] for line in progress_lines] == ["round 1/3", "round 2/3",
                                                               "round 3/3"]
-  assert progress_lines[-1].startswith("round 3/3 (100%): ") and progress_lines[-1].endswith(
-      "ETA 0.0s")
+  assert progress_lines[-1].startswith("round 3/3 (100%): ")
+  assert "ETA 0.0s — test accuracy 0." in progress_lines[-1]  # the latest evaluation
+  # Metrics go to the files; the console ends with the one-line result.
+  assert not [line for line in lines if line.startswith(("round 1: ", "round 2: "))]
+  latest = progress_lines[-1].split(" — ")[1]
+  assert [line for line in lines if line.startswith("result: ")] == [f"result: {latest}"]
 
   assert len(event_files(str(tmp_path))) == 1
   assert_tensorboard_matches_jsonl(tmp_path)
   assert "fl/client_drift" in tensorboard_scalars(tmp_path)
+  settings = tensorboard_hparams(tmp_path)  # runs compared by setting, not by folder name
+  assert settings["fl.algorithm"].string_value == "fedavg"
+  assert settings["num_rounds"].number_value == 3 and settings["isr.enabled"].bool_value is False
 
   png = tmp_path / "learning_curves.png"
   assert is_png(png)
@@ -91,9 +108,10 @@ def test_a_run_reports_progress_tensorboard_and_curves(tmp_path, isr_jax_info):
 @pytest.mark.figures
 def test_reporting_can_be_switched_off(tmp_path, isr_jax_info):
   config = tiny("cl", num_rounds=1, **{"logging.progress": False, "logging.tensorboard": False,
-                                       "logging.plots": False})
+                                       "logging.plots": False, "logging.verbose": True})
   train_and_evaluate(config, str(tmp_path))
   assert "ETA" not in isr_jax_info.text and "compiling the round" not in isr_jax_info.text
+  assert "round 1: test/accuracy=" in isr_jax_info.text  # verbose: every round's metrics
   assert not event_files(str(tmp_path))
   assert not (tmp_path / "learning_curves.png").exists()
   assert read_metrics(str(tmp_path))  # the record itself is always written

@@ -85,7 +85,7 @@ def small_sweep(tmp_path_factory):
 
 def test_sweep_trains_records_and_resumes(small_sweep):
   workdir, args, first = small_sweep
-  assert "[1/2] cl-none-seed0: test/accuracy=" in first.stdout
+  assert "[1/2] cl-none-seed0 … test accuracy " in first.stdout
   assert "2/24 runs done" in first.stdout
   records = read_records(os.path.join(workdir, "results.jsonl"))
   assert len(records) == 24  # every run of the sweep has a record; the others are missing
@@ -102,7 +102,7 @@ def test_sweep_trains_records_and_resumes(small_sweep):
   assert os.path.exists(os.path.join(workdir, "results.csv"))
   again = run_sweep(*args)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert again.stdout.count("finished earlier, read back") == 2
+  assert again.stdout.count("finished earlier, reused") == 2
 
 
 def test_prior_records_continue_a_sweep_elsewhere(small_sweep, tmp_path):
@@ -113,7 +113,7 @@ def test_prior_records_continue_a_sweep_elsewhere(small_sweep, tmp_path):
   out = run_sweep(*elsewhere, f"--workdir={tmp_path}", f"--prior_records={committed}")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "2 runs already done in the prior records" in out.stdout
-  assert "test/accuracy=" not in out.stdout and "2/24 runs done" in out.stdout
+  assert "test accuracy" not in out.stdout and "2/24 runs done" in out.stdout
   before = {r["name"]: r for r in read_records(committed) if r["status"] == "done"}
   after = {r["name"]: r for r in read_records(str(tmp_path)) if r["status"] == "done"}
   assert after.keys() == before.keys()
@@ -326,7 +326,7 @@ def test_runner_marks_a_diverged_run_skips_it_and_retries_on_request(tmp_path, m
   assert (tmp_path / "g-2-seed0" / "DIVERGED").exists()
   runner.train_runs(runs, ["fine", "diverges"], str(tmp_path))
   assert calls == ["fine", "diverges", "fine"]
-  assert "[2/2] g-2-seed0: diverged before; skipped (--retry_diverged" in capsys.readouterr().out
+  assert "[2/2] g-2-seed0 … diverged before; skipped (--retry_diverged" in capsys.readouterr().out
   runner.train_runs(runs, ["fine", "fine"], str(tmp_path), retry_diverged=True)
   assert not (tmp_path / "g-2-seed0" / "DIVERGED").exists()
 

@@ -155,6 +155,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train_and_evaluate(exploding, str(tmp_path))
   message = str(info.value)
   assert "last good checkpoint (round 2) is kept" in message and "\n" not in message
+  # The hint names what this run had on: its step size, and no ISR weights (ISR is off).
+  assert message.endswith("lower one of client_optimizer.learning_rate=1e+06") or (
+      "client_optimizer.learning_rate=1e+06" in message and "isr." not in message)
   saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert saved == [1, 2]
   records = read_metrics(str(tmp_path))

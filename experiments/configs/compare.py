@@ -14,13 +14,17 @@ the bigger run. Append ``,local`` for a smoke run of a few seconds per run.
 
 import ml_collections
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
 from isr_jax.fl.registry import global_model_algorithms
 
+DATASETS = ("digits", "fashion_mnist")
+WORDS = (*DATASETS, "local")
+
 
 def get_config(arg: str = "digits"):
-  words = {w.strip() for w in arg.split(",") if w.strip()}
-  dataset = (words & {"digits", "fashion_mnist"} or {"digits"}).pop()
+  words = set(preset_words(arg, WORDS, exclusive=[DATASETS]))
+  dataset = (words & set(DATASETS) or {"digits"}).pop()
   c = default_config()
   c.mode = "fl"
   c.dataset.name = dataset

@@ -20,17 +20,16 @@ among the parties that hold it); append ``,local`` for a run of seconds.
 FedProx's μ is 0.01, the best of NIID-Bench's grid {0.001, 0.01, 0.1, 1}.
 """
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
 
 SKEWS = ("dirichlet", "classes2")
+WORDS = (*SKEWS, "local")
 
 
 def get_config(arg: str = "dirichlet"):
-  words = {w.strip() for w in arg.split(",") if w.strip()}
+  words = set(preset_words(arg, WORDS, required=[SKEWS]))
   skews = words & set(SKEWS)
-  unknown = words - set(SKEWS) - {"local"}
-  if len(skews) != 1 or unknown:
-    raise ValueError(f"config argument {arg!r}: give one of {SKEWS}, optionally 'local'")
   c = default_config()
   c.mode = "fl"
   c.dataset.name = "fashion_mnist"

@@ -7,16 +7,16 @@ The argument is a comma-separated list: one mode (``cl``, ``fl``, ``hybrid``),
 optionally ``isr`` to switch ISR on and ``local`` for a run of a few seconds.
 """
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
+
+MODES = ("cl", "fl", "hybrid")
+WORDS = (*MODES, "isr", "local")
 
 
 def get_config(arg: str = "fl"):
-  words = {w.strip() for w in arg.split(",") if w.strip()}
-  modes = words & {"cl", "fl", "hybrid"}
-  unknown = words - {"cl", "fl", "hybrid", "isr", "local"}
-  if len(modes) != 1 or unknown:
-    raise ValueError(f"config argument {arg!r}: give one of cl/fl/hybrid, optionally "
-                     "'isr' and 'local'")
+  words = set(preset_words(arg, WORDS, required=[MODES]))
+  modes = words & set(MODES)
   c = default_config()
   c.mode = modes.pop()
   c.dataset.name = "digits"

@@ -20,9 +20,11 @@ McMahan et al.'s B = 50), and 50 rounds instead of 200–300. ``local`` runs
 for seconds on digits.
 """
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
 
 SKEWS = ("dir01", "s2")
+WORDS = (*SKEWS, "local")
 
 
 def apply_skew(c, skew: str) -> None:
@@ -37,11 +39,8 @@ def apply_skew(c, skew: str) -> None:
 
 
 def get_config(arg: str = "dir01"):
-  words = {w.strip() for w in arg.split(",") if w.strip()}
+  words = set(preset_words(arg, WORDS, exclusive=[SKEWS]))
   skews = words & set(SKEWS)
-  if words - set(SKEWS) - {"local"} or len(skews) > 1:
-    raise ValueError(f"config argument {arg!r}: at most one label skew of {list(SKEWS)}, "
-                     "optionally 'local'")
   c = default_config()
   c.mode = "fl"
   c.dataset.name = "fashion_mnist"

@@ -24,6 +24,7 @@ client; default ``c2``), and ``local`` for a run of seconds (digits, 3 rounds).
 Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``.
 """
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
 
 # Label-skew word -> the partition settings it stands for (also the sweep's skew axis).
@@ -33,6 +34,8 @@ SKEW_SETTINGS = {
     "c2": {"fl.partition.method": "pathological", "fl.partition.classes_per_client": 2},
 }
 SKEWS = tuple(SKEW_SETTINGS)
+MODES = ("cl", "fl")
+WORDS = (*MODES, *SKEWS, "local")
 
 
 def apply_skew(c, skew: str) -> None:
@@ -44,13 +47,9 @@ def apply_skew(c, skew: str) -> None:
 
 
 def get_config(arg: str = "fl,c2"):
-  words = {w.strip() for w in arg.split(",") if w.strip()}
-  modes = words & {"cl", "fl"}
+  words = set(preset_words(arg, WORDS, required=[MODES], exclusive=[SKEWS]))
+  modes = words & set(MODES)
   skews = words & set(SKEWS)
-  unknown = words - {"cl", "fl", "local"} - set(SKEWS)
-  if len(modes) != 1 or len(skews) > 1 or unknown:
-    raise ValueError(f"config argument {arg!r}: give one of cl/fl, at most one label skew of "
-                     f"{list(SKEWS)}, optionally 'local'")
   c = default_config()
   c.mode = modes.pop()
   c.dataset.name = "fashion_mnist"

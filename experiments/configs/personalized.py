@@ -43,6 +43,7 @@ The argument is a comma-separated list of words:
 
 import re
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
 
 # data word: (dataset.name, model.name), FedAIMS §5.1 (ResNet-18 for CIFAR-100).
@@ -66,13 +67,9 @@ def apply_skew(c, skew: str) -> None:
 
 
 def get_config(arg: str = "dir03"):
-  words = {w.strip() for w in arg.split(",") if w.strip()}
+  words = set(preset_words(arg, WORDS, exclusive=[tuple(DATA), SKEWS, ("small", "local")]))
   skews = {w for w in words if w in SKEWS[:2] or re.fullmatch(r"pat[1-9][0-9]*", w)}
   data = words & set(DATA)
-  unknown = words - set(WORDS) - skews
-  if unknown or len(skews) > 1 or len(data) > 1 or {"small", "local"} <= words:
-    raise ValueError(f"config argument {arg!r}: words from {WORDS} (patK with K classes per "
-                     "client), at most one data word, one label skew and one of small/local")
   c = default_config()
   c.mode = "fl"
   c.dataset.name, c.model.name = DATA[next(iter(data), "fmnist")]

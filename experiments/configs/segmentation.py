@@ -13,22 +13,20 @@ runs in under 20 minutes on 2 CPU cores; the paper trains at full resolution on
 GPUs — set e.g. ``--config.dataset.image_size='(512, 1024)'``).
 """
 
+from experiments.configs import preset_words
 from isr_jax.config import default_config
 
 MODELS = ("deeplabv3plus", "topformer", "seaformer")
 DATASETS = ("synthetic_streets", "cityscapes", "camvid", "synthia_sf")
+MODES = ("cl", "fl", "hybrid")
+WORDS = (*MODELS, *MODES, *DATASETS, "isr", "local")
 
 
 def get_config(arg: str = "deeplabv3plus,fl"):
-  words = [w.strip() for w in arg.split(",") if w.strip()]
-  known = {*MODELS, *DATASETS, "cl", "fl", "hybrid", "isr", "local"}
-  unknown = [w for w in words if w not in known]
+  words = preset_words(arg, WORDS, exclusive=[MODELS, MODES, DATASETS])
   models = [w for w in words if w in MODELS]
-  modes = [w for w in words if w in ("cl", "fl", "hybrid")]
+  modes = [w for w in words if w in MODES]
   datasets = [w for w in words if w in DATASETS]
-  if unknown or len(models) > 1 or len(modes) > 1 or len(datasets) > 1:
-    raise ValueError(f"config argument {arg!r}: give one model of {MODELS}, one mode of cl/fl/"
-                     f"hybrid, optionally one dataset of {DATASETS}, 'isr' and 'local'")
   c = default_config()
   c.mode = modes[0] if modes else "fl"
   c.model.name = models[0] if models else "deeplabv3plus"

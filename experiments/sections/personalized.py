@@ -5,12 +5,17 @@ its own held-out data, averaged over the clients (FedAIMS Table 2) — at the
 last evaluation, and averaged over the last three (a record's ``late``
 metrics); mean and 95 % interval over seeds. The paired difference to FedAIMS
 takes, for each seed, the method's last-three average minus FedAIMS's on the
-same partition, held-out splits and client sampling.
+same partition, held-out splits and client sampling. Where the records hold
+each client's accuracy (``per_client``, from the runs' ``personal.jsonl``), a
+second table shows how the clients spread: the worst client, the 10th
+percentile, the median and the best, each averaged over seeds.
 """
 
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 from experiments.sections.common import (
   by_seed,
@@ -65,5 +70,42 @@ def blocks(records: list[dict], figures: str) -> dict[str, str]:
                            ylabel="personalized accuracy (%)",
                            title="Fashion-MNIST, ConvNet-3: clients' own models on their own "
                                  "data (mean over seeds, 95 % band)")
-  return {f"{sweep}/setup": provenance(records), f"{sweep}/table": table,
-          f"{sweep}/figure": figure_link(figure, "personalized accuracy per round")}
+  out = {f"{sweep}/setup": provenance(records), f"{sweep}/table": table,
+         f"{sweep}/figure": figure_link(figure, "personalized accuracy per round")}
+  clients = client_table(records)
+  if clients:
+    out[f"{sweep}/clients"] = clients
+  return out
+
+
+def client_quantiles(record: dict) -> dict[str, float] | None:
+  """Worst, 10th percentile, median and best of a record's per-client accuracies
+  (clients without test data left out); ``None`` without ``per_client``."""
+  accuracy = [a for a in record.get("per_client", {}).get("accuracy", []) if a is not None]
+  if not accuracy:
+    return None
+  values = np.asarray(accuracy, np.float64)
+  return {"worst": float(values.min()), "p10": float(np.percentile(values, 10)),
+          "median": float(np.median(values)), "best": float(values.max()),
+          "clients": len(values)}
+
+
+def client_table(records: list[dict]) -> str:
+  """Each method's spread across clients at the last evaluation, averaged over seeds;
+  ``""`` where no record holds per-client accuracies."""
+  rows = []
+  for skew in labels_of(records, "grid"):
+    runs = select(records, grid=skew)
+    for method in labels_of(runs, "method"):
+      found = [q for q in map(client_quantiles, select(runs, method=method)) if q]
+      if not found:
+        continue
+      mean = {k: float(np.mean([q[k] for q in found])) for k in found[0]}
+      rows.append([SKEW_NAMES.get(skew, skew), METHOD_NAMES.get(method, method),
+                   f"{mean['clients']:.0f}", *(f"{100 * mean[k]:.2f}"
+                                               for k in ("worst", "p10", "median", "best")),
+                   str(len(found))])
+  if not rows:
+    return ""
+  return markdown_table(["skew", "method", "clients", "worst client (%)", "10th percentile (%)",
+                         "median (%)", "best client (%)", "seeds"], rows)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 
+from experiments import config_files
 from experiments.records import (
     DIVERGED_FILE,
     RESULTS_FILE,
@@ -26,29 +26,19 @@ from experiments.records import (
     sweep_records,
     write_records,
 )
-from experiments.reporting import train_unless_diverged, write_csv
+from experiments.reporting import GridProgress, train_unless_diverged, write_csv
 from experiments.sweeps import Run, Sweep
 from isr_jax.config import validate
+from isr_jax.config_names import no_setting_hint
 from isr_jax.errors import ConfigError, WorkdirBusy
-from isr_jax.progress import format_duration
+from isr_jax.settings_catalog import rejection
 from isr_jax.workdir import read_json, write_atomic
 
 
 def load_python_file(spec: str, function: str):
-  """``<path>[:<argument>]`` -> ``module.<function>(argument)`` (the argument may be absent)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path}: no such file")
-  module_spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, function):
-    raise ConfigError(f"{path} defines no {function}()")
-  try:
-    return getattr(module, function)(arg) if arg else getattr(module, function)()
-  except ValueError as e:  # the file's own check of its argument
-    raise ConfigError(f"{spec}: {e}") from None
+  """``<path>[:<argument>]`` -> ``module.<function>(argument)``, with one-line ConfigErrors
+  (:func:`experiments.config_files.load_python_file`)."""
+  return config_files.load_python_file(spec, function)
 
 
 def build_config(run: Run) -> ml_collections.ConfigDict:
@@ -64,9 +54,11 @@ def build_config(run: Run) -> ml_collections.ConfigDict:
         raise KeyError(leaf)
       node[leaf] = value
     except (KeyError, AttributeError):
-      raise ConfigError(f"run {run.name}: the config has no setting {setting!r}") from None
+      raise ConfigError(f"run {run.name}: the config has no setting {setting!r}"
+                        f"{no_setting_hint(config, setting)}") from None
     except TypeError as e:  # ml_collections refuses a value of another type
-      raise ConfigError(f"run {run.name}: {setting}={value!r}: {e}") from None
+      said = rejection(config, setting, value)  # the checks' own words, where they have some
+      raise ConfigError(f"run {run.name}: {said or f'{setting}={value!r}: {e}'}") from None
   validate(config)
   return config
 
@@ -149,43 +141,33 @@ def collect(sweep_dir: str, prior: list[dict] = ()) -> list[dict]:
 
 def train_runs(runs: list[Run], configs: list, sweep_dir: str, *,
                retry_diverged: bool = False) -> None:
-  """Trains (or resumes, or reads back) each run in turn, one line per run with an ETA.
+  """Trains (or resumes, or reads back) each run in turn, one line per run with the
+  grid's ETA (:class:`~experiments.reporting.GridProgress`).
 
   A run another process is training is skipped; so is one that diverged before
   (its DIVERGED file), unless ``retry_diverged``.
   """
-  started = time.perf_counter()
-  trained = 0
-  for k, (run, config) in enumerate(zip(runs, configs, strict=True), start=1):
+  grid = GridProgress(len(runs))
+  for run, config in zip(runs, configs, strict=True):
     workdir = os.path.join(sweep_dir, run.name)
     diverged = os.path.join(workdir, DIVERGED_FILE)
-    prefix = f"[{k}/{len(runs)}] {run.name}"
+    grid.start(run.name)  # the line stays open while the run trains
     if os.path.exists(diverged) and not retry_diverged:
-      print(f"{prefix}: diverged before; skipped (--retry_diverged trains it again)", flush=True)
+      grid.skip("diverged before; skipped (--retry_diverged trains it again)")
       continue
-    t0 = time.perf_counter()
     try:
-      out = train_unless_diverged(config, workdir, prefix)
+      out = train_unless_diverged(config, workdir, "")
     except WorkdirBusy:  # another process of this sweep has it
-      print(f"{prefix}: training in another process; skipped", flush=True)
+      grid.skip("training in another process; skipped")
       continue
-    seconds = time.perf_counter() - t0
     if out is None:
       write_atomic(diverged, "train/loss became non-finite\n")
       continue
     with contextlib.suppress(FileNotFoundError):
       os.remove(diverged)
-    if out["finished_earlier"]:
-      print(f"{prefix}: finished earlier, read back", flush=True)
-      continue
-    trained += 1
-    write_atomic(os.path.join(workdir, "machine.json"), json.dumps(machine_info()) + "\n")
-    rate = (time.perf_counter() - started) / trained
-    metrics = out["metrics"]
-    shown = " ".join(f"{key}={metrics[key]:.4f}" for key in
-                     ("test/accuracy", "personal/accuracy_mean") if key in metrics)
-    print(f"{prefix}: {shown} ({format_duration(seconds)}; sweep ETA "
-          f"{format_duration(rate * (len(runs) - k))})", flush=True)
+    if not out["finished_earlier"]:
+      write_atomic(os.path.join(workdir, "machine.json"), json.dumps(machine_info()) + "\n")
+    grid.finish(out)
 
 
 def execute(sweep_dir: str, sweep: Sweep, runs: list[Run], command: str, *,

@@ -24,8 +24,10 @@ holds the city or sequence of every image.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import logging
 import math
 import os
 import struct
@@ -177,6 +179,19 @@ def tfds_name(name: str) -> str:
   raise ConfigError(
       f"dataset.name={name!r} is not one of {list(DATASETS)} (or 'emnist/<config>')"
   )
+
+
+def dataset_source(name: str) -> str:
+  """Where :func:`load_dataset` reads ``name`` from, and how to get it there."""
+  if name == "digits":
+    return "scikit-learn's 8x8 digits (bundled, nothing to prepare)"
+  if name == "fashion_mnist":
+    return f"IDX files in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)"
+  if name == "synthetic_streets":
+    return "generated street scenes (nothing to prepare)"
+  if name in SEGMENTATION_DATASETS:
+    return "the dataset's own files in dataset.data_dir"
+  return f"TFDS, prepared once with '{tfds_prepare_command(tfds_name(name))}'"
 
 
 def standardize_splits(train: ArraySplit, test: ArraySplit) -> tuple[ArraySplit, ArraySplit]:
@@ -334,10 +349,12 @@ def _load_tfds(
   for split in ("train", "test"):
     try:
       # download=False: tfds.data_source would otherwise try to download and prepare.
-      source = tfds.data_source(tfds_dataset, split=split, data_dir=data_dir, download=False)
-    except (NotImplementedError, FileNotFoundError) as err:
-      # Unprepared data surfaces as NotImplementedError("... FileFormat.TFRECORD ...").
-      raise _tfds_not_found(tfds_dataset, data_dir) from err
+      with _quiet_tfds():
+        source = tfds.data_source(tfds_dataset, split=split, data_dir=data_dir, download=False)
+    except (NotImplementedError, FileNotFoundError, KeyError) as err:
+      # Unprepared data surfaces as NotImplementedError("... FileFormat.TFRECORD ...") in
+      # an empty data_dir, as KeyError("... `splits` is empty ...") in TFDS's default one.
+      raise _tfds_not_found(tfds_dataset, data_dir, split) from err
     splits[split] = _read_source(source)
   features = source.dataset_info.features
   num_classes = int(features["label"].num_classes)
@@ -352,24 +369,49 @@ def _load_tfds(
   return splits["train"], splits["test"], info
 
 
-def _tfds_not_found(tfds_dataset: str, data_dir: str | None) -> DataNotFoundError:
+def tfds_prepare_command(tfds_dataset: str, data_dir: str = "DIR") -> str:
+  """The one command that prepares a TFDS dataset for :func:`load_dataset` (needs internet
+  and TensorFlow: ``pip install tensorflow tensorflow-datasets``)."""
+  return f"tfds build {tfds_dataset} --file_format=array_record --data_dir={data_dir}"
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Holds back TFDS's warnings about a dataset folder it cannot use: the error says it."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _tfds_not_found(tfds_dataset: str, data_dir: str | None, split: str) -> DataNotFoundError:
   """The one-line error for a TFDS dataset that ``tfds.data_source`` cannot open."""
   import tensorflow_datasets as tfds
 
-  builder = tfds.builder(tfds_dataset, data_dir=data_dir)
+  with _quiet_tfds():
+    builder = tfds.builder(tfds_dataset, data_dir=data_dir)
+    prepared = builder.is_prepared()
   where = builder.data_dir
   build = (
-      f"'tfds build {tfds_dataset} --file_format=array_record --data_dir=DIR' on a machine with "
+      f"'{tfds_prepare_command(tfds_dataset)}' (TensorFlow installed) on a machine with "
       f"internet and copy DIR here, then set dataset.data_dir=DIR"
   )
-  if builder.is_prepared():
+  if prepared and split not in builder.info.splits:
+    return DataNotFoundError(
+        f"tfds {tfds_dataset} in {where} has no {split!r} split (it has "
+        f"{sorted(builder.info.splits)}): load_dataset needs 'train' and 'test'")
+  if prepared:
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
     return DataNotFoundError(
         f"tfds {tfds_dataset} in {where} is in {file_format} format but "
         f"tfds.data_source (no TensorFlow) needs array_record: prepare it with {build}"
     )
+  given = f"dataset.data_dir={data_dir}" if data_dir else "dataset.data_dir unset"
   return DataNotFoundError(
-      f"tfds {tfds_dataset} not found in {where} (dataset.data_dir={data_dir}) and this machine "
+      f"tfds {tfds_dataset} not found in {where} ({given}) and this machine "
       f"cannot download it: prepare it with {build}"
   )
 

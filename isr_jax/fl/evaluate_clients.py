@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.client import map_clients
@@ -27,14 +29,15 @@ from isr_jax.state import TrainState
 
 def client_accuracy_stats(correct: jax.Array, count: jax.Array) -> dict[str, jax.Array]:
   """Mean ± std of per-client accuracy over the clients with test examples, and the
-  example-weighted mean ``Σ correct / Σ count``."""
+  example-weighted mean ``Σ correct / Σ count``; NaN (not 0) when no client has one."""
   has = count > 0
   acc = jnp.where(has, correct / jnp.maximum(count, 1), 0.0)
   n = jnp.maximum(jnp.sum(has), 1)
   mean = jnp.sum(acc) / n
   std = jnp.sqrt(jnp.sum(jnp.where(has, (acc - mean) ** 2, 0.0)) / n)
-  return {"accuracy_mean": mean, "accuracy_std": std,
-          "accuracy_weighted": jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1),
+  undefined = lambda v: jnp.where(jnp.any(has), v, jnp.nan)  # noqa: E731
+  return {"accuracy_mean": undefined(mean), "accuracy_std": undefined(std),
+          "accuracy_weighted": undefined(jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1)),
           "clients": jnp.sum(has).astype(jnp.float32)}
 
 
@@ -54,7 +57,9 @@ def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
 
   Returns:
     ``{"accuracy_mean", "accuracy_std", "accuracy_weighted", "clients"}``
-    (``clients``: how many had a non-empty test split).
+    (``clients``: how many had a non-empty test split), and the vectors behind
+    them, one entry per client row (padding rows included, as 0 of 0):
+    ``"client_correct"`` and ``"client_examples"``.
   """
   alg = fns.algorithm
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.round), 0x5EED)
@@ -94,4 +99,10 @@ def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
   correct, count = map_clients(
       one_client, (train, test, state.client_states, ids, real), (state.params,),
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh)
-  return client_accuracy_stats(correct, count)
+  if spec.mesh is not None:  # replicated: every process of a multi-host job reads them back
+    replicated = NamedSharding(spec.mesh, P())
+    correct, count = (lax.with_sharding_constraint(a, replicated) for a in (correct, count))
+  # The vectors too: the run keeps each client's accuracy (personal.jsonl), not
+  # only the summary, and slicing them here would tie the jit to num_clients.
+  return {**client_accuracy_stats(correct, count), "client_correct": correct,
+          "client_examples": count}

@@ -187,6 +187,59 @@ def check_algorithm_settings(config: ml_collections.ConfigDict) -> None:
   _registered(config).settings(config, config.fl.algorithm)
 
 
+class _ReadRecorder:
+  """A read-only view of a config that notes the dotted name of every value read."""
+
+  def __init__(self, node, prefix: str, read: set[str]):
+    self._node, self._prefix, self._read = node, prefix, read
+
+  def __getitem__(self, key):
+    value = self._node[key]
+    name = f"{self._prefix}{key}"
+    self._read.add(name)
+    if isinstance(value, ml_collections.ConfigDict):
+      return _ReadRecorder(value, f"{name}.", self._read)
+    return value
+
+  __getattr__ = __getitem__
+
+  def get(self, key, default=None):
+    return self[key] if key in self._node else default
+
+  def __contains__(self, key) -> bool:
+    return key in self._node
+
+
+def algorithm_sections_read(config: ml_collections.ConfigDict) -> frozenset[str]:
+  """The algorithms whose ``fl.<name>`` section the run's algorithm reads.
+
+  Its own, and those it borrows (FedSoL's proximal source reads
+  ``fl.fedprox``, ``fl.feddyn`` or ``fl.moon``); found by recording what its
+  settings read, so a new algorithm needs no entry here.
+  """
+  read: set[str] = set()
+  _registered(config).settings(_ReadRecorder(config, "", read), config.fl.algorithm)
+  return frozenset(n for n in ALGORITHMS if any(r.startswith(f"fl.{n}.") for r in read))
+
+
+def check_unused_algorithm_settings(config: ml_collections.ConfigDict) -> None:
+  """A ConfigError for a value outside its range in another algorithm's section.
+
+  The run does not read ``fl.fedprox.mu`` under FedAvg, but ``mu=-1`` there is
+  still a mistake (and would be carried into a resumed or compared run). Only
+  each section's own values are checked: what an algorithm asks of the rest of
+  the config (FedNova's plain SGD) matters only when it runs.
+  """
+  for name, entry in ALGORITHMS.items():
+    if name == config.fl.algorithm:
+      continue
+    try:
+      entry.settings(config, name)
+    except ConfigError as e:
+      if str(e).startswith(f"fl.{name}."):
+        raise
+
+
 def make_algorithm(config: ml_collections.ConfigDict,
                    problem: LocalProblem | None = None) -> FLAlgorithm:
   """The algorithm named by ``config.fl.algorithm``, built once from ``config``.

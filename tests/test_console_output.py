@@ -1,0 +1,108 @@
+"""What the console shows: a run's headline, its progress lines, a grid's lines, a stop."""
+
+import logging
+import signal
+
+import pytest
+from absl import flags
+
+from experiments.reporting import GridProgress, one_line_stops
+from isr_jax import progress
+from isr_jax.errors import ConfigError, Preempted
+
+PERSONAL = {"test/accuracy": 0.9, "test/loss": 0.3, "personal/accuracy_mean": 0.8123,
+            "personal/accuracy_std": 0.05, "personal/accuracy_weighted": 0.8,
+            "personal/clients": 20.0, "train/loss": 0.4}
+
+
+def test_headline_puts_personal_accuracy_first_for_a_personalized_run():
+  assert progress.headline(PERSONAL) == (
+      "personal accuracy 0.8123 ± 0.0500 over 20 clients; global model's test accuracy 0.9000")
+  assert progress.headline({"test/accuracy": 0.91234, "test/loss": 0.3}) == "test accuracy 0.9123"
+  assert progress.headline({"train/loss": 0.4}) == ""  # a round without evaluation
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_line_ends_with_the_latest_evaluation_and_the_run_with_its_result(caplog):
+  caplog.set_level(logging.INFO, logger="isr_jax")
+  clock = FakeClock()
+  report = progress.Progress(2, clock=clock)
+  report.start(0)
+  clock.now += 1.5
+  assert report.round(1) == "round 1/2 (50%): 1.50 s/round, ETA 1.5s"
+  clock.now += 1.5
+  line = report.round(2, note=progress.headline(PERSONAL))
+  assert line.endswith("ETA 0.0s — personal accuracy 0.8123 ± 0.0500 over 20 clients; "
+                       "global model's test accuracy 0.9000")
+  report.result(progress.headline(PERSONAL))
+  assert caplog.records[-1].getMessage().startswith("result: personal accuracy 0.8123")
+
+
+def test_grid_lines_say_which_run_trains_its_result_the_grid_eta_and_reuse(capsys):
+  clock = FakeClock()
+  grid = GridProgress(4, clock=clock)
+  grid.start("fl_isr_seed0")
+  opened = capsys.readouterr().out
+  assert opened == "[1/4] fl_isr_seed0 … "  # open while the run trains
+  clock.now += 30.0
+  grid.finish({"finished_earlier": False, "metrics": {"test/accuracy": 0.5}})
+  grid.start("fl_seed0")
+  grid.finish({"finished_earlier": True, "metrics": PERSONAL})
+  grid.start("cl_seed0")
+  grid.skip("training in another process; skipped")
+  grid.start("hybrid_seed0")
+  clock.now += 10.0
+  grid.finish({"finished_earlier": False, "metrics": {"test/accuracy": 0.75}})
+  assert (opened + capsys.readouterr().out).splitlines() == [
+      "[1/4] fl_isr_seed0 … test accuracy 0.5000 (30.0s; grid ETA 1m30s)",
+      "[2/4] fl_seed0 … finished earlier, reused: personal accuracy 0.8123 ± 0.0500 over 20 "
+      "clients; global model's test accuracy 0.9000",
+      "[3/4] cl_seed0 … training in another process; skipped",
+      "[4/4] hybrid_seed0 … test accuracy 0.7500 (10.0s)",
+  ]
+
+
+@pytest.mark.parametrize(("raised", "code", "message"), [
+    (Preempted("SIGTERM received: stopped after round 3, saved in w/3 — run the same command "
+               "to resume", signal.SIGTERM), 143,
+     "stopped: SIGTERM received: stopped after round 3, saved in w/3 — run the same command "
+     "to resume\n"),
+    (KeyboardInterrupt(), 130, "stopped: interrupted; the runs already saved are kept and the "
+                               "same command resumes the grid\n"),
+])
+def test_a_stop_is_one_line_and_the_signals_exit_code(capsys, raised, code, message):
+  with pytest.raises(SystemExit) as e, one_line_stops():
+    raise raised
+  assert e.value.code == code
+  assert capsys.readouterr().err == message
+
+
+def test_a_user_error_in_a_grid_is_one_error_line():
+  with pytest.raises(SystemExit) as e, one_line_stops():
+    raise ConfigError("fl.algorithm='x' is not one of ...")
+  assert e.value.code == "error: fl.algorithm='x' is not one of ..."
+
+
+def test_cross_silo_driver_stops_in_one_line_on_sigint(tmp_path, monkeypatch, capsys):
+  from experiments import cross_silo
+
+  def interrupted(config, workdir, label):
+    raise Preempted("SIGINT received: stopped after round 1, saved in x", signal.SIGINT)
+
+  monkeypatch.setattr(cross_silo, "train_unless_diverged", interrupted)
+  flags.FLAGS(["cross_silo", "--runs=classes2:fedavg:0", "--local", f"--workdir={tmp_path}"])
+  try:
+    with pytest.raises(SystemExit) as e:
+      cross_silo.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert e.value.code == 128 + signal.SIGINT
+  err = capsys.readouterr().err
+  assert err.startswith("stopped: SIGINT received") and err.count("\n") == 1
