@@ -147,10 +147,11 @@ def test_bad_settings_that_need_the_model_or_data(overrides, message):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   train_and_evaluate(tiny("fl", num_rounds=2), str(tmp_path))
-  # A resume may not change the learning rate; without config.json (a workdir
-  # from before it was kept) nothing is compared, which lets the rate explode here.
-  os.remove(tmp_path / "config.json")
+  # A resume may not change the learning rate; a config.json edited to the new rate
+  # is what the resume compares against, which lets the rate explode here.
   exploding = tiny("fl", num_rounds=6, **{"client_optimizer.learning_rate": 1e6})
+  recorded = (tmp_path / "config.json").read_text()
+  (tmp_path / "config.json").write_text(exploding.to_json_best_effort(indent=2, sort_keys=True))
   with pytest.raises(NaNLossError, match=r"train/loss became (nan|inf) in round 3") as info:
     train_and_evaluate(exploding, str(tmp_path))
   message = str(info.value)
@@ -162,8 +163,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert saved == [1, 2]
   records = read_metrics(str(tmp_path))
   assert [r["round"] for r in records] == [1, 2]
-  assert not os.path.exists(tmp_path / "config.json")  # a run that stopped records no config
   # The kept checkpoint is good: a sane run resumes from it.
+  (tmp_path / "config.json").write_text(recorded)
   assert train_and_evaluate(tiny("fl", num_rounds=3), str(tmp_path))["metrics"]["train/loss"] < 10
 
 
