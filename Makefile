@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m experiments.demo --workdir=runs/demo
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal tests
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from experiments.reporting import divergence_note, fmt, mean_std
-from isr_jax.plotting import plot_learning_curves
+from isr_jax.plotting import plot_seed_curves
 
 # FedAIMS Table 2's rows, in its order, then FedAIMS-Full (Tables 5 and 7).
 METHODS = ("local", "fedavg", "fedprox", "moon", "fedper", "fedrep", "lg_fedavg", "ditto",
@@ -75,14 +75,17 @@ def timing_table(rows, skews) -> str:
 
 
 def plot(results, methods, skews, path: str, title: str) -> None:
-  """Personalized accuracy against rounds: a panel per skew, a line per method (seed 0)."""
+  """Personalized accuracy against rounds: a panel per skew, a line per method, the mean
+  over the seeds the tables average with a ±std band over seeds."""
   runs = {}
   for method in methods:
     for skew in skews:
-      first = results[(method, skew)][0]
-      if first is not None:
-        runs.setdefault(method, []).extend(
-            {"round": r["round"], f"personalized accuracy, {skew}": r[ACCURACY]}
-            for r in first["history"] if ACCURACY in r)
-  plot_learning_curves(runs, path, metrics=tuple(f"personalized accuracy, {s}" for s in skews),
-                       title=title, columns=2)
+      panel = f"personalized accuracy, {skew}"
+      seeds = [[{"round": r["round"], panel: r[ACCURACY]} for r in run["history"]
+                if ACCURACY in r] for run in results[(method, skew)] if run is not None]
+      for k, seed in enumerate(seeds):  # one record list per seed, panels side by side
+        if len(runs.setdefault(method, [])) <= k:
+          runs[method].append([])
+        runs[method][k].extend(seed)
+  plot_seed_curves(runs, path, metrics=tuple(f"personalized accuracy, {s}" for s in skews),
+                   title=title, columns=2)

@@ -293,6 +293,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
           raise _preempted(stop.signum, r, str(manager.directory))
       checkpoint.wait(manager)
       report.result(headline(metrics))
+      late_stop = stop.signum  # arrived during the last round, which finished and was saved
     finally:
       # Also on errors: waits for a save in flight and stops Orbax's threads.
       checkpoint.close(manager, quiet=sys.exc_info()[0] is not None)
@@ -304,5 +305,9 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
   history = read_metrics(writer.path) if primary else []
   if primary and config.logging.plots and history:
     _plot(workdir)
+  if late_stop is not None:  # the run is complete; what called it (a grid) stops here
+    raise Preempted(f"{signal.Signals(late_stop).name} received during the last round: the "
+                    f"run finished round {int(state.round)} and was saved — run the same "
+                    "command to go on", late_stop)
   return {"metrics": metrics, "history": history, "state": state, "compile_s": compile_s,
           "experiment": exp, "finished_earlier": False}

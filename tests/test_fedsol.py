@@ -299,7 +299,10 @@ def test_softened_kl_gradient_is_exact_and_zero_at_equal_logits():
 # must reproduce: on the first local step of round 1 every source's gradient
 # vanishes (w = w_g; FedDyn's ∇L_i = 0; MOON's previous model is the global one),
 # so ε = 0 and both take one plain step; the base keeps its own server rule.
-SOURCE_BASE = {"kl": "fedavg", "fedprox": "fedprox", "feddyn": "feddyn", "moon": "moon"}
+# What FedSoL's first local step equals with each source: its base algorithm's first step,
+# except FedProx's, which is a proximal step after the gradient step (FedSoL steps on ∇F
+# alone, and the FedProx term's gradient vanishes at w = w_g): FedAvg's.
+SOURCE_BASE = {"kl": "fedavg", "fedprox": "fedavg", "feddyn": "feddyn", "moon": "moon"}
 
 
 def registry_algorithm(name, **fedsol_settings):

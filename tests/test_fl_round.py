@@ -273,7 +273,7 @@ def test_algorithms_without_a_plan_get_none():
 
 
 @pytest.mark.parametrize(("name", "strategy", "chunk"), [
-    ("fedavg", "sequential", 0), ("fedper", "chunked", 2), ("ditto", "vmap", 0)])
+    ("fedavg", "sequential", 0), ("ditto", "vmap", 0)])  # chunks: the strategies' test
 def test_messages_summed_as_clients_finish_equal_the_stacked_weighted_mean(name, strategy,
                                                                            chunk):
   """``mean_messages``: the round carries Σ n_i m_i instead of stacking every m_i.

@@ -115,3 +115,24 @@ def test_kill_9_during_an_asynchronous_save_resumes_exactly(tmp_path):
   # Saving every round again also saves over the unfinished step the kill left behind.
   resume_matches_a_straight_run(tmp_path, workdir, "fl", max(steps) + 2, checkpoint_every=1)
   assert not any(n.endswith(".damaged") for n in os.listdir(ckpts))  # nothing was torn
+
+
+def test_a_stop_in_the_last_round_finishes_the_run_then_stops_its_caller(tmp_path, monkeypatch):
+  """The run is complete and saved; a grid that called it stops instead of going on."""
+  from isr_jax import checkpoint
+  from isr_jax.errors import Preempted
+
+  save = checkpoint.save
+
+  def save_then_signal(*args, **kwargs):  # SIGTERM arrives while the last round is saved
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(checkpoint, "save", save_then_signal)
+  with pytest.raises(Preempted, match=r"SIGTERM received during the last round: the run "
+                                      r"finished round 1 and was saved") as info:
+    train_and_evaluate(tiny("cl", num_rounds=1), str(tmp_path))
+  assert info.value.signum == signal.SIGTERM
+  assert saved_steps(str(tmp_path)) == [1] and os.path.exists(tmp_path / "summary.json")
+  monkeypatch.setattr(checkpoint, "save", save)
+  assert train_and_evaluate(tiny("cl", num_rounds=1), str(tmp_path))["finished_earlier"]

@@ -21,8 +21,8 @@ the gradient ``μ(w − w^t)`` makes an under-damped oscillator of period
 ``≈ 2π/√(ημ/(1 − β))`` steps (28 at η = 0.05, μ = 1) whose swings carry the
 weights past the anchor into regions where the cross-entropy is sharp: on
 Fashion-MNIST Dir(0.1), 20 clients, the largest client's local epoch diverged
-after ~90 steps at μ = 1 and ~280 at μ = 0.3, while the proximal step trained
-at every μ (methods §FedProx).
+after ~90 steps at μ = 1 and ~280 at μ = 0.3; with the proximal step the
+same run trains (methods §FedProx).
 
 Not in the paper's equations: FedProx's tolerance to a variable amount of
 local work (γ-inexact solutions) needs nothing here, since the engine already

@@ -194,6 +194,7 @@ def sharpness_aware(
       name=name,
       client_init=_with_global(base),
       client_grad=client_grad,
+      local_update=None,  # the step is this client_grad, whatever solver the base has
       client_final=_unwrap(base.client_final),
   )
 
