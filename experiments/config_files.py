@@ -17,6 +17,7 @@ import re
 import sys
 
 import ml_collections
+from absl import flags
 
 from isr_jax.config_names import has_setting, no_setting_message
 from isr_jax.errors import ConfigError
@@ -150,3 +151,43 @@ def flag_error_message(config: ml_collections.ConfigDict | None, message: str) -
   if config is None or found is None or not has_setting(config, found.group(1)):
     return message
   return bad_value_message(config, found.group(1), found.group(2))
+
+
+def _unknown_setting(argv: list[str], e: Exception) -> str:
+  """One line for ml_collections' error on ``--config.<path>`` naming no setting.
+
+  Its message is a repr of a KeyError inside an AttributeError, with the
+  "did you mean" on a line of its own; the override is found in ``argv``.
+  """
+  text = str(e).replace("\\n", " ").replace("\\'", "'")
+  name = re.search(r"'(\w+)'", text)
+  name = name.group(1) if name else "?"
+  flag = next((a.split("=")[0] for a in argv[1:]
+               if a.startswith("--config.") and f".{name}" in a.split("=")[0]), "--config")
+  guess = re.search(r'Did you mean "(\w+)"', text)
+  hint = f"; did you mean {guess.group(1)!r}?" if guess else ""
+  return f"{flag}: the config has no setting {name!r}{hint}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for a driver with ``--config``, every failure as one ``error:`` line
+  (``app.run(main, flags_parser=parse_flags)``).
+
+  The config file and the settings its overrides name are checked first
+  (:func:`check_command_line`), so that a missing file, a bad preset word
+  or an unknown setting is answered in its own words, not ml_collections'.
+  """
+  try:
+    loaded = check_command_line(argv)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {flag_error_message(loaded, ' '.join(str(e).split()))}")
+  except (AttributeError, KeyError) as e:  # an override naming no setting
+    sys.exit(f"error: {_unknown_setting(argv, e)}")
+  if len(rest) > 1:
+    sys.exit(f"error: unexpected argument {rest[1]!r}: settings are flags, "
+             "--config.<setting>=<value> ('python -m experiments.settings' lists them)")
+  return rest

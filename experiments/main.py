@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import re
 import sys
 
 import jax
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.common_flags import WORKDIR
-from experiments.config_files import check_command_line, flag_error_message
+from experiments.config_files import parse_flags
 from isr_jax.errors import (
   CheckpointError,
   ConfigError,
@@ -63,45 +62,6 @@ class _NoOrbaxTracebacks(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-def _unknown_setting(argv: list[str], e: Exception) -> str:
-  """One line for ml_collections' error on ``--config.<path>`` naming no setting.
-
-  Its message is a repr of a KeyError inside an AttributeError, with the
-  "did you mean" on a line of its own; the override is found in ``argv``.
-  """
-  text = str(e).replace("\\n", " ").replace("\\'", "'")
-  name = re.search(r"'(\w+)'", text)
-  name = name.group(1) if name else "?"
-  flag = next((a.split("=")[0] for a in argv[1:]
-               if a.startswith("--config.") and f".{name}" in a.split("=")[0]), "--config")
-  guess = re.search(r'Did you mean "(\w+)"', text)
-  hint = f"; did you mean {guess.group(1)!r}?" if guess else ""
-  return f"{flag}: the config has no setting {name!r}{hint}"
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every failure as one ``error:`` line.
-
-  The config file and the settings its overrides name are checked first
-  (:mod:`experiments.config_files`), so that a missing file, a bad preset word
-  or an unknown setting is answered in its own words, not ml_collections'.
-  """
-  try:
-    loaded = check_command_line(argv)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {flag_error_message(loaded, ' '.join(str(e).split()))}")
-  except (AttributeError, KeyError) as e:  # an override naming no setting
-    sys.exit(f"error: {_unknown_setting(argv, e)}")
-  if len(rest) > 1:
-    sys.exit(f"error: unexpected argument {rest[1]!r}: settings are flags, "
-             "--config.<setting>=<value> ('python -m experiments.settings' lists them)")
-  return rest
 
 
 def _check_platforms() -> None:
@@ -147,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.common_flags import SEEDS, WORKDIR
+from experiments.config_files import parse_flags
 from experiments.configs.personalized import apply_skew, get_config
 from experiments.personalized_tables import (
   ACCURACY,
@@ -144,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -124,8 +124,9 @@ for argv, env in json.loads(sys.argv[1]):
       jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
     sys.argv = argv
     from experiments import main
+    from experiments.config_files import parse_flags
     try:
-      main._parse_flags(argv)
+      parse_flags(argv)
       main._check_platforms()
       message = "accepted"
     except SystemExit as e:
