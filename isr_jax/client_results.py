@@ -14,15 +14,14 @@ checkpoint a run resumes from are dropped (the resumed run evaluates them again)
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from isr_jax.metric_writer import read_metrics
-from isr_jax.workdir import io_error, write_atomic
+from isr_jax.metric_writer import append_record, is_torn, read_metrics
+from isr_jax.workdir import write_atomic
 
 PER_CLIENT_FILE = "personal.jsonl"
 
@@ -63,7 +62,7 @@ class PerClientWriter:
     if enabled and os.path.exists(self.path):
       records = read_per_client(self.path)
       kept = [r for r in records if r.get("round", 0) <= resume_round]
-      if len(kept) < len(records) or not _ends_with_newline(self.path):
+      if len(kept) < len(records) or is_torn(self.path):
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, round_index: int, correct, examples) -> dict:
@@ -71,27 +70,8 @@ class PerClientWriter:
     record = client_record(round_index, correct, examples, self.num_clients)
     if not self.enabled:
       return record
-    line = (json.dumps(record) + "\n").encode()
-    try:
-      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-      try:
-        if os.write(fd, line) != len(line):  # a full disk can cut a write short
-          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    except OSError as e:
-      raise io_error(self.path, e) from e
+    append_record(self.path, record)
     return record
-
-
-def _ends_with_newline(path: str) -> bool:
-  with open(path, "rb") as f:
-    f.seek(0, os.SEEK_END)
-    if f.tell() == 0:
-      return True
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b"\n"
 
 
 def read_per_client(path: str) -> list[dict]:

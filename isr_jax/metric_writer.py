@@ -54,31 +54,41 @@ class JsonlWriter:
     if last < resume_round:  # lines lost (edited, an older copy): say so, keep what is there
       logger.warning("%s holds rounds up to %d only: rounds %d-%d of the checkpoint resumed "
                      "from are not in it", self.path, last, last + 1, resume_round)
-    if len(kept) < len(records) or _is_torn(self.path):  # else leave the file alone
+    if len(kept) < len(records) or is_torn(self.path):  # else leave the file alone
       write_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
   def write(self, round_index: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     rec = {"round": int(round_index), **{k: _plain(v) for k, v in sorted(metrics.items())}}
-    line = (json.dumps(rec) + "\n").encode()
-    try:
-      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-      try:
-        if os.write(fd, line) != len(line):  # a full disk can cut a write short
-          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    except OSError as e:
-      raise io_error(self.path, e) from e
+    append_record(self.path, rec)
     if self.echo:
       shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in rec.items() if k != "round")
       logger.info("round %d: %s", round_index, shown)
 
 
-def _is_torn(path: str) -> bool:
+def append_record(path: str, record: Mapping) -> None:
+  """Appends ``record`` as one JSON line, synced: a kill leaves the line whole or torn
+  (which :func:`read_metrics` drops), never a later line without an earlier one.
+
+  Raises:
+    WorkdirError: the write failed (full disk, read-only), one line naming the file.
+  """
+  line = (json.dumps(record) + "\n").encode()
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      if os.write(fd, line) != len(line):  # a full disk can cut a write short
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  except OSError as e:
+    raise io_error(path, e) from e
+
+
+def is_torn(path: str) -> bool:
   """Whether the file's last line lacks its newline: what a write cut short leaves."""
   with open(path, "rb") as f:
     f.seek(0, os.SEEK_END)
