@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-all lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/python -m experiments.demo --workdir=runs/demo
 
+# CI's suite: everything but the tests marked slow (segmentation training grids and the
+# drivers' end-to-end runs), which `make test-all` adds.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" tests
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -4,14 +4,12 @@ import os
 import time
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOUR = os.path.join(REPO, "notebooks", "isr_jax_tour.ipynb")
 
 
-@pytest.mark.slow
 def test_tour_notebook_runs_end_to_end(tmp_path, monkeypatch):
   # The kernel is a child process: it inherits these. PYTHONPATH makes it import
   # this checkout (not another install), so its install cell is skipped and needs

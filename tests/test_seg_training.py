@@ -39,9 +39,6 @@ from isr_jax.state import TrainState
 from isr_jax.taps import make_isr_spec
 from isr_jax.train import train_and_evaluate
 
-pytestmark = pytest.mark.slow  # ~25 one-round runs; each compiles a segmentation round
-
-
 # Algorithms defined for one label per example only (FedAIMS's class prototypes):
 # on dense labels they must refuse with a one-line error.
 CLASSIFICATION_ONLY = ("fedaims", "fedaims_full")
@@ -144,6 +141,8 @@ SAME_CLIENT_CODE = {"fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedexp", "fe
                     "local", "fedper", "lg_fedavg"}
 
 
+# Slow (make test-all): ~20 one-round runs, each compiling a segmentation round.
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(set(ALGORITHMS) - SAME_CLIENT_CODE))
 def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
   data, info = dense_clients()
@@ -179,6 +178,7 @@ def test_one_round_of_every_algorithm_on_dense_labels(algorithm):
     assert bool(jnp.all(jnp.isfinite(leaf)))
 
 
+@pytest.mark.slow
 def test_one_hybrid_round_on_a_dirichlet_partition(seg_run):
   # The federated half of the hybrid round is the FL round on the partition.
   check_run(seg_run(mode="hybrid", partition="dirichlet"), isr=True)
