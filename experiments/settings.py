@@ -25,6 +25,7 @@ from isr_jax.config_names import RENAMED_SETTINGS
 from isr_jax.data import DATASETS
 from isr_jax.data.datasets import dataset_source
 from isr_jax.errors import ConfigError
+from isr_jax.fl.channel.spec import SECTIONS as CHANNEL_SECTIONS
 from isr_jax.fl.registry import ALGORITHMS
 from isr_jax.models import MODELS
 from isr_jax.settings_catalog import algorithm_citation, describe, section_note
@@ -75,6 +76,7 @@ def overview() -> str:
   sections = sorted(k for k in config if hasattr(config[k], "keys"))
   lines.append("sections (python -m experiments.settings SECTION):")
   lines.append(_wrapped(" ".join([*sections, "fl.partition", "fl.server_optimizer",
+                                  *(f"fl.{name}" for name in CHANNEL_SECTIONS),
                                   "fl.ALGORITHM"]), "  "))
   lines.append("renamed settings (old name -> name now):")
   lines += [f"  {old} -> {new}" for old, new in RENAMED_SETTINGS.items()]

@@ -313,23 +313,33 @@ def _set_aside(path: str) -> str:
 # step saved under an old name restores under it and is renamed in memory, so
 # runs started before the rename resume.
 RENAMED_STATE_FIELDS = {"alpha": "mix_weight"}
+# TrainState fields added after checkpoints were written, with the value such a
+# checkpoint's run had (an empty tree: nothing to restore).
+ADDED_STATE_FIELDS = ("channel_state",)
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract):
-  """Step ``step`` restored into ``abstract``'s structure, old field names allowed."""
+  """Step ``step`` restored into ``abstract``'s structure, old field names allowed.
+
+  A checkpoint written before a field of :data:`ADDED_STATE_FIELDS` existed
+  restores when this run's value of that field is empty (the feature is off).
+  """
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as today:  # orbax raises many types for unreadable/mismatched data
     fields = getattr(abstract, "_fields", ())
     renamed = {new: old for old, new in RENAMED_STATE_FIELDS.items() if new in fields}
-    if not renamed:
+    absent = [f for f in ADDED_STATE_FIELDS
+              if f in fields and not jax.tree.leaves(getattr(abstract, f))]
+    if not renamed and not absent:
       raise
-    target = {renamed.get(k, k): v for k, v in abstract._asdict().items()}
+    target = {renamed.get(k, k): v for k, v in abstract._asdict().items() if k not in absent}
     try:
       restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception:
       raise today from None
-  return type(abstract)(**{k: restored[renamed.get(k, k)] for k in fields})
+  return type(abstract)(**{k: restored[renamed.get(k, k)] for k in fields if k not in absent},
+                        **{k: getattr(abstract, k) for k in absent})
 
 
 def restore_latest(manager: ocp.CheckpointManager, like):

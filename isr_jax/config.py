@@ -18,6 +18,8 @@ from isr_jax.config_checks import check_number, check_one_of
 from isr_jax.config_names import check_no_old_names, current_names
 from isr_jax.data import DATASETS, PARTITION_METHODS, SEGMENTATION_DATASETS
 from isr_jax.errors import ConfigError
+from isr_jax.fl.channel import channel_defaults, channel_spec
+from isr_jax.fl.channel.spec import check_algorithm
 from isr_jax.fl.client import CLIENT_PARALLELISM
 from isr_jax.fl.registry import (
     ALGORITHMS,
@@ -59,6 +61,9 @@ SETTINGS_ADDED_LATER = {
     "isr.decouple_adapters": False,  # adapters' updates were scaled by mi_weight before
     "fl.fedaims.absent_classes": "zero",  # a class with no global prototype was pulled to σ(0)
     "fl.fedaims_full.absent_classes": "zero",
+    # The channel (DP, robust rules and attacks, compression, stragglers): all off.
+    **{f"fl.{section}.{name}": value for section, defaults in channel_defaults().items()
+       for name, value in defaults.items()},
 }
 
 _MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
@@ -141,6 +146,10 @@ def default_config() -> ml_collections.ConfigDict:
       dict(method="dirichlet", dirichlet_alpha=0.3, shards_per_client=2, classes_per_client=2))
   # Each algorithm's hyper-parameters: config.fl.<name>.<setting>.
   for name, defaults in algorithm_defaults().items():
+    c.fl[name] = defaults
+  # Between the clients and the server (isr_jax.fl.channel): config.fl.dp, .robust,
+  # .compression, .stragglers; every part off by default.
+  for name, defaults in channel_defaults().items():
     c.fl[name] = defaults
   # Fed the pseudo-gradient θ_t − θ̃; SGD at rate 1 is FedAvg.
   c.fl.server_optimizer = ml_collections.ConfigDict(
@@ -232,6 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_number(fl.client_test_fraction, "fl.client_test_fraction", low=0, high=1,
                low_open=True, high_open=True)
   check_number(fl.partition.dirichlet_alpha, "fl.partition.dirichlet_alpha", low=0, low_open=True)
+  check_algorithm(channel_spec(config), fl.algorithm)
 
   hy = config.hybrid
   check_one_of(hy.schedule, SCHEDULES, "hybrid.schedule")

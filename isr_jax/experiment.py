@@ -38,6 +38,7 @@ from isr_jax.data import (
 from isr_jax.errors import ConfigError
 from isr_jax.evaluate import evaluate_classifier
 from isr_jax.fl.algorithm import Batch, LocalProblem
+from isr_jax.fl.channel.spec import channel_spec, check_algorithm
 from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
 from isr_jax.fl.evaluate_clients import evaluate_clients
 from isr_jax.fl.registry import is_personalized, make_algorithm, personalized_eval_on
@@ -229,13 +230,15 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     round_data = (put_replicated(data, mesh),)
   else:
     algorithm = make_algorithm(config, problem)
+    channel = channel_spec(config, info.num_classes)
+    check_algorithm(channel, algorithm.name, algorithm.mean_messages)
     fl_spec = FLSpec(
         clients_per_round=config.fl.clients_per_round, local_epochs=config.fl.local_epochs,
         local_steps=config.fl.local_steps,
         parallelism=parallelism,
         chunk_size=chunk_size, aggregate_adapters=isr.aggregate_adapters,
         unroll=config.fl.unroll, num_clients=config.fl.num_clients, mesh=mesh,
-        measure_heterogeneity=config.fl.measure_heterogeneity,
+        measure_heterogeneity=config.fl.measure_heterogeneity, channel=channel,
     )
     federated = make_round(
         algorithm, problem, fl_spec,

@@ -48,7 +48,7 @@ import optax.tree_utils as otu
 
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import loss_grad
-from isr_jax.fl.round import apply_server_step, federated_update
+from isr_jax.fl.round import FederatedUpdate, apply_server_step, federated_update
 from isr_jax.fl.selection import round_keys, take_rows
 from isr_jax.fl.spec import FLSpec, RoundFns
 from isr_jax.fl.trainer import make_trainer
@@ -145,7 +145,7 @@ def _no_clients(state: TrainState, shapes, cloud_metrics):
   ``Δ_FL = 0``, the algorithm's state as it was, and the metrics described in
   the module docstring (``train/<term>`` from the cloud, everything else 0).
   """
-  delta_shapes, _, _, metric_shapes = shapes
+  delta_shapes, metric_shapes = shapes.pseudo_grad, shapes.metrics
   zero = lambda s: jnp.zeros(s.shape, s.dtype)
 
   def metric(name, s):
@@ -156,7 +156,8 @@ def _no_clients(state: TrainState, shapes, cloud_metrics):
     return zero(s)
 
   metrics = {name: metric(name, s) for name, s in metric_shapes.items()}
-  return jax.tree.map(zero, delta_shapes), state.alg_state, state.client_states, metrics
+  return FederatedUpdate(jax.tree.map(zero, delta_shapes), state.alg_state,
+                         state.client_states, state.channel_state, metrics)
 
 
 def hybrid_round(state: TrainState, data: ClientData, cloud: ClientData, *,
@@ -168,15 +169,18 @@ def hybrid_round(state: TrainState, data: ClientData, cloud: ClientData, *,
   federated = lambda: federated_update(state, data, fns, spec)
   if skips_clients_at_weight_one(hybrid):
     shapes = jax.eval_shape(federated)
-    delta_fl, alg_state, client_states, metrics = jax.lax.cond(
+    update = jax.lax.cond(
         weight == 1, lambda: _no_clients(state, shapes, cloud_metrics), federated)
   else:
     # Signed adaptive rule: at α = 1 the clients run only to measure cos; their
     # step has weight 0, so their state changes are dropped.
-    delta_fl, alg_state, client_states, metrics = federated()
+    update = federated()
     keep = weight == 1
-    alg_state = otu.tree_where(keep, state.alg_state, alg_state)
-    client_states = otu.tree_where(keep, state.client_states, client_states)
+    update = update._replace(
+        alg_state=otu.tree_where(keep, state.alg_state, update.alg_state),
+        client_states=otu.tree_where(keep, state.client_states, update.client_states),
+        channel_state=otu.tree_where(keep, state.channel_state, update.channel_state))
+  delta_fl, metrics = update.pseudo_grad, update.metrics
   params, opt_state = apply_server_step(state, mix(weight, delta_cl, delta_fl),
                                         fns.server_optimizer)
   cos = cosine(delta_cl, delta_fl)
@@ -189,7 +193,8 @@ def hybrid_round(state: TrainState, data: ClientData, cloud: ClientData, *,
   # Only the adaptive schedule carries α; the others leave it as it was (so the
   # state after an α_t = 0 round is the FL round's state, mix_weight included).
   new_state = state._replace(
-      params=params, opt_state=opt_state, alg_state=alg_state, client_states=client_states,
+      params=params, opt_state=opt_state, alg_state=update.alg_state,
+      client_states=update.client_states, channel_state=update.channel_state,
       round=state.round + 1, mix_weight=next_mix_weight(hybrid, state.mix_weight, cos),
   )
   return new_state, metrics

@@ -20,6 +20,7 @@ import ml_collections
 from isr_jax.config import default_config, validate
 from isr_jax.config_names import has_setting, no_setting_message
 from isr_jax.errors import ConfigError
+from isr_jax.fl.channel.spec import SECTIONS as CHANNEL_SECTIONS
 from isr_jax.fl.registry import ALGORITHMS
 
 # Values no setting accepts: a word no list holds, a number no interval holds
@@ -149,6 +150,16 @@ def default_notes() -> dict[str, str]:
   return notes
 
 
+def channel_notes() -> dict[str, str]:
+  """Dotted name -> the comment beside its line in a channel part's ``DEFAULTS``."""
+  notes = {}
+  for section, module in CHANNEL_SECTIONS.items():
+    for line in inspect.getsource(module).splitlines():
+      if item := re.match(r'\s*"(\w+)":[^#]*#\s*(.*)$', line):
+        notes[f"fl.{section}.{item.group(1)}"] = item.group(2)
+  return notes
+
+
 def describe(config: ml_collections.ConfigDict, prefix: str = "") -> list[Setting]:
   """One :class:`Setting` per setting of ``config`` under the dotted ``prefix``.
 
@@ -165,7 +176,7 @@ def describe(config: ml_collections.ConfigDict, prefix: str = "") -> list[Settin
     rows = {prefix: node}
   else:
     rows = flat_settings(node, f"{prefix}." if prefix else "")
-  notes = default_notes()
+  notes = {**default_notes(), **channel_notes()}
   return [Setting(name, value, allowed(config, name), notes.get(name, ""))
           for name, value in rows.items()]
 
@@ -176,4 +187,6 @@ def section_note(prefix: str) -> str:
   parts = prefix.strip(".").split(".")
   if parts[0] == "fl" and len(parts) == 2 and parts[1] in ALGORITHMS:
     return algorithm_citation(parts[1])
+  if parts[0] == "fl" and len(parts) == 2 and parts[1] in CHANNEL_SECTIONS:
+    return (inspect.getdoc(CHANNEL_SECTIONS[parts[1]]) or "").split("\n")[0]
   return default_notes().get(prefix.strip("."), "")

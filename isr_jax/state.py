@@ -24,6 +24,9 @@ class TrainState(NamedTuple):
     rng: base PRNG key (raw uint32[2]); round ``t`` uses ``fold_in(rng, t)``.
     round: number of completed rounds (int32 scalar).
     mix_weight: hybrid mixing weight α_t for the next round (float32 scalar).
+    channel_state: the server's state of the channel between clients and server
+      (DP's adaptive clipping norm; ``{}`` when no part keeps one, see
+      :mod:`isr_jax.fl.channel`).
   """
 
   params: Any
@@ -33,3 +36,4 @@ class TrainState(NamedTuple):
   rng: jax.Array
   round: jax.Array
   mix_weight: jax.Array
+  channel_state: Any = {}

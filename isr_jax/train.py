@@ -28,6 +28,7 @@ from isr_jax.client_results import PerClientWriter
 from isr_jax.config import RESUME_SAFE_SETTINGS, resume_changes, validate
 from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.experiment import Experiment, build_experiment
+from isr_jax.fl.channel.accountant import epsilon_spent
 from isr_jax.metric_writer import METRICS_FILE, JsonlWriter, read_metrics
 from isr_jax.preemption import stop_requests
 from isr_jax.progress import Progress, headline
@@ -252,6 +253,9 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
       if stop.signum is not None:  # arrived while loading data or compiling
         raise _preempted(stop.signum, start, str(manager.directory))
 
+      # DP's privacy spent so far, host-side: RDP rescales a cached curve, PLD adds the
+      # new round to a cached distribution.
+      dp_spec = None if exp.fl_spec is None else exp.fl_spec.channel.dp
       metrics: dict[str, float] = {}
       evaluated = ""  # the latest evaluation's headline, for the progress lines
       last_saved = start if restored is not None else None
@@ -261,6 +265,8 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
         state, round_metrics = round_step(state, *exp.round_data)
         metrics = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
         metrics["time/round_s"] = time.perf_counter() - t0
+        if dp_spec is not None:
+          metrics["dp/epsilon"] = epsilon_spent(dp_spec, r)
         if not math.isfinite(metrics["train/loss"]):
           kept = (f"the last good checkpoint (round {last_saved}) is kept in "
                   f"{manager.directory}" if last_saved else "no checkpoint had been written yet")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from experiments.sections import demo, fedsol, isr, personalized, zoo
+from experiments.sections import channel, demo, fedsol, isr, personalized, zoo
 from experiments.sections.common import FIGURES_LINK
 
 __all__ = ["BUILDERS", "FIGURES_LINK"]
 
 BUILDERS: dict[str, Callable[[list[dict], str], dict[str, str]]] = {
+    "channel": channel.blocks,
     "demo": demo.blocks,
     "isr_gap": isr.gap_blocks,
     "isr_taps": isr.taps_blocks,

@@ -36,15 +36,18 @@ def training_metrics(results: ClientResults, sampled: SampledClients,
 
 
 def traffic_metrics(algorithm: FLAlgorithm, messages: Any, broadcast: ServerBroadcast,
-                    sampled: SampledClients, personal: Callable) -> dict[str, jax.Array]:
+                    sampled: SampledClients, personal: Callable,
+                    leaf_bytes: Callable | None = None) -> dict[str, jax.Array]:
   """``comm/up_bytes`` and ``comm/down_bytes`` of the round.
 
   Per real sampled client: the message up, the algorithm's downlink down, less
   the personal leaves; shapes are static, so this costs nothing at run time.
-  ``messages`` are stacked on a leading axis (one row is one client's message).
+  ``messages`` are stacked on a leading axis (one row is one client's message);
+  ``leaf_bytes(ShapeDtypeStruct) -> int`` is what one message leaf takes on the
+  uplink (a compressor's encoding; ``None``: its raw bytes).
   """
   num_real = jnp.sum(sampled.data.num_examples > 0).astype(jnp.float32)
   one_message = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape[1:], m.dtype), messages)
-  up = travelling_bytes(one_message, personal)
+  up = travelling_bytes(one_message, personal, leaf_bytes)
   down = travelling_bytes(algorithm.downlink(broadcast), personal)
   return {"comm/up_bytes": num_real * up, "comm/down_bytes": num_real * down}

@@ -40,9 +40,12 @@ class ClientResults(NamedTuple):
   grads: Any
 
 
-def run_clients(one_client: Callable, sampled: SampledClients, plans: Any, shared: tuple,
-                spec: FLSpec, mean_messages: bool) -> ClientResults:
+def run_clients(one_client: Callable, sampled: SampledClients, plans: Any, lanes: Any,
+                shared: tuple, spec: FLSpec, mean_messages: bool) -> ClientResults:
   """``one_client`` for every sampled client under the client map.
+
+  Each client gets its rows of the data, its state, its id, its plan and its
+  channel lane (:class:`isr_jax.fl.channel.pipeline.Lanes`), and ``shared``.
 
   Lanes that run side by side (a vmapped chunk, a device's share) cost their
   largest client, so they are filled with clients of similar size
@@ -51,7 +54,8 @@ def run_clients(one_client: Callable, sampled: SampledClients, plans: Any, share
   """
   order = size_balanced_order(sampled.data.num_examples, spec)
   outputs = map_clients(
-      one_client, take_rows((sampled.data, sampled.states, sampled.ids, plans), order), shared,
+      one_client, take_rows((sampled.data, sampled.states, sampled.ids, plans, lanes), order),
+      shared,
       strategy=spec.parallelism, chunk_size=spec.chunk_size, mesh=spec.mesh,
       summed=mean_messages)
   inverse = jnp.argsort(order)

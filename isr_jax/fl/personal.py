@@ -95,7 +95,12 @@ def zero_personal(tree, personal: Callable[[Path], bool]):
       lambda path, x: jnp.zeros_like(x) if personal(path) else x, tree)
 
 
-def travelling_bytes(tree, personal: Callable[[Path], bool]) -> int:
-  """Bytes of the leaves of ``tree`` that cross the network (static: shapes and dtypes)."""
-  return sum(math.prod(x.shape) * x.dtype.itemsize
-             for path, x in jax.tree_util.tree_leaves_with_path(tree) if not personal(path))
+def travelling_bytes(tree, personal: Callable[[Path], bool],
+                     leaf_bytes: Callable | None = None) -> int:
+  """Bytes of the leaves of ``tree`` that cross the network (static: shapes and dtypes).
+
+  ``leaf_bytes(leaf) -> int`` encodes one leaf (a compressor's); ``None``: raw bytes.
+  """
+  size = leaf_bytes or (lambda x: math.prod(x.shape) * x.dtype.itemsize)
+  return sum(size(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+             if not personal(path))

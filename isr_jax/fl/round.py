@@ -25,6 +25,16 @@ from isr_jax.data.packing import ClientData
 from isr_jax.fl.accounting import traffic_metrics, training_metrics
 from isr_jax.fl.aggregation import run_clients, server_step
 from isr_jax.fl.algorithm import FLAlgorithm, LocalProblem, ServerBroadcast
+from isr_jax.fl.channel.pipeline import (
+    channel_keys,
+    init_client_state,
+    init_server_state,
+    leaf_bytes,
+    message_shapes,
+    prepare,
+    receive,
+)
+from isr_jax.fl.channel.spec import ChannelSpec
 from isr_jax.fl.personal import personal_predicate, select, zero_personal
 from isr_jax.fl.selection import round_keys, scatter_states, select_clients
 from isr_jax.fl.spec import FLSpec, RoundFns
@@ -32,39 +42,58 @@ from isr_jax.fl.trainer import client_round
 from isr_jax.state import TrainState
 
 
-def federated_update(state: TrainState, data: ClientData, fns: RoundFns, spec: FLSpec):
-  """Local training on the sampled clients and the algorithm's server rule.
+class FederatedUpdate(NamedTuple):
+  """What the clients and the server's rule made of a round, before the server step.
 
-  Returns:
-    ``(pseudo_grad, alg_state, client_states, metrics)``: the federated
-    pseudo-gradient ``θ_t − θ̃_{t+1}``, the algorithm's new server state, the
-    updated stacked per-client state, and round metrics (means over the steps
-    that ran).
+  Attributes:
+    pseudo_grad: the federated pseudo-gradient ``θ_t − θ̃_{t+1}``.
+    alg_state: the algorithm's new server state.
+    client_states: the updated stacked per-client state.
+    channel_state: the channel's new server state (:mod:`isr_jax.fl.channel`).
+    metrics: round metrics (means over the steps that ran).
   """
+
+  pseudo_grad: Any
+  alg_state: Any
+  client_states: Any
+  channel_state: Any
+  metrics: dict
+
+
+def federated_update(state: TrainState, data: ClientData, fns: RoundFns,
+                     spec: FLSpec) -> FederatedUpdate:
+  """Local training on the sampled clients, the channel, and the algorithm's server rule."""
   alg = fns.algorithm
+  channel = spec.channel
   personal = personal_predicate(alg.personal, spec.aggregate_adapters)
   k_sample, k_clients, _ = round_keys(state)
+  keys = channel_keys(state.rng, state.round)
   sampled = select_clients(k_sample, data, state.client_states, spec)
+  sampled, lanes = prepare(keys.lanes, sampled, channel)
   lr = fns.local_lr(state.round)
   # A decision over all sampled clients before any trains (FedAIMS's Algorithm 2);
   # each client receives its row. None (no leaves) for every other algorithm.
   plans = (None if alg.plan_round is None
            else alg.plan_round(state.alg_state, sampled.states["alg"], sampled.ids))
-  results = run_clients(client_round(fns, spec, k_clients, personal), sampled, plans,
-                        (state.params, state.alg_state, state.round, lr), spec,
-                        alg.mean_messages)
+  results = run_clients(client_round(fns, spec, k_clients, keys.send, personal), sampled,
+                        plans, lanes, (state.params, state.alg_state, state.round, lr), spec,
+                        alg.mean_messages and not channel.reads_each_message)
   # What stays on the clients reaches the server as zero, so no server rule can
   # use it (SCAFFOLD's c, FedDyn's h would otherwise accumulate personal updates),
   # and it never moves the global tree.
-  received = zero_personal(results.messages, personal)
+  received = receive(keys.receive, zero_personal(results.messages, personal),
+                     results.message_weights, sampled.real, lanes, state.channel_state, channel)
   pseudo_grad, alg_state, server_metrics = server_step(
-      alg, state.params, state.alg_state, received, results.message_weights)
+      alg, state.params, state.alg_state, received.messages, received.weights)
   pseudo_grad = zero_personal(pseudo_grad, personal)
   client_states = scatter_states(state.client_states, sampled, results.states)
   broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
-  metrics = {**training_metrics(results, sampled, spec), **server_metrics,
-             **traffic_metrics(alg, results.messages, broadcast, sampled, personal)}
-  return pseudo_grad, alg_state, client_states, metrics
+  if sampled.left_out is not None:  # Poisson sampling: joined clients past the round's lanes
+    received.metrics["dp/left_out"] = sampled.left_out.astype(jnp.float32)
+  metrics = {**training_metrics(results, sampled, spec), **server_metrics, **received.metrics,
+             **traffic_metrics(alg, results.messages, broadcast, sampled, personal,
+                               leaf_bytes(channel))}
+  return FederatedUpdate(pseudo_grad, alg_state, client_states, received.state, metrics)
 
 
 def apply_server_step(state: TrainState, pseudo_grad, server_optimizer):
@@ -75,28 +104,34 @@ def apply_server_step(state: TrainState, pseudo_grad, server_optimizer):
 
 def fl_round(state: TrainState, data: ClientData, *, fns: RoundFns, spec: FLSpec):
   """One FL round: ``state -> (state, metrics)``. Jit it with ``donate_argnums=0``."""
-  pseudo_grad, alg_state, client_states, metrics = federated_update(state, data, fns, spec)
-  params, opt_state = apply_server_step(state, pseudo_grad, fns.server_optimizer)
+  update = federated_update(state, data, fns, spec)
+  params, opt_state = apply_server_step(state, update.pseudo_grad, fns.server_optimizer)
   new_state = state._replace(
-      params=params, opt_state=opt_state, alg_state=alg_state,
-      client_states=client_states, round=state.round + 1,
+      params=params, opt_state=opt_state, alg_state=update.alg_state,
+      client_states=update.client_states, channel_state=update.channel_state,
+      round=state.round + 1,
   )
-  return new_state, metrics
+  return new_state, update.metrics
 
 
 def init_client_states(algorithm: FLAlgorithm, params: Any, data: ClientData,
-                       aggregate_adapters: bool) -> dict:
+                       aggregate_adapters: bool, channel: ChannelSpec | None = None) -> dict:
   """The stacked per-client state ``[num_clients, ...]`` for a fresh run.
 
   ``{"alg": the algorithm's client state, "personal": the leaves that stay on the
-  clients}`` (``personal`` only when there are any), every client's personal
-  leaves starting from the initial global ones.
+  clients, "channel": the client's side of the channel}`` (``personal`` and
+  ``channel`` only when there are any), every client's personal leaves starting
+  from the initial global ones.
   """
   states = {"alg": jax.vmap(algorithm.init_client_state, in_axes=(None, 0))(params, data)}
+  stacked = lambda a: jnp.broadcast_to(a, (data.num_clients, *jnp.shape(a))).copy()
   own = select(params, personal_predicate(algorithm.personal, aggregate_adapters))
   if own:
-    states["personal"] = jax.tree.map(
-        lambda a: jnp.broadcast_to(a, (data.num_clients, *jnp.shape(a))).copy(), own)
+    states["personal"] = jax.tree.map(stacked, own)
+  if channel is not None and channel.compression is not None:
+    own_channel = init_client_state(channel, message_shapes(algorithm, params, data))
+    if own_channel:
+      states["channel"] = jax.tree.map(stacked, own_channel)
   return states
 
 
@@ -116,8 +151,10 @@ class FederatedRound(NamedTuple):
     return TrainState(
         params=params, opt_state=self.fns.server_optimizer.init(params),
         alg_state=algorithm.init_server_state(params, data),
-        client_states=init_client_states(algorithm, params, data, self.spec.aggregate_adapters),
-        rng=rng, round=jnp.zeros((), jnp.int32), mix_weight=jnp.asarray(mix_weight, jnp.float32))
+        client_states=init_client_states(algorithm, params, data, self.spec.aggregate_adapters,
+                                         self.spec.channel),
+        rng=rng, round=jnp.zeros((), jnp.int32), mix_weight=jnp.asarray(mix_weight, jnp.float32),
+        channel_state=init_server_state(self.spec.channel))
 
   def step(self, state: TrainState, data: ClientData):
     """One round, unjitted: ``state -> (state, metrics)``."""

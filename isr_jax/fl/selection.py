@@ -3,8 +3,10 @@
 A round samples ``clients_per_round`` clients, gathers their rows of the packed
 data and of the stacked per-client state, pads their number up to the mesh with
 empty clients (id −1), and, after training, scatters the new state back to the
-sampled rows. Everything here is a gather or a scatter on the leading client
-axis, inside the round's one jit.
+sampled rows. Under DP with Poisson sampling (:mod:`isr_jax.fl.channel.dp`) each
+client joins independently instead, into a static number of lanes. Everything
+here is a gather or a scatter on the leading client axis, inside the round's one
+jit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from isr_jax.data.packing import ClientData
+from isr_jax.fl.channel.accountant import poisson_lanes
 from isr_jax.fl.client import resolve_parallelism
 from isr_jax.fl.spec import FLSpec
 from isr_jax.sharding import padded_count
@@ -29,17 +32,37 @@ class SampledClients(NamedTuple):
     real: ``ids >= 0``.
     data: their rows of the packed data; a padding client has no examples.
     states: their rows of the stacked per-client state.
+    left_out: clients that joined a Poisson round beyond its lanes (int32
+      scalar; ``None`` under fixed-size sampling).
   """
 
   ids: jax.Array
   real: jax.Array
   data: ClientData
   states: Any
+  left_out: jax.Array | None = None
 
 
 def sample_clients(key: jax.Array, num_clients: int, k: int) -> jax.Array:
   """``k`` distinct client indices, uniformly at random."""
   return jax.random.choice(key, num_clients, (k,), replace=False)
+
+
+def poisson_sample(key: jax.Array, num_clients: int, rate: float,
+                   lanes: int) -> tuple[jax.Array, jax.Array]:
+  """Poisson sampling into ``lanes`` lanes: ``(ids [lanes], left_out)``.
+
+  Client ``n`` joins when ``u_n < q`` (``u_n`` uniform, independent). Ordered by
+  ``u``, the joined clients come first, in uniformly random order (given that it
+  joined, ``u_n / q`` is uniform), and, when more than ``lanes`` join, the lanes
+  hold a uniformly random subset of them; unused lanes are padding (id −1).
+  """
+  u = jax.random.uniform(key, (num_clients,))
+  joined = u < rate
+  _, order = jax.lax.top_k(-u, lanes)  # the ``lanes`` smallest u, ascending
+  ids = jnp.where(joined[order], order, -1).astype(jnp.int32)
+  left_out = jnp.maximum(jnp.sum(joined.astype(jnp.int32)) - lanes, 0)
+  return ids, left_out
 
 
 def round_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -58,10 +81,20 @@ def select_clients(key: jax.Array, data: ClientData, client_states: Any,
   """Samples the round's clients and gathers their data and state.
 
   Padding clients (id −1) fill the mesh: they read row 0, have no examples and
-  weight 0, and are never written back (:func:`scatter_states`).
+  weight 0, and are never written back (:func:`scatter_states`). Under DP with
+  Poisson sampling the round has :func:`~isr_jax.fl.channel.accountant.poisson_lanes`
+  lanes (:func:`poisson_sample`), padded to the mesh in the same way.
   """
-  k = spec.clients_per_round
-  sampled = sample_clients(key, spec.num_clients or data.num_clients, k)
+  num_clients = spec.num_clients or data.num_clients
+  dp = spec.channel.dp
+  left_out = None
+  if dp is not None and dp.sampling == "poisson":
+    lanes = poisson_lanes(num_clients, dp.sampling_rate)
+    sampled, left_out = poisson_sample(key, num_clients, dp.sampling_rate, lanes)
+    k = lanes
+  else:
+    k = spec.clients_per_round
+    sampled = sample_clients(key, num_clients, k)
   ids = jnp.concatenate([sampled, -jnp.ones(padded_count(k, spec.mesh) - k, sampled.dtype)])
   real = ids >= 0
   rows = jnp.where(real, ids, 0)
@@ -69,7 +102,7 @@ def select_clients(key: jax.Array, data: ClientData, client_states: Any,
   client_data = client_data._replace(
       mask=client_data.mask & real[:, None, None],
       num_examples=jnp.where(real, client_data.num_examples, 0))
-  return SampledClients(ids, real, client_data, take_rows(client_states, rows))
+  return SampledClients(ids, real, client_data, take_rows(client_states, rows), left_out)
 
 
 def scatter_states(client_states: Any, sampled: SampledClients, new_states: Any) -> Any:

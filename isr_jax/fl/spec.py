@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from isr_jax.fl.algorithm import FLAlgorithm, LocalProblem
+from isr_jax.fl.channel.spec import ChannelSpec
 
 
 class FLSpec(NamedTuple):
@@ -29,6 +30,8 @@ class FLSpec(NamedTuple):
       number is padded up to a multiple of its size with empty clients.
     measure_heterogeneity: also report ``fl/heterogeneity``, the gradient
       dissimilarity ``H_t`` of OmniISR Eq. 13 (one extra gradient per client).
+    channel: what happens to the messages between the clients and the server
+      (DP, robust rules and attacks, compression, stragglers); all off by default.
   """
 
   clients_per_round: int
@@ -41,6 +44,7 @@ class FLSpec(NamedTuple):
   num_clients: int = 0
   mesh: Mesh | None = None
   measure_heterogeneity: bool = False
+  channel: ChannelSpec = ChannelSpec()
 
 
 class RoundFns(NamedTuple):

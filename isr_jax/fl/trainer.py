@@ -18,8 +18,10 @@ import optax.tree_utils as otu
 
 from isr_jax.data.packing import ClientData
 from isr_jax.fl.algorithm import Batch, LocalTrainer, ServerBroadcast, loss_grad
+from isr_jax.fl.channel.pipeline import send
+from isr_jax.fl.channel.stragglers import keep_steps
 from isr_jax.fl.client import batch_schedule, run_local_steps
-from isr_jax.fl.personal import merge, select
+from isr_jax.fl.personal import merge, select, zero_personal
 from isr_jax.fl.spec import FLSpec, RoundFns
 from isr_jax.optim import with_learning_rate
 
@@ -62,8 +64,12 @@ def _freeze(optimizer: optax.GradientTransformation, trainable) -> optax.Gradien
 
 
 def make_trainer(cdata: ClientData, key: jax.Array, lr: jax.Array, fns: RoundFns,
-                 spec: FLSpec) -> LocalTrainer:
-  """Client ``cdata``'s :class:`LocalTrainer`: local SGD on its own data this round."""
+                 spec: FLSpec, work: jax.Array | None = None) -> LocalTrainer:
+  """Client ``cdata``'s :class:`LocalTrainer`: local SGD on its own data this round.
+
+  ``work`` (a straggler's share of its steps, :mod:`isr_jax.fl.channel.stragglers`)
+  cuts each of its runs of the round's schedule to that share; ``None``: all.
+  """
   x, y, slot_mask = _flat(cdata.x), _flat(cdata.y), cdata.mask.reshape(-1)
 
   def train(start, grad_fn, *, epochs=None, trainable=None, stream=0, project=None):
@@ -73,6 +79,9 @@ def make_trainer(cdata: ClientData, key: jax.Array, lr: jax.Array, fns: RoundFns
         k, slot_mask, cdata.mask.shape[-1],
         epochs=spec.local_epochs if round_schedule else epochs,
         steps=spec.local_steps if round_schedule else 0)
+    cut = work is not None and round_schedule
+    if cut:  # a straggler runs only the first steps of its schedule
+      valid = valid & keep_steps(jnp.any(valid, axis=1), work)[:, None]
     optimizer = fns.local_optimizer
     if trainable is not None:
       mask = jax.tree_util.tree_map_with_path(
@@ -81,40 +90,49 @@ def make_trainer(cdata: ClientData, key: jax.Array, lr: jax.Array, fns: RoundFns
     opt_state = with_learning_rate(optimizer.init(start), lr)
     params, _, aux_sum, num_steps = run_local_steps(
         start, opt_state, x, y, idx, valid, grad_fn=grad_fn, optimizer=optimizer, key=k,
-        unroll=spec.unroll, all_or_none=round_schedule and spec.local_steps > 0,
+        unroll=spec.unroll, all_or_none=round_schedule and spec.local_steps > 0 and not cut,
         project=project)
     return params, aux_sum, num_steps
 
   return LocalTrainer(train=train, problem=fns.problem, data=cdata, key=key)
 
 
-def client_round(fns: RoundFns, spec: FLSpec, key_clients: jax.Array,
+def client_round(fns: RoundFns, spec: FLSpec, key_clients: jax.Array, key_send: jax.Array,
                  personal: Callable) -> Callable:
   """The function the client map runs for each sampled client.
 
-  ``(client_data, client_state, client_id, plan, params, alg_state, round, lr) ->
+  ``(client_data, client_state, client_id, plan, lane, params, alg_state, round, lr) ->
   (message, new_client_state, aux_sum, num_steps, drift, grad_at_start)``; with
   ``mean_messages`` the message comes last, multiplied by the client's example
   count, so the map can sum it as the clients finish. ``drift`` is ``‖θ_i − θ_t‖²``
   of the model; ``grad_at_start`` is ``∇L_T^n(θ_t)`` on the first scheduled batch
-  when the round measures heterogeneity (else ``{}``).
+  when the round measures heterogeneity (else ``{}``). ``lane`` is what the
+  channel decided for the client (its share of work); its message goes through
+  the channel's :func:`~isr_jax.fl.channel.pipeline.send` (compression).
   """
   alg = fns.algorithm
 
-  def one_client(cdata: ClientData, cstate, client_id, plan, params, alg_state, round_index,
-                 lr):
+  def one_client(cdata: ClientData, cstate, client_id, plan, lane, params, alg_state,
+                 round_index, lr):
     start = merge(params, cstate.get("personal", {}))
     broadcast = ServerBroadcast(start, alg_state, round_index, lr, plan)
     ctx = alg.client_init(broadcast, cstate["alg"], cdata)
     key = jax.random.fold_in(key_clients, client_id)
-    trainer = make_trainer(cdata, key, lr, fns, spec)
+    work = None if spec.channel.stragglers is None else lane.work
+    trainer = make_trainer(cdata, key, lr, fns, spec, work)
     if alg.local_update is None:
       params, aux_sum, num_steps = trainer.train(
           start, lambda p, b, k: alg.client_grad(p, ctx, b, fns.problem, k))
     else:
       params, ctx, aux_sum, num_steps = alg.local_update(start, ctx, trainer)
     message, new_alg_state = alg.client_final(broadcast, ctx, params, num_steps, cstate["alg"])
+    if spec.channel.compression is not None:  # what stays home is neither sent nor kept
+      message = zero_personal(message, personal)
+    message, channel_state = send(jax.random.fold_in(key_send, client_id), message,
+                                  cstate.get("channel", {}), spec.channel)
     new_cstate = {**cstate, "alg": new_alg_state}
+    if "channel" in cstate:
+      new_cstate["channel"] = channel_state
     if "personal" in cstate:
       new_cstate["personal"] = select(params, personal)
     drift = otu.tree_norm(otu.tree_sub(params["model"], start["model"]), squared=True)
@@ -125,7 +143,7 @@ def client_round(fns: RoundFns, spec: FLSpec, key_clients: jax.Array,
       first = Batch(_flat(cdata.x)[idx[0]], _flat(cdata.y)[idx[0]], valid[0])
       grad_at_start, _ = loss_grad(start, first, fns.problem)
     outputs = (new_cstate, aux_sum, num_steps, drift, grad_at_start)
-    if alg.mean_messages:  # n_i·m_i, summed over the clients as they finish
+    if alg.mean_messages and not spec.channel.reads_each_message:  # n_i·m_i, summed as they finish
       n = cdata.num_examples.astype(jnp.float32)
       return outputs, jax.tree.map(lambda m: n.astype(m.dtype) * m, message)
     return (message, *outputs)
