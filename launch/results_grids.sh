@@ -4,7 +4,7 @@
 #   launch/results_grids.sh [RUNS_DIR] [SWEEP ...]
 #
 # RUNS_DIR defaults to runs/; SWEEPs default to all of them, in this order:
-#   isr_gap fedsol fedaims isr_taps zoo demo
+#   isr_gap fedsol fedaims isr_taps zoo demo channel
 # WORKERS processes (default 2) walk the same list at `nice 10`; each skips a run
 # another is training (the workdir lock), so they share the work without a plan.
 # Stopped and started again, every run resumes from its checkpoint. At the end
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-runs}
 shift || true
 SWEEPS=("$@")
-[ ${#SWEEPS[@]} -gt 0 ] || SWEEPS=(isr_gap fedsol fedaims isr_taps zoo demo)
+[ ${#SWEEPS[@]} -gt 0 ] || SWEEPS=(isr_gap fedsol fedaims isr_taps zoo demo channel)
 WORKERS=${WORKERS:-2}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
@@ -30,8 +30,9 @@ spec() {  # sweep name -> the --sweep argument
     fedaims_dir01) echo experiments/sweeps/fedaims.py:dir01 ;;
     zoo) echo experiments/sweeps/zoo.py ;;
     demo) echo experiments/sweeps/demo.py ;;
+    channel) echo experiments/sweeps/channel.py ;;
     *) echo "error: unknown sweep '$1': isr_gap, isr_taps, fedsol, fedaims, fedaims_dir01," \
-         "zoo, demo" >&2
+         "zoo, demo, channel" >&2
        exit 2 ;;
   esac
 }

@@ -22,16 +22,6 @@ def pytest_configure(config):
   whose environment the workers and subprocesses inherit) and removed with it,
   so nothing outlives the run and a user's own cache setting is left alone.
   """
-  # XLA without LLVM's optimisations (tests/support.py's FAST_COMPILE_OPTIONS) for the
-  # whole suite, its xdist workers and its subprocesses: a third less wall time, most
-  # of the suite being compilation. Numerics are compared within one compilation
-  # mode, so every identity still holds; the multi-device tests start their
-  # subprocesses with XLA's defaults, the options users run with.
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] = " ".join(
-        [flags, "--xla_backend_optimization_level=0",
-         "--xla_llvm_disable_expensive_passes=true"]).strip()
   if _CACHE_ENV not in os.environ:
     os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="isr_jax_test_xla_cache_")
     config._isr_jax_owned_cache = os.environ[_CACHE_ENV]
