@@ -329,17 +329,20 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract):
   except Exception as today:  # orbax raises many types for unreadable/mismatched data
     fields = getattr(abstract, "_fields", ())
     renamed = {new: old for old, new in RENAMED_STATE_FIELDS.items() if new in fields}
-    absent = [f for f in ADDED_STATE_FIELDS
-              if f in fields and not jax.tree.leaves(getattr(abstract, f))]
-    if not renamed and not absent:
-      raise
-    target = {renamed.get(k, k): v for k, v in abstract._asdict().items() if k not in absent}
-    try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception:
-      raise today from None
-  return type(abstract)(**{k: restored[renamed.get(k, k)] for k in fields if k not in absent},
-                        **{k: getattr(abstract, k) for k in absent})
+    absent = tuple(f for f in ADDED_STATE_FIELDS
+                   if f in fields and not jax.tree.leaves(getattr(abstract, f)))
+    # The layouts older checkpoints may have: fields added since, names changed since.
+    layouts = [(names, drop) for names in ({}, renamed) for drop in ((), absent)
+               if names or drop]
+    for names, drop in layouts:
+      target = {names.get(k, k): v for k, v in abstract._asdict().items() if k not in drop}
+      try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception:  # not this layout either
+        continue
+      return type(abstract)(**{k: restored[names.get(k, k)] for k in fields if k not in drop},
+                            **{k: getattr(abstract, k) for k in drop})
+    raise today from None
 
 
 def restore_latest(manager: ocp.CheckpointManager, like):
