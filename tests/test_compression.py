@@ -57,6 +57,27 @@ def test_qsgd_is_unbiased_within_lemma_3_1_and_on_its_grid():
   assert np.all(np.asarray(q) * np.asarray(v)[None] >= 0)  # never the wrong sign
 
 
+def test_qsgd_buckets_each_have_their_own_norm_and_grid():
+  bits, bucket = 2, 16
+  s = 2 ** bits - 1
+  # Buckets of very different scales, and a last bucket of 4 (70 = 4·16 + 6 values).
+  v = jax.random.normal(jax.random.PRNGKey(2), (70,)) * jnp.repeat(
+      jnp.asarray([1e-3, 1.0, 10.0, 0.1, 5.0]), jnp.asarray([16, 16, 16, 16, 6]))
+  keys = jax.random.split(jax.random.PRNGKey(3), 2000)
+  q = np.asarray(jax.jit(jax.vmap(lambda k: qsgd(k, v, bits, bucket)))(keys))
+  for start in range(0, 70, bucket):
+    part, got = np.asarray(v[start:start + bucket]), q[:, start:start + bucket]
+    norm = np.sqrt(np.sum(part ** 2))
+    levels = got * s / norm
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # its own grid
+    bound = min(part.size / s ** 2, math.sqrt(part.size) / s) * norm ** 2
+    assert np.sum((got.mean(axis=0) - part) ** 2) <= 20 * bound / len(keys)  # unbiased
+  # The small bucket is quantized on its own scale: one norm for all would round it to 0.
+  assert np.any(q[:, :16] != 0)
+  assert leaf_bytes(jax.ShapeDtypeStruct((70,), jnp.float32), QSGD._replace(bucket_size=bucket)) \
+      == 4 * 5 + math.ceil(70 * 3 / 8)
+
+
 def test_qsgd_of_zero_is_zero():
   chex.assert_trees_all_equal(qsgd(jax.random.PRNGKey(0), jnp.zeros((5,)), 4), jnp.zeros((5,)))
 

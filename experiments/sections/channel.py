@@ -44,6 +44,15 @@ def _mean_metric(runs: list[dict], key: str) -> float | None:
   return sum(values) / len(values) if values else None
 
 
+def _accuracy(runs: list[dict]) -> str:
+  """Mean ± 95 % interval of the finished runs, with how many diverged beside it."""
+  diverged = sum(r["status"] == "diverged" for r in runs)
+  if diverged and not _done(runs):
+    return f"diverged ({diverged} of {len(runs)})"
+  note = f" ({diverged} diverged)" if diverged else ""
+  return percent(interval(runs, ACC)) + note
+
+
 def _versus(runs: list[dict], reference: list[dict]) -> str:
   """The paired difference of ``runs`` to ``reference`` ("–" when they are the same runs)."""
   if {r["name"] for r in runs} == {r["name"] for r in reference}:
@@ -58,7 +67,7 @@ def robust_table(records: list[dict]) -> str:
   rows = []
   clean_mean = select(records, rule="mean", attack="none")
   for rule in labels_of(records, "rule"):
-    cells = [percent(interval(select(records, rule=rule, attack=a), ACC)) for a in attacks]
+    cells = [_accuracy(select(records, rule=rule, attack=a)) for a in attacks]
     clean = select(records, rule=rule, attack="none")
     rows.append([rule, *cells, _versus(clean, clean_mean) if rule != "mean" else "–"])
   header = ["rule", *(f"{a} (accuracy %)" for a in attacks), "no attack: − mean's"]
@@ -74,7 +83,7 @@ def dp_table(records: list[dict]) -> tuple[str, list[tuple[float, list[float], s
     eps = _mean_metric(runs, "dp/epsilon")
     eps_text = "∞ (no DP)" if noise == "off" else ("–" if eps is None else f"{eps:.3g}")
     clipped = _mean_metric(runs, "dp/clipped_fraction")
-    rows.append([noise, eps_text, percent(interval(runs, ACC)), _versus(runs, off),
+    rows.append([noise, eps_text, _accuracy(runs), _versus(runs, off),
                  "–" if clipped is None else f"{100 * clipped:.0f}"])
     if eps is not None:
       points.append((eps, list(by_seed(runs, ACC).values()), noise))
@@ -120,7 +129,7 @@ def compression_table(records: list[dict]) -> str:
     up = _mean_metric(runs, "comm/up_bytes")
     ratio = "–" if up is None or not base else f"{base / up:.1f}×"
     rows.append([name, "–" if up is None else f"{up / 1e6:.3f}", ratio,
-                 percent(interval(runs, ACC)), _versus(runs, none)])
+                 _accuracy(runs), _versus(runs, none)])
   return markdown_table(["compressor", "MB up / round", "smaller by", "accuracy %",
                          "− uncompressed (paired)"], rows)
 
@@ -133,7 +142,7 @@ def stragglers_table(records: list[dict]) -> str:
       runs = select(records, algorithm=algorithm, work=work)
       steps = _mean_metric(runs, "fl/local_steps")
       rows.append([algorithm, work, "–" if steps is None else f"{steps:.1f}",
-                   percent(interval(runs, ACC)),
+                   _accuracy(runs),
                    _versus(runs, full)])
   return markdown_table(["algorithm", "work", "local steps per client (last round)",
                          "accuracy %", "− all work (paired)"], rows)

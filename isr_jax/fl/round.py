@@ -3,9 +3,12 @@
 ``fl_round`` is a short composition of the round's parts: the clients are
 selected and their rows gathered (:mod:`isr_jax.fl.selection`), every sampled
 client trains under the client map (:mod:`isr_jax.fl.trainer`,
-:mod:`isr_jax.fl.aggregation`, ``vmap`` by default), the algorithm turns the
-stacked messages (or, for FedAvg's rule, their weighted mean summed client by
-client) into a pseudo-gradient, the server's optax optimizer applies it
+:mod:`isr_jax.fl.aggregation`, ``vmap`` by default), the channel acts on
+their messages (dropouts and stragglers before training, compression as each
+client sends, attacks and DP or a robust rule as the server receives:
+:mod:`isr_jax.fl.channel`), the algorithm turns the stacked messages (or, for
+FedAvg's rule, their weighted mean summed client by client) into a
+pseudo-gradient, the server's optax optimizer applies it
 (methods §2, OmniISR Algorithm 1, FL branch), and the round reports what it did
 (:mod:`isr_jax.fl.accounting`). There is no Python loop over clients or steps
 and no host transfer inside it.
@@ -88,9 +91,10 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns,
   pseudo_grad = zero_personal(pseudo_grad, personal)
   client_states = scatter_states(state.client_states, sampled, results.states)
   broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
+  channel_metrics = dict(received.metrics)
   if sampled.left_out is not None:  # Poisson sampling: joined clients past the round's lanes
-    received.metrics["dp/left_out"] = sampled.left_out.astype(jnp.float32)
-  metrics = {**training_metrics(results, sampled, spec), **server_metrics, **received.metrics,
+    channel_metrics["dp/left_out"] = sampled.left_out.astype(jnp.float32)
+  metrics = {**training_metrics(results, sampled, spec), **server_metrics, **channel_metrics,
              **traffic_metrics(alg, results.messages, broadcast, sampled, personal,
                                leaf_bytes(channel))}
   return FederatedUpdate(pseudo_grad, alg_state, client_states, received.state, metrics)
