@@ -365,9 +365,10 @@ def test_fednova_client_and_server_step_by_hand():
   np.testing.assert_allclose(model_w(m3["d"]), [0.0, 0.0])
   # p = (0.5, 0.5, 0): τ_eff = 0.5·4.25 + 0.5·1 = 2.625; Σ p d = (0.75, −0.375);
   # pseudo-gradient = 2.625·(0.75, −0.375) = (1.96875, −0.984375).
-  pseudo, _ = alg.server_update(two([1.0, 1.0]), {}, stacked(m1, m2, m3),
-                                jnp.array([0.5, 0.5, 0.0]))
+  pseudo, _, metrics = alg.server_update(two([1.0, 1.0]), {}, stacked(m1, m2, m3),
+                                         jnp.array([0.5, 0.5, 0.0]))
   np.testing.assert_allclose(model_w(pseudo), [1.96875, -0.984375], rtol=1e-6)
+  np.testing.assert_allclose(metrics["tau_eff"], 2.625, rtol=1e-6)
 
 
 def fedir_problem():

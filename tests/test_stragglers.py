@@ -143,9 +143,8 @@ def observed_fednova():
     return message, {"a": message["a"]}
 
   def server_update(params, alg_state, messages, weights):
-    pseudo_grad, state = alg.server_update(params, alg_state, messages, weights)
-    return pseudo_grad, state, {"weights": weights,
-                                "tau_eff": jnp.sum(weights * messages["a"])}
+    pseudo_grad, state, metrics = alg.server_update(params, alg_state, messages, weights)
+    return pseudo_grad, state, {**metrics, "weights": weights}  # FedNova's own tau_eff
 
   return alg._replace(init_client_state=lambda params, data=None: {"a": jnp.float32(-1.0)},
                       client_final=client_final, server_update=server_update)

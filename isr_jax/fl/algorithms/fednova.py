@@ -50,10 +50,13 @@ def fednova(momentum: float = 0.0, *, nesterov: bool = False) -> FLAlgorithm:
     return {"d": d, "a": a}, client_state
 
   def server_update(params, alg_state, messages, weights):
-    """``τ_eff Σ p_i d_i`` with ``τ_eff = Σ p_i ‖a_i‖₁``."""
+    """``τ_eff Σ p_i d_i`` with ``τ_eff = Σ p_i ‖a_i‖₁``, logged as ``server/tau_eff``
+    (how far the normalized updates are extrapolated: a client that ran one step
+    is applied with ``τ_eff`` times FedAvg's weight)."""
     del params
     tau_eff = jnp.sum(weights * messages["a"])
-    return otu.tree_scale(tau_eff, weighted_sum(messages["d"], weights)), alg_state
+    return (otu.tree_scale(tau_eff, weighted_sum(messages["d"], weights)), alg_state,
+            {"tau_eff": tau_eff})
 
   return fedavg()._replace(
       name="fednova", client_final=client_final, server_update=server_update, mean_messages=False)
