@@ -15,8 +15,8 @@ The argument names the study (one of them):
   0.9, batch 32), 50 rounds (every example seen about 5 times).
 * ``dp``: client-level DP needs many clients per round (the noise on the mean
   falls as 1/K̄), so 1,000 clients of 60 examples, 100 sampled per round
-  (q = 0.1), 1 local epoch, 100 rounds (10 passes over the data, as above: a
-  round here is a tenth of an epoch); the clip norm C = 0.5 is about the
+  (q = 0.1), 1 local epoch, 100 rounds (a round is a tenth of an epoch: 10
+  passes over the data); the clip norm C = 0.5 is about the
   root-mean-square update norm of the first rounds without DP
   (``fl/client_drift`` = Σ w_i ‖Δ_i‖² ≈ 0.25–0.32 in rounds 1–3).
 
