@@ -210,6 +210,9 @@ def epsilon_spent(spec: Any, rounds: int) -> float:
   return eps
 
 
+# Cached: a run's config is checked (config.validate) and then built, and each reads the
+# calibrated z; the search composes the accountant dozens of times (seconds).
+@functools.lru_cache(maxsize=32)
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, *, sampling_rate: float,
                                num_clients: int, clients_per_round: int, rounds: int,
                                accountant: str = "rdp", sampling: str = "fixed") -> float:

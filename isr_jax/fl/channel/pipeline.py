@@ -117,14 +117,15 @@ def receive(key: jax.Array, messages: Any, weights: jax.Array, real: jax.Array, 
     messages = attacks.corrupt(k_attack, messages, attacking, real, channel.attack)
     metrics["attack/attackers"] = jnp.sum(attacking.astype(jnp.float32))
   if channel.dp is not None:
-    mean, dp_state, dp_metrics = dp.privatize(k_dp, messages, real, state["dp"], channel.dp)
+    mean, dp_state, estimate_metrics = dp.privatize(k_dp, messages, real, state["dp"],
+                                                    channel.dp)
     state = {**state, "dp": dp_state}
   elif channel.robust is not None:
-    mean, dp_metrics = robust.aggregate(messages, weights, real, channel.robust)
+    mean, estimate_metrics = robust.aggregate(messages, weights, real, channel.robust)
   else:
     return Received(messages, weights, state, metrics)
   one = jax.tree.map(lambda m: m[None], mean)
-  return Received(one, jnp.ones((1,), jnp.float32), state, {**metrics, **dp_metrics})
+  return Received(one, jnp.ones((1,), jnp.float32), state, {**metrics, **estimate_metrics})
 
 
 def init_server_state(channel: ChannelSpec) -> dict:
