@@ -98,6 +98,12 @@ def plain_sgd_client(params, loss, x, y, idx, valid, lr):
   return params, steps
 
 
+def as_float64(tree):
+  """``tree`` with its floating leaves in float64 (inside ``jax.enable_x64(True)``)."""
+  return jax.tree.map(
+      lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol, rtol=rtol), a, b)
 
