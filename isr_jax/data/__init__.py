@@ -13,6 +13,7 @@ from isr_jax.data.datasets import (
 from isr_jax.data.holdout import split_clients, split_cloud
 from isr_jax.data.packing import ClientData, pack_clients
 from isr_jax.data.partition import PARTITION_METHODS, PARTITIONS, dominant_class, partition
+from isr_jax.data.ragged import RaggedClients, gather_rows, ragged_clients
 
 __all__ = [
     "DATASETS",
@@ -24,10 +25,13 @@ __all__ = [
     "ArraySplit",
     "ClientData",
     "DatasetInfo",
+    "RaggedClients",
     "dominant_class",
+    "gather_rows",
     "load_dataset",
     "pack_clients",
     "partition",
+    "ragged_clients",
     "split_clients",
     "split_cloud",
     "standardize_splits",

@@ -46,6 +46,27 @@ class ClientData(NamedTuple):
     return int(self.mask.shape[2])
 
 
+def client_sizes(client_indices: Sequence[np.ndarray], batch_size: int,
+                 allow_empty: bool = False) -> np.ndarray:
+  """``|D_n|`` of every client (int32), after checking the packing's arguments.
+
+  Shared by :func:`pack_clients` and the ragged store
+  (:func:`isr_jax.data.ragged.ragged_clients`): the same mistakes, the same lines.
+  """
+  if batch_size < 1:
+    raise ConfigError(f"batch_size={batch_size} must be a positive integer")
+  sizes = np.array([len(ix) for ix in client_indices], np.int32)
+  if len(sizes) == 0:
+    raise ConfigError("num_clients=0: at least one client is needed")
+  empty = np.flatnonzero(sizes == 0)
+  if empty.size and not allow_empty:
+    raise ConfigError(
+        f"client {int(empty[0])} has no examples ({empty.size} empty clients): lower "
+        "num_clients or use a partition that gives every client data"
+    )
+  return sizes
+
+
 def pack_clients(
     x: np.ndarray,
     y: np.ndarray,
@@ -67,17 +88,7 @@ def pack_clients(
   Returns:
     A :class:`ClientData` of numpy arrays with ``S = ceil(max_n / B)``.
   """
-  if batch_size < 1:
-    raise ConfigError(f"batch_size={batch_size} must be a positive integer")
-  sizes = np.array([len(ix) for ix in client_indices], np.int32)
-  if len(sizes) == 0:
-    raise ConfigError("num_clients=0: at least one client is needed")
-  empty = np.flatnonzero(sizes == 0)
-  if empty.size and not allow_empty:
-    raise ConfigError(
-        f"client {int(empty[0])} has no examples ({empty.size} empty clients): lower "
-        "num_clients or use a partition that gives every client data"
-    )
+  sizes = client_sizes(client_indices, batch_size, allow_empty)
   steps = max(int(-(-sizes.max() // batch_size)), 1)
   slots = steps * batch_size
   c = len(client_indices)

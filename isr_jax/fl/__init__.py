@@ -9,6 +9,8 @@ from isr_jax.fl.algorithm import (
     weighted_sum,
 )
 from isr_jax.fl.client import CLIENT_PARALLELISM, batch_schedule, map_clients, run_local_steps
+from isr_jax.fl.file_store import FileStateStore, open_store
+from isr_jax.fl.population import PopulationRound, evaluate_population, initial_rows
 from isr_jax.fl.registry import ALGORITHMS, make_algorithm
 from isr_jax.fl.round import (
     FederatedRound,
@@ -17,25 +19,35 @@ from isr_jax.fl.round import (
     init_client_states,
     make_round,
 )
+from isr_jax.fl.selection import ClientRows
 from isr_jax.fl.spec import FLSpec, RoundFns
+from isr_jax.fl.state_store import ClientStateStore, HostStateStore
 
 __all__ = [
     "ALGORITHMS",
     "CLIENT_PARALLELISM",
     "Batch",
+    "ClientRows",
+    "ClientStateStore",
     "FLAlgorithm",
     "FLSpec",
     "FederatedRound",
+    "FileStateStore",
+    "HostStateStore",
     "LocalProblem",
+    "PopulationRound",
     "RoundFns",
     "ServerBroadcast",
     "batch_schedule",
+    "evaluate_population",
     "federated_update",
     "fl_round",
     "init_client_states",
+    "initial_rows",
     "loss_grad",
     "make_algorithm",
     "make_round",
+    "open_store",
     "map_clients",
     "run_local_steps",
     "weighted_sum",

@@ -41,8 +41,8 @@ def client_accuracy_stats(correct: jax.Array, count: jax.Array) -> dict[str, jax
           "clients": jnp.sum(has).astype(jnp.float32)}
 
 
-def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
-                     fns: RoundFns, spec: FLSpec,
+def evaluate_clients(state: TrainState, train: ClientData, test: ClientData,
+                     ids: jax.Array | None = None, *, fns: RoundFns, spec: FLSpec,
                      ignore_index: int | None = None) -> dict[str, jax.Array]:
   """Per-client accuracy of the personalized models on their own test splits.
 
@@ -51,6 +51,9 @@ def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
     train: every client's training data (rows as in the round; FedBABU fine-tunes
       on it).
     test: every client's test split, same rows.
+    ids: the rows' client ids when they are some clients only (a chunk of a
+      population evaluated piece by piece, :func:`isr_jax.fl.population.evaluate_population`;
+      −1 marks padding rows); ``None``: row ``i`` is client ``i``.
     fns, spec: the round's pieces (the local optimizer and schedule for
       fine-tuning at evaluation).
     ignore_index: label excluded (segmentation: accuracy over labelled pixels).
@@ -64,8 +67,12 @@ def evaluate_clients(state: TrainState, train: ClientData, test: ClientData, *,
   alg = fns.algorithm
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.round), 0x5EED)
   lr = fns.local_lr(state.round)
-  ids = jnp.arange(train.num_clients)
-  real = ids < (spec.num_clients or train.num_clients)
+  if ids is None:
+    ids = jnp.arange(train.num_clients)
+    real = ids < (spec.num_clients or train.num_clients)
+  else:
+    real = ids >= 0
+    ids = jnp.maximum(ids, 0)
 
   def one_client(cdata, ctest, cstate, client_id, is_real, params):
     own = merge(params, cstate.get("personal", {}))

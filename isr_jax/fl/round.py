@@ -39,7 +39,7 @@ from isr_jax.fl.channel.pipeline import (
 )
 from isr_jax.fl.channel.spec import ChannelSpec
 from isr_jax.fl.personal import personal_predicate, select, zero_personal
-from isr_jax.fl.selection import round_keys, scatter_states, select_clients
+from isr_jax.fl.selection import ClientRows, round_keys, scatter_states, select_clients
 from isr_jax.fl.spec import FLSpec, RoundFns
 from isr_jax.fl.trainer import client_round
 from isr_jax.state import TrainState
@@ -63,9 +63,13 @@ class FederatedUpdate(NamedTuple):
   metrics: dict
 
 
-def federated_update(state: TrainState, data: ClientData, fns: RoundFns,
+def federated_update(state: TrainState, data: ClientData | ClientRows, fns: RoundFns,
                      spec: FLSpec) -> FederatedUpdate:
-  """Local training on the sampled clients, the channel, and the algorithm's server rule."""
+  """Local training on the sampled clients, the channel, and the algorithm's server rule.
+
+  ``data``: the population's packed data, or the round's clients gathered before
+  it (:class:`~isr_jax.fl.selection.ClientRows`, ``state.client_states`` their rows).
+  """
   alg = fns.algorithm
   channel = spec.channel
   personal = personal_predicate(alg.personal, spec.aggregate_adapters)
@@ -89,7 +93,8 @@ def federated_update(state: TrainState, data: ClientData, fns: RoundFns,
   pseudo_grad, alg_state, server_metrics = server_step(
       alg, state.params, state.alg_state, received.messages, received.weights)
   pseudo_grad = zero_personal(pseudo_grad, personal)
-  client_states = scatter_states(state.client_states, sampled, results.states)
+  client_states = scatter_states(state.client_states, sampled, results.states,
+                                 gathered=isinstance(data, ClientRows))
   broadcast = ServerBroadcast(state.params, state.alg_state, state.round, lr)
   channel_metrics = dict(received.metrics)
   if sampled.left_out is not None:  # Poisson sampling: joined clients past the round's lanes
@@ -106,7 +111,8 @@ def apply_server_step(state: TrainState, pseudo_grad, server_optimizer):
   return optax.apply_updates(state.params, updates), opt_state
 
 
-def fl_round(state: TrainState, data: ClientData, *, fns: RoundFns, spec: FLSpec):
+def fl_round(state: TrainState, data: ClientData | ClientRows, *, fns: RoundFns,
+             spec: FLSpec):
   """One FL round: ``state -> (state, metrics)``. Jit it with ``donate_argnums=0``."""
   update = federated_update(state, data, fns, spec)
   params, opt_state = apply_server_step(state, update.pseudo_grad, fns.server_optimizer)

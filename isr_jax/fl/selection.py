@@ -6,7 +6,9 @@ empty clients (id −1), and, after training, scatters the new state back to the
 sampled rows. Under DP with Poisson sampling (:mod:`isr_jax.fl.channel.dp`) each
 client joins independently instead, into a static number of lanes. Everything
 here is a gather or a scatter on the leading client axis, inside the round's one
-jit.
+jit; for a population kept off the device (:mod:`isr_jax.fl.population`) the
+ids come from :func:`sample_ids` before the round, which receives the rows
+(:class:`ClientRows`) instead of gathering them.
 """
 
 from __future__ import annotations
@@ -76,39 +78,77 @@ def take_rows(tree, rows: jax.Array):
   return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), tree)
 
 
-def select_clients(key: jax.Array, data: ClientData, client_states: Any,
-                   spec: FLSpec) -> SampledClients:
-  """Samples the round's clients and gathers their data and state.
+class ClientRows(NamedTuple):
+  """The round's clients sampled and gathered outside the jit (:mod:`isr_jax.fl.population`).
 
-  Padding clients (id −1) fill the mesh: they read row 0, have no examples and
-  weight 0, and are never written back (:func:`scatter_states`). Under DP with
-  Poisson sampling the round has :func:`~isr_jax.fl.channel.accountant.poisson_lanes`
-  lanes (:func:`poisson_sample`), padded to the mesh in the same way.
+  Given to the round in place of the population's :class:`ClientData`, with
+  ``TrainState.client_states`` holding the same rows: the round then trains
+  exactly these clients, and its ``client_states`` come back as their new rows.
+
+  Attributes:
+    ids: client ids ``[K']`` from :func:`sample_ids` (−1 for padding).
+    data: their packed rows ``[K', S, B, ...]`` (a padding row is ignored).
+    left_out: as in :class:`SampledClients`.
   """
-  num_clients = spec.num_clients or data.num_clients
+
+  ids: jax.Array
+  data: ClientData
+  left_out: jax.Array | None = None
+
+
+def sample_ids(key: jax.Array, num_clients: int,
+               spec: FLSpec) -> tuple[jax.Array, jax.Array | None]:
+  """The round's client ids ``[K']``, padded to the mesh with −1, and ``left_out``.
+
+  ``K`` clients uniformly without replacement, or under DP with Poisson sampling
+  :func:`~isr_jax.fl.channel.accountant.poisson_lanes` lanes (:func:`poisson_sample`);
+  ``left_out`` is ``None`` under fixed-size sampling.
+  """
   dp = spec.channel.dp
   left_out = None
   if dp is not None and dp.sampling == "poisson":
-    lanes = poisson_lanes(num_clients, dp.sampling_rate)
-    sampled, left_out = poisson_sample(key, num_clients, dp.sampling_rate, lanes)
-    k = lanes
+    k = poisson_lanes(num_clients, dp.sampling_rate)
+    sampled, left_out = poisson_sample(key, num_clients, dp.sampling_rate, k)
   else:
     k = spec.clients_per_round
     sampled = sample_clients(key, num_clients, k)
   ids = jnp.concatenate([sampled, -jnp.ones(padded_count(k, spec.mesh) - k, sampled.dtype)])
+  return ids, left_out
+
+
+def select_clients(key: jax.Array, data: ClientData | ClientRows, client_states: Any,
+                   spec: FLSpec) -> SampledClients:
+  """Samples the round's clients and gathers their data and state.
+
+  Padding clients (id −1) fill the mesh: they read row 0, have no examples and
+  weight 0, and are never written back (:func:`scatter_states`). ``data`` may be
+  :class:`ClientRows`, the rows gathered before the round (with ``client_states``
+  their rows): then nothing is sampled or gathered here.
+  """
+  if isinstance(data, ClientRows):
+    ids, left_out, client_data, states = data.ids, data.left_out, data.data, client_states
+  else:
+    ids, left_out = sample_ids(key, spec.num_clients or data.num_clients, spec)
+    rows = jnp.where(ids >= 0, ids, 0)
+    client_data, states = take_rows(data, rows), take_rows(client_states, rows)
   real = ids >= 0
-  rows = jnp.where(real, ids, 0)
-  client_data = take_rows(data, rows)
   client_data = client_data._replace(
       mask=client_data.mask & real[:, None, None],
       num_examples=jnp.where(real, client_data.num_examples, 0))
-  return SampledClients(ids, real, client_data, take_rows(client_states, rows), left_out)
+  return SampledClients(ids, real, client_data, states, left_out)
 
 
-def scatter_states(client_states: Any, sampled: SampledClients, new_states: Any) -> Any:
-  """``client_states`` with the sampled clients' rows replaced by ``new_states``."""
+def scatter_states(client_states: Any, sampled: SampledClients, new_states: Any,
+                   gathered: bool = False) -> Any:
+  """``client_states`` with the sampled clients' rows replaced by ``new_states``.
+
+  ``gathered``: ``client_states`` are the sampled rows themselves (:class:`ClientRows`):
+  each real row becomes its new state, a padding row stays as it was.
+  """
 
   def scatter(full, new):
+    if gathered:
+      return jnp.where(sampled.real.reshape((-1,) + (1,) * (new.ndim - 1)), new, full)
     rows = jnp.where(sampled.real, sampled.ids, full.shape[0])  # out of range: dropped
     return full.at[rows].set(new, mode="drop")
 

@@ -1,0 +1,319 @@
+r"""Rounds over a population held off the device: time and memory against population size.
+
+  python -m benchmarks.population                                # every section
+  python -m benchmarks.population --sections=scale --populations=100,1000 --sampled=10
+  python -m benchmarks.population --sections=resnet --resnet_clients=1000
+
+Sections (``--sections``):
+
+* ``scale`` — FedAvg and FedPer rounds of LeNet-5 on **synthetic** 28×28×1
+  inputs (random: only time and memory are measured) whose client sizes follow
+  a power law: ``⌈5·(1 + Pareto(1.2))⌉`` examples, capped at 256, client 0
+  holding the cap, so every population has the same largest client (the same
+  padded steps) and its sampled clients the same size distribution: the same
+  sampled work. Populations ``--populations`` (FedAvg also ``--big``),
+  ``--sampled`` clients per round, one local epoch of batches of 32, the data in
+  a :class:`~isr_jax.data.ragged.RaggedClients` store and the client state in a
+  :class:`~isr_jax.fl.state_store.HostStateStore`
+  (:class:`~isr_jax.fl.population.PopulationRound`). Per row: the median round
+  (host sampling, gathers and scatters included), the process's peak resident
+  memory, the examples' bytes, the stored client state, what the dense layout
+  would hold (every client packed to the largest, the state stacked), and for
+  FedPer the streamed personalized evaluation's time per client (chunks of 256,
+  each client's own examples as its test split: timing only).
+* ``fmnist`` — the same on Fashion-MNIST's 60,000 training images split by the
+  same power law over 1,000 and ``--fmnist_clients`` clients (needs the
+  ``dataset-fashion-mnist`` package; skipped without it).
+* ``resnet`` — ``--resnet_clients`` clients that each keep a whole personal
+  ResNet-18 (``personal="all"``, Local's and Ditto's case) in a
+  :class:`~isr_jax.fl.state_store.FileStateStore`: a round of 10 sampled clients
+  (one step of 4 synthetic 32×32×3 examples each), its time, peak memory and the
+  store's bytes on disk, against the dense state's size.
+
+Every row runs in a fresh process (its peak memory is its own); the rows run
+twice, the second pass in reverse order, and each row's time is the mean of
+its two medians, so the machine's drift (±15–25 % over minutes) does not sit in
+one row. Read the ratio column: each row's round time over the smallest
+population's with the same algorithm and clients per round.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from benchmarks.harness import machine_description, table_header, table_row
+from isr_jax.data.ragged import RaggedClients, gather_rows, ragged_clients
+from isr_jax.fl.algorithms.fedavg import fedavg
+from isr_jax.fl.algorithms.fedper import fedper
+from isr_jax.fl.evaluate_clients import evaluate_clients
+from isr_jax.fl.file_store import FileStateStore
+from isr_jax.fl.population import PopulationRound, evaluate_population, initial_rows
+from isr_jax.fl.round import make_round
+from isr_jax.fl.spec import FLSpec
+from isr_jax.fl.state_store import HostStateStore
+from isr_jax.models import create_model
+from isr_jax.objective import init_params, make_problem, split_model
+from isr_jax.optim import learning_rate_at, make_optimizer
+
+SECTIONS = ("scale", "fmnist", "resnet")
+CAP, BATCH, EVAL_CHUNK = 256, 32, 256
+
+_SECTIONS = flags.DEFINE_list("sections", list(SECTIONS), f"Among {list(SECTIONS)}.",
+                              allow_override=True)
+_POPULATIONS = flags.DEFINE_list("populations", ["100", "1000", "10000"], "scale: populations.")
+_BIG = flags.DEFINE_list("big", ["100000"], "scale: further populations, FedAvg only.")
+_SAMPLED = flags.DEFINE_list("sampled", ["10", "100"], "Clients per round.")
+_FMNIST = flags.DEFINE_integer("fmnist_clients", 10000, "fmnist: the larger population.")
+_RESNET = flags.DEFINE_integer("resnet_clients", 1000, "resnet: clients with a personal model.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per row (median).")
+_CHILD = flags.DEFINE_string("child", "", "Internal: run this row (JSON) and print its JSON.")
+
+
+def power_law_sizes(num_clients: int, seed: int = 0) -> np.ndarray:
+  """``⌈5·(1 + Pareto(1.2))⌉`` examples, capped at :data:`CAP`; client 0 holds the cap."""
+  sizes = np.minimum(np.ceil(5 * (1 + np.random.default_rng(seed).pareto(1.2, num_clients))), CAP)
+  sizes[0] = CAP
+  return sizes.astype(np.int64)
+
+
+def synthetic_population(num_clients: int) -> RaggedClients:
+  """Random 28×28×1 examples in the power-law sizes, written chunk by chunk."""
+  sizes = power_law_sizes(num_clients)
+  n = int(sizes.sum())
+  x = np.empty((n, 28, 28, 1), np.float32)
+  rng = np.random.default_rng(1)
+  for s in range(0, n, 1 << 16):
+    x[s:s + (1 << 16)] = rng.random((min(1 << 16, n - s), 28, 28, 1), np.float32)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+  # Contiguous clients: the store's one gather is then a copy.
+  parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(num_clients)]
+  return ragged_clients(x, y, parts, BATCH)
+
+
+def fmnist_population(num_clients: int) -> RaggedClients:
+  """Fashion-MNIST's training images over ``num_clients`` clients in power-law sizes."""
+  from isr_jax.data import load_dataset
+  train, _, _ = load_dataset("fashion_mnist", seed=0)
+  sizes = power_law_sizes(num_clients).astype(np.float64)
+  sizes = np.maximum(np.floor(sizes / sizes.sum() * len(train.y)), 1).astype(np.int64)
+  order = np.random.default_rng(0).permutation(len(train.y))[:sizes.sum()]
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+  parts = [order[bounds[i]:bounds[i + 1]] for i in range(num_clients)]
+  return ragged_clients(train.x, train.y, parts, BATCH)
+
+
+def sgd(lr: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name="sgd", learning_rate=lr, momentum=0.9))
+
+
+def peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def tree_bytes(tree) -> int:
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def device_peak_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+# --------------------------------------------------------------------------- rows
+def run_scale_row(row: dict) -> dict:
+  """One population: build, compile, time ``repeats`` rounds, evaluate (FedPer)."""
+  t0 = time.perf_counter()
+  data = (synthetic_population(row["clients"]) if row["data"] == "synthetic"
+          else fmnist_population(row["clients"]))
+  build_s = time.perf_counter() - t0
+  shape = data.x.shape[1:]
+  net = create_model("lenet5", num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
+  graphdef, model_params = split_model(net)
+  params = init_params(graphdef, model_params, None, num_classes=10, input_shape=shape,
+                       key=jax.random.PRNGKey(1))
+  problem = make_problem(graphdef, None)
+  algorithm = {"fedavg": fedavg, "fedper": fedper}[row["algorithm"]]()
+  spec = FLSpec(clients_per_round=row["sampled"], local_epochs=1, num_clients=row["clients"],
+                parallelism="vmap")
+  federated = make_round(algorithm, problem, spec, local_optimizer=make_optimizer(sgd(0.05)),
+                         local_lr=functools.partial(learning_rate_at, sgd(0.05)))
+  state = federated.init(params, gather_rows(data, np.arange(1)), jax.random.PRNGKey(2))
+  init = initial_rows(federated, params, data)
+  store = HostStateStore(init(np.arange(row["clients"])), row["clients"])
+  population = PopulationRound(federated.jit(donate=True), spec, data, store)
+  state = state._replace(client_states={})
+  t0 = time.perf_counter()
+  state, metrics = population(state)  # compiles
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(row["repeats"]):
+    t0 = time.perf_counter()
+    state, metrics = population(state)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  out = {**row, "round_s": float(np.median(times)), "compile_s": compile_s, "build_s": build_s,
+         "examples_gib": data.nbytes / 2**30, "state_gib": store.nbytes_dense / 2**30,
+         "dense_gib": (data.dense_nbytes + store.nbytes_dense) / 2**30}
+  if row["algorithm"] == "fedper":
+    evaluate = jax.jit(functools.partial(evaluate_clients, fns=federated.fns, spec=spec))
+    evaluate_population(evaluate, state, data, data, store, chunk=EVAL_CHUNK,
+                        num_clients=row["clients"])  # compiles
+    t0 = time.perf_counter()
+    evaluate_population(evaluate, state, data, data, store, chunk=EVAL_CHUNK,
+                        num_clients=row["clients"])
+    out["eval_ms_per_client"] = 1e3 * (time.perf_counter() - t0) / row["clients"]
+  out["peak_rss_gib"], out["device_peak_gib"] = peak_rss_gib(), device_peak_gib()
+  return out
+
+
+def run_resnet_row(row: dict) -> dict:
+  """``clients`` personal ResNet-18s in a file store; one compiled and ``repeats`` timed rounds."""
+  shape, per_client = (32, 32, 3), 4
+  rng = np.random.default_rng(0)
+  n = row["clients"] * per_client
+  x = rng.standard_normal((n, *shape), np.float32)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  data = ragged_clients(x, y, np.arange(n).reshape(row["clients"], per_client), per_client)
+  net = create_model("resnet18", num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
+  graphdef, model_params = split_model(net)
+  params = init_params(graphdef, model_params, None, num_classes=10, input_shape=shape,
+                       key=jax.random.PRNGKey(1))
+  spec = FLSpec(clients_per_round=row["sampled"], local_steps=1, num_clients=row["clients"],
+                parallelism="sequential")
+  federated = make_round(fedavg()._replace(personal="all"), make_problem(graphdef, None), spec,
+                         local_optimizer=make_optimizer(sgd(0.01)),
+                         local_lr=functools.partial(learning_rate_at, sgd(0.01)))
+  state = federated.init(params, gather_rows(data, np.arange(1)),
+                         jax.random.PRNGKey(2))._replace(client_states={})
+  init = initial_rows(federated, params, data)
+  template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                          init(np.arange(1)))
+  directory = tempfile.mkdtemp(prefix="population-resnet-", dir=row.get("scratch") or None)
+  try:
+    store = FileStateStore(directory, init, template, row["clients"])
+    population = PopulationRound(federated.jit(donate=True), spec, data, store)
+    t0 = time.perf_counter()
+    state, metrics = population(state)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for r in range(row["repeats"]):
+      t0 = time.perf_counter()
+      state, metrics = population(state)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+      store.commit(r + 2, [r + 2])  # a checkpoint every round: old versions reclaimed
+    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory)
+               for f in fs)
+    store.close()
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+  return {**row, "round_s": float(np.median(times)), "compile_s": compile_s,
+          "state_gib": tree_bytes(template) * row["clients"] / 2**30, "disk_gib": disk / 2**30,
+          "peak_rss_gib": peak_rss_gib(), "device_peak_gib": device_peak_gib()}
+
+
+def run_child(row: dict) -> dict:
+  return run_resnet_row(row) if row["section"] == "resnet" else run_scale_row(row)
+
+
+def measure(row: dict) -> dict | None:
+  """``row`` run in a fresh process; ``None`` (and its error shown) when it failed."""
+  done = subprocess.run([sys.executable, "-m", "benchmarks.population",
+                         f"--child={json.dumps(row)}"], capture_output=True, text=True)
+  if done.returncode != 0:
+    print(f"row {row} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    return None
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def planned_rows() -> list[dict]:
+  sections, repeats = set(_SECTIONS.value), _REPEATS.value
+  unknown = sections - set(SECTIONS)
+  if unknown:
+    raise app.UsageError(f"--sections: {sorted(unknown)} not among {list(SECTIONS)}")
+  rows = []
+  if "scale" in sections:
+    for sampled in map(int, _SAMPLED.value):
+      for algorithm in ("fedavg", "fedper"):
+        extra = _BIG.value if algorithm == "fedavg" else []
+        for clients in map(int, [*_POPULATIONS.value, *extra]):
+          if clients >= sampled:
+            rows.append(dict(section="scale", data="synthetic", algorithm=algorithm,
+                             clients=clients, sampled=sampled, repeats=repeats))
+  if "fmnist" in sections:
+    if os.path.exists("/usr/share/dataset-fashion-mnist") or os.environ.get("TFDS_DATA_DIR"):
+      for clients in (1000, _FMNIST.value):
+        rows.append(dict(section="fmnist", data="fashion_mnist", algorithm="fedper",
+                         clients=clients, sampled=10, repeats=repeats))
+    else:
+      print("fmnist: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); "
+            "skipped", file=sys.stderr)
+  if "resnet" in sections:
+    rows.append(dict(section="resnet", algorithm="local (personal ResNet-18)",
+                     clients=_RESNET.value, sampled=10, repeats=max(2, repeats // 2)))
+  return rows
+
+
+def gib(v) -> str:
+  return "–" if v is None else f"{v:.3f}"
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print(json.dumps(run_child(json.loads(_CHILD.value))))
+    return
+  rows = planned_rows()
+  passes = [[measure(r) for r in rows], [measure(r) for r in reversed(rows)][::-1]]
+  print(machine_description())
+  print("Rows in fresh processes, two passes (the second reversed); time = mean of the two "
+        f"passes' medians of {_REPEATS.value} rounds\n")
+  results = []
+  for first, second in zip(*passes, strict=True):
+    if first is None or second is None:
+      continue
+    results.append({**first, "round_s": (first["round_s"] + second["round_s"]) / 2,
+                    "peak_rss_gib": max(first["peak_rss_gib"], second["peak_rss_gib"])})
+  base = {}
+  for r in results:
+    base.setdefault((r["section"], r["algorithm"], r["sampled"]), r["round_s"])
+  scale = [r for r in results if r["section"] in ("scale", "fmnist")]
+  if scale:
+    print(table_header("data", "algorithm", "clients", "per round", "round (ms)",
+                       "× smallest", "peak RSS (GiB)", "examples (GiB)", "client state (GiB)",
+                       "dense layout (GiB)", "eval (ms / client)", "device peak (GiB)"))
+    for r in scale:
+      ratio = r["round_s"] / base[(r["section"], r["algorithm"], r["sampled"])]
+      print(table_row(r["data"], r["algorithm"], r["clients"], r["sampled"],
+                      f"{1e3 * r['round_s']:.1f}", f"{ratio:.2f}", gib(r["peak_rss_gib"]),
+                      gib(r["examples_gib"]), gib(r["state_gib"]), gib(r["dense_gib"]),
+                      "–" if "eval_ms_per_client" not in r else f"{r['eval_ms_per_client']:.3f}",
+                      gib(r["device_peak_gib"])))
+  for r in (r for r in results if r["section"] == "resnet"):
+    print()
+    print(table_header("clients", "per round", "round (s)", "peak RSS (GiB)",
+                       "personal state, dense (GiB)", "file store on disk (GiB)",
+                       "device peak (GiB)"))
+    print(table_row(r["clients"], r["sampled"], f"{r['round_s']:.2f}", gib(r["peak_rss_gib"]),
+                    gib(r["state_gib"]), gib(r["disk_gib"]), gib(r["device_peak_gib"])))
+
+
+if __name__ == "__main__":
+  app.run(main)
