@@ -56,6 +56,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks.harness import machine_description, table_header, table_row
+from isr_jax.data import FASHION_MNIST_DIR
 from isr_jax.data.ragged import RaggedClients, gather_rows, ragged_clients
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedper import fedper
@@ -122,7 +123,7 @@ def sgd(lr: float) -> ml_collections.ConfigDict:
 
 
 def peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def tree_bytes(tree) -> int:
@@ -258,7 +259,7 @@ def planned_rows() -> list[dict]:
             rows.append(dict(section="scale", data="synthetic", algorithm=algorithm,
                              clients=clients, sampled=sampled, repeats=repeats))
   if "fmnist" in sections:
-    if os.path.exists("/usr/share/dataset-fashion-mnist") or os.environ.get("TFDS_DATA_DIR"):
+    if os.path.isdir(FASHION_MNIST_DIR):
       for clients in (1000, _FMNIST.value):
         rows.append(dict(section="fmnist", data="fashion_mnist", algorithm="fedper",
                          clients=clients, sampled=10, repeats=repeats))
@@ -272,7 +273,8 @@ def planned_rows() -> list[dict]:
 
 
 def gib(v) -> str:
-  return "–" if v is None else f"{v:.3f}"
+  """GiB with three significant digits (client state runs from kilobytes to gigabytes)."""
+  return "–" if v is None else f"{v:.3g}"
 
 
 def main(argv):

@@ -74,9 +74,12 @@ def initial_rows(federated: FederatedRound, params: Any, data: RaggedClients,
   (one compiled shape; the packed rows of ``chunk`` clients at most in memory).
   """
   algorithm, spec = federated.fns.algorithm, federated.spec
+  # A host copy, passed in: a round that donates its state frees the device one, and
+  # a closed-over tree would be compiled in as constants.
+  params = jax.device_get(params)
 
   @jax.jit
-  def rows_of(client_data: ClientData):
+  def rows_of(params, client_data: ClientData):
     return init_client_states(algorithm, params, client_data, spec.aggregate_adapters,
                               spec.channel)
 
@@ -87,7 +90,7 @@ def initial_rows(federated: FederatedRound, params: Any, data: RaggedClients,
     for start in range(0, max(len(ids), 1), size):
       part = ids[start:start + size]
       padded = np.concatenate([part, np.zeros(size - len(part), np.int64)])
-      rows = jax.device_get(rows_of(gather_rows(data, padded)))
+      rows = jax.device_get(rows_of(params, gather_rows(data, padded)))
       n = len(part)
       parts.append(jax.tree.map(lambda a, n=n: a[:n], rows))
     return jax.tree.map(lambda *p: np.concatenate(p), *parts)
@@ -167,9 +170,12 @@ class PopulationRound:
 
   def __call__(self, state: TrainState) -> tuple[TrainState, dict]:
     r = int(state.round)
+    # A host copy: the round may donate the state's buffers, and sampling the next
+    # round from its output key would wait for the round to finish.
+    rng = np.asarray(jax.device_get(state.rng))
     rows = self._next if self._next is not None and self._next.round == r else None
     if rows is None:
-      rows = self._gather(state.rng, r)
+      rows = self._gather(rng, r)
     late = [i for i in range(len(rows.ids)) if i not in rows.states]
     if late:  # trained last round after they were read ahead: read them now
       read = self.store.gather(rows.ids[late])
@@ -180,7 +186,7 @@ class PopulationRound:
         state._replace(client_states=self.put(states)), self.put(batch), *self.extra_data)
     # The device is busy with this round: read the next one's rows meanwhile, all but
     # the clients this round writes back.
-    self._next = self._gather(state.rng, r + 1, skip=frozenset(rows.ids.tolist()) - {-1})
+    self._next = self._gather(rng, r + 1, skip=frozenset(rows.ids.tolist()) - {-1})
     self.store.scatter(rows.ids, jax.device_get(new_state.client_states), step=r + 1)
     return new_state._replace(client_states={}), metrics
 
