@@ -76,7 +76,7 @@ def overview() -> str:
   sections = sorted(k for k in config if hasattr(config[k], "keys"))
   lines.append("sections (python -m experiments.settings SECTION):")
   lines.append(_wrapped(" ".join([*sections, "fl.partition", "fl.server_optimizer",
-                                  *(f"fl.{name}" for name in CHANNEL_SECTIONS),
+                                  *(f"fl.{name}" for name in CHANNEL_SECTIONS), "fl.population",
                                   "fl.ALGORITHM"]), "  "))
   lines.append("renamed settings (old name -> name now):")
   lines += [f"  {old} -> {new}" for old, new in RENAMED_SETTINGS.items()]

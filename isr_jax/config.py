@@ -21,12 +21,14 @@ from isr_jax.errors import ConfigError
 from isr_jax.fl.channel import channel_defaults, channel_spec
 from isr_jax.fl.channel.spec import check_algorithm
 from isr_jax.fl.client import CLIENT_PARALLELISM
+from isr_jax.fl.placement import DEFAULTS as population_defaults
+from isr_jax.fl.placement import settings as population_settings
 from isr_jax.fl.registry import (
-    ALGORITHMS,
-    algorithm_defaults,
-    algorithm_sections_read,
-    check_algorithm_settings,
-    check_unused_algorithm_settings,
+  ALGORITHMS,
+  algorithm_defaults,
+  algorithm_sections_read,
+  check_algorithm_settings,
+  check_unused_algorithm_settings,
 )
 from isr_jax.hybrid import ADAPTIVE_RULES, SCHEDULES
 from isr_jax.models import MODELS
@@ -47,6 +49,12 @@ RESUME_SAFE_SETTINGS = frozenset({
     "checkpoint_every",
     "keep_checkpoints",
     "dataset.data_dir",  # where the same data is read from
+    # Where the clients live, not what a round computes; a resume keeps the placement
+    # of its checkpoints (isr_jax.fl.placement.placement_for_resume).
+    "fl.population.placement",
+    "fl.population.dense_limit_gib",
+    "fl.population.eval_chunk",
+    "fl.population.cache_mib",
 })
 # Whole sections that change what a run reports, never what it computes.
 RESUME_SAFE_SECTIONS = ("logging.",)
@@ -64,6 +72,8 @@ SETTINGS_ADDED_LATER = {
     # The channel (DP, robust rules and attacks, compression, stragglers): all off.
     **{f"fl.{section}.{name}": value for section, defaults in channel_defaults().items()
        for name, value in defaults.items()},
+    # Where the clients live (resume-safe: the checkpoints say where they were).
+    **{f"fl.population.{name}": value for name, value in population_defaults.items()},
 }
 
 _MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's limit on a seed
@@ -151,6 +161,9 @@ def default_config() -> ml_collections.ConfigDict:
   # .compression, .stragglers; every part off by default.
   for name, defaults in channel_defaults().items():
     c.fl[name] = defaults
+  # Where the client population lives: on the devices, or on the host with each
+  # round's clients gathered (isr_jax.fl.placement, isr_jax.fl.population).
+  c.fl.population = ml_collections.ConfigDict(dict(population_defaults))
   # Fed the pseudo-gradient θ_t − θ̃; SGD at rate 1 is FedAvg.
   c.fl.server_optimizer = ml_collections.ConfigDict(
       dict(name="sgd", learning_rate=1.0, momentum=0.0, nesterov=False, weight_decay=0.0))
@@ -242,6 +255,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                low_open=True, high_open=True)
   check_number(fl.partition.dirichlet_alpha, "fl.partition.dirichlet_alpha", low=0, low_open=True)
   check_algorithm(channel_spec(config), fl.algorithm)
+  population_settings(config)
 
   hy = config.hybrid
   check_one_of(hy.schedule, SCHEDULES, "hybrid.schedule")

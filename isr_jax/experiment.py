@@ -26,14 +26,15 @@ from jax.sharding import PartitionSpec as P
 from isr_jax.centralized import cl_round
 from isr_jax.config import validate
 from isr_jax.data import (
-    ClientData,
-    DatasetInfo,
-    dominant_class,
-    load_dataset,
-    pack_clients,
-    partition,
-    split_clients,
-    split_cloud,
+  ClientData,
+  DatasetInfo,
+  dominant_class,
+  load_dataset,
+  pack_clients,
+  partition,
+  ragged_clients,
+  split_clients,
+  split_cloud,
 )
 from isr_jax.errors import ConfigError
 from isr_jax.evaluate import evaluate_classifier
@@ -41,6 +42,15 @@ from isr_jax.fl.algorithm import Batch, LocalProblem
 from isr_jax.fl.channel.spec import channel_spec, check_algorithm
 from isr_jax.fl.client import auto_parallelism, local_step_flops, resolve_parallelism
 from isr_jax.fl.evaluate_clients import evaluate_clients
+from isr_jax.fl.placement import settings as population_settings
+from isr_jax.fl.population import initial_rows, server_init_data
+from isr_jax.fl.population_setup import (
+  PopulationSetup,
+  choose_placement,
+  dense_layout_bytes,
+  put_rows,
+  state_row_template,
+)
 from isr_jax.fl.registry import is_personalized, make_algorithm, personalized_eval_on
 from isr_jax.fl.round import make_round
 from isr_jax.fl.spec import FLSpec
@@ -83,6 +93,11 @@ class Experiment(NamedTuple):
     client_eval_data: every client's training rows and its own test split.
     fl_spec: the FL round's settings, with ``auto`` client parallelism resolved
       (:func:`isr_jax.fl.client.auto_parallelism`); ``None`` in CL mode.
+    population: the clients kept on the host (``fl.population.placement`` host
+      or file: :mod:`isr_jax.fl.population_setup`); ``None`` when they are packed
+      on the devices. With it, ``round_fn`` takes the round's gathered clients
+      (:class:`~isr_jax.fl.selection.ClientRows`) and ``round_data`` holds only
+      the hybrid cloud's data.
     problem: the client objective the round optimises
       (:class:`~isr_jax.fl.algorithm.LocalProblem`: ``apply``, ``objective``,
       ``loss`` = Eq. 5's ``L_T``), for measurements that differentiate it
@@ -103,6 +118,12 @@ class Experiment(NamedTuple):
   client_eval_data: tuple[ClientData, ClientData] = ()
   fl_spec: FLSpec | None = None
   problem: LocalProblem | None = None
+  population: PopulationSetup | None = None
+
+  @property
+  def placement(self) -> str:
+    """Where the client population lives: ``device``, ``host`` or ``file``."""
+    return "device" if self.population is None else self.population.placement
 
 
 def _put_batches(data: ClientData, mesh) -> ClientData:
@@ -114,14 +135,14 @@ def _put_batches(data: ClientData, mesh) -> ClientData:
       sharding if a.ndim >= 3 else NamedSharding(mesh, P()), np.asarray(a)), data)
 
 
-def _pack_fl(config, train, info: DatasetInfo, indices,
-             held_out: bool = False) -> tuple[ClientData, ClientData | None]:
-  """Partitions ``train[indices]`` over the clients and packs them.
+def _partition_fl(config, train, info: DatasetInfo, indices,
+                  held_out: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+  """Partitions ``train[indices]`` over the clients: each client's example indices.
 
   Segmentation images are partitioned by their dominant class (Dirichlet,
   shards, ...) or by city/sequence (``natural``). ``held_out``: each client's
   partition is split into its own train and test parts (``fl.client_test_fraction``),
-  returned as the second element (else ``None``).
+  the test parts returned second (else ``None``).
   """
   part = config.fl.partition
   y = train.y[indices]
@@ -133,8 +154,7 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
       classes_per_client=part.classes_per_client, groups=groups,
   )
   if not held_out:
-    return pack_clients(train.x, train.y, [indices[c] for c in clients],
-                        config.dataset.batch_size), None
+    return [indices[c] for c in clients], None
   own_train, own_test = split_clients(clients, labels, config.fl.client_test_fraction,
                                       seed=config.seed)
   if not any(len(t) for t in own_test):  # else the personal/ metrics average over no client
@@ -143,14 +163,14 @@ def _pack_fl(config, train, info: DatasetInfo, indices,
         f"fl.client_test_fraction={config.fl.client_test_fraction} leaves every client's own "
         f"test split empty (clients hold {min(sizes)}-{max(sizes)} examples): raise it, use "
         "fewer clients, or set fl.personalized_eval='off'")
-  # A client's test split is small (150 examples on average in the personalized
-  # preset): batches of eval_batch_size (500) would be mostly padding, and every
-  # client's padding is evaluated; the training batch bounds each one's by B - 1.
-  test_batch = min(config.dataset.eval_batch_size, config.dataset.batch_size)
-  return (pack_clients(train.x, train.y, [indices[c] for c in own_train],
-                       config.dataset.batch_size),
-          pack_clients(train.x, train.y, [indices[c] for c in own_test], test_batch,
-                       allow_empty=True))
+  return [indices[c] for c in own_train], [indices[c] for c in own_test]
+
+
+def _test_batch(config) -> int:
+  """A client's held-out split's batch (150 examples on average in the personalized
+  preset): batches of eval_batch_size (500) would be mostly padding, and every
+  client's padding is evaluated; the training batch bounds each one's by B - 1."""
+  return min(config.dataset.eval_batch_size, config.dataset.batch_size)
 
 
 def _create_model(config: ml_collections.ConfigDict, info: DatasetInfo, key: jax.Array,
@@ -169,8 +189,14 @@ def load_splits(config: ml_collections.ConfigDict):
       image_size=tuple(ds.image_size) if ds.image_size else None, **ds.options.to_dict())
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Loads data and builds model, objective, state and the jitted round."""
+def build_experiment(config: ml_collections.ConfigDict,
+                     placement_override: str | None = None) -> Experiment:
+  """Loads data and builds model, objective, state and the jitted round.
+
+  ``placement_override``: where the client population lives (``device``, ``host``,
+  ``file``) instead of what ``fl.population`` chooses — a resumed run's
+  checkpoints decide it (:func:`isr_jax.fl.placement.placement_for_resume`).
+  """
   validate(config)
   ds = config.dataset
   train, test, info = load_splits(config)
@@ -254,28 +280,73 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                      "global model is evaluated, not the personal models it trains",
                      config.fl.algorithm)
     if config.mode == "fl":
-      clients, own_test = _pack_fl(config, train, info, np.arange(len(train.y)), held_out)
+      client_idx, test_idx = _partition_fl(config, train, info, np.arange(len(train.y)),
+                                           held_out)
       round_fn = federated.step
       cloud = None
     else:
       hy = config.hybrid
       cloud_idx, rest = split_cloud(len(train.y), hy.cloud_fraction, seed=config.seed)
-      clients, own_test = _pack_fl(config, train, info, rest, held_out)
+      client_idx, test_idx = _partition_fl(config, train, info, rest, held_out)
       cloud = put_replicated(pack_clients(train.x, train.y, [cloud_idx], ds.batch_size), mesh)
       hybrid = HybridSpec(schedule=hy.schedule, beta=hy.beta, mix_weight_min=hy.mix_weight_min,
                           adaptive_rule=hy.adaptive_rule, cloud_steps=hy.cloud_steps)
       round_fn = functools.partial(hybrid_round, fns=fns, spec=fl_spec, hybrid=hybrid)
-    clients = put_clients(pad_clients(clients, rows), mesh)
-    round_data = (clients,) if cloud is None else (clients, cloud)
-    if own_test is not None:
-      client_eval_data = (clients, put_clients(pad_clients(own_test, rows), mesh))
+    own_test_eval = test_idx is not None
+    if own_test_eval:
       client_eval_fn = jax.jit(
           functools.partial(evaluate_clients, fns=fns, spec=fl_spec,
                             ignore_index=info.ignore_index),
           compiler_options=xla_compiler_options())
-    fresh = federated.init(params, clients, key_run, mix_weight=config.hybrid.mix_weight)
-    state = put_replicated(fresh._replace(client_states={}), mesh)._replace(
-        client_states=jax.device_put(fresh.client_states, NamedSharding(mesh, P(CLIENT_AXIS))))
+    pop_settings = population_settings(config)
+    template = state_row_template(federated, params, train.x, train.y,
+                                  next(p for p in client_idx if len(p)), ds.batch_size)
+    dense = dense_layout_bytes(train.x, train.y, client_idx, ds.batch_size) + (
+        dense_layout_bytes(train.x, train.y, test_idx, _test_batch(config)) if own_test_eval
+        else 0)
+    placement = (placement_override or
+                 choose_placement(pop_settings, dense_bytes=dense, template=template,
+                                  num_clients=config.fl.num_clients))
+    if placement == "device":
+      clients = put_clients(pad_clients(
+          pack_clients(train.x, train.y, client_idx, ds.batch_size), rows), mesh)
+      round_data = (clients,) if cloud is None else (clients, cloud)
+      if own_test_eval:
+        own_test = pack_clients(train.x, train.y, test_idx, _test_batch(config),
+                                allow_empty=True)
+        client_eval_data = (clients, put_clients(pad_clients(own_test, rows), mesh))
+      fresh = federated.init(params, clients, key_run, mix_weight=config.hybrid.mix_weight)
+      state = put_replicated(fresh._replace(client_states={}), mesh)._replace(
+          client_states=jax.device_put(fresh.client_states, NamedSharding(mesh, P(CLIENT_AXIS))))
+    else:
+      logger.info("fl.population.placement=%s: the %d clients stay on the host (%s of data and "
+                  "state packed densely), each round's clients are gathered", placement,
+                  config.fl.num_clients, f"{dense / 2**30:.2f} GiB")
+      train_store = ragged_clients(train.x, train.y, client_idx, ds.batch_size)
+      test_store = (ragged_clients(train.x, train.y, test_idx, _test_batch(config),
+                                   allow_empty=True) if own_test_eval else None)
+      population = PopulationSetup(
+          placement, pop_settings, train_store, test_store,
+          initial_rows(federated, params, train_store), template,
+          functools.partial(put_rows, mesh=mesh))
+      round_data = () if cloud is None else (cloud,)
+      fresh = federated.init(params, server_init_data(train_store), key_run,
+                             mix_weight=config.hybrid.mix_weight)
+      state = put_replicated(fresh._replace(client_states={}), mesh)
+      # The round's output shardings: the state's, with the round's client rows.
+      k = padded_count(config.fl.clients_per_round, mesh)
+      rows_example = population.put(
+          jax.tree.map(lambda s: np.zeros((k, *s.shape), s.dtype), template))
+      shardings = jax.tree.map(lambda a: a.sharding,
+                               state._replace(client_states=rows_example))
+      round_fn = jax.jit(round_fn, donate_argnums=0,
+                         out_shardings=(shardings, NamedSharding(mesh, P())),
+                         compiler_options=xla_compiler_options())
+      return Experiment(
+          state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
+          eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,
+          client_eval_fn=client_eval_fn, fl_spec=fl_spec, problem=problem,
+          population=population)
   shardings = jax.tree.map(lambda a: a.sharding, state)
   round_fn = jax.jit(round_fn, donate_argnums=0,
                      out_shardings=(shardings, NamedSharding(mesh, P())),

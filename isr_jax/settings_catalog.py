@@ -20,6 +20,7 @@ import ml_collections
 from isr_jax.config import default_config, validate
 from isr_jax.config_names import has_setting, no_setting_message
 from isr_jax.errors import ConfigError
+from isr_jax.fl import placement
 from isr_jax.fl.channel.spec import SECTIONS as CHANNEL_SECTIONS
 from isr_jax.fl.registry import ALGORITHMS
 
@@ -151,9 +152,10 @@ def default_notes() -> dict[str, str]:
 
 
 def channel_notes() -> dict[str, str]:
-  """Dotted name -> the comment beside its line in a channel part's ``DEFAULTS``."""
+  """Dotted name -> the comment beside its line in a channel part's or
+  ``fl.population``'s ``DEFAULTS``."""
   notes = {}
-  for section, module in CHANNEL_SECTIONS.items():
+  for section, module in {**CHANNEL_SECTIONS, "population": placement}.items():
     for line in inspect.getsource(module).splitlines():
       if item := re.match(r'\s*"(\w+)":[^#]*#\s*(.*)$', line):
         notes[f"fl.{section}.{item.group(1)}"] = item.group(2)
@@ -189,4 +191,6 @@ def section_note(prefix: str) -> str:
     return algorithm_citation(parts[1])
   if parts[0] == "fl" and len(parts) == 2 and parts[1] in CHANNEL_SECTIONS:
     return (inspect.getdoc(CHANNEL_SECTIONS[parts[1]]) or "").split("\n")[0]
+  if parts == ["fl", "population"]:
+    return (inspect.getdoc(placement) or "").split("\n")[0]
   return default_notes().get(prefix.strip("."), "")

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,6 +30,14 @@ from isr_jax.config import RESUME_SAFE_SETTINGS, resume_changes, validate
 from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.experiment import Experiment, build_experiment
 from isr_jax.fl.channel.accountant import epsilon_spent
+from isr_jax.fl.placement import METADATA_KEY, placement_for_resume
+from isr_jax.fl.population_setup import (
+    commit_checkpoints,
+    evaluate_all,
+    example_round_inputs,
+    open_state_store,
+    population_round,
+)
 from isr_jax.metric_writer import METRICS_FILE, JsonlWriter, read_metrics
 from isr_jax.preemption import stop_requests
 from isr_jax.progress import Progress, headline
@@ -61,6 +70,27 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str) -> bool:
         f"own config (only {', '.join(sorted(RESUME_SAFE_SETTINGS))} and logging.* may "
         "change) or train this config in another workdir")
   return safe_changed
+
+
+def _resumed_placement(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Where a resumed run's clients live: where its checkpoints put them; ``None`` for a
+  fresh run (``fl.population`` decides) or in CL mode."""
+  if config.mode == "cl" or not checkpoint.saved_steps(workdir):
+    return None
+  found = checkpoint.saved_metadata(workdir, METADATA_KEY)
+  return placement_for_resume(config.fl.population.placement, found and found[1], workdir)
+
+
+def _round_step(exp: Experiment, state: TrainState, store) -> Callable:
+  """The compiled round, ``state -> (state, metrics)``: on the packed clients, or on each
+  round's clients gathered from the host (:mod:`isr_jax.fl.population`)."""
+  if exp.population is None:
+    compiled = exp.round_fn.lower(state, *exp.round_data).compile()
+    return lambda s: compiled(s, *exp.round_data)
+  runner = population_round(exp.population, exp.round_fn, exp.fl_spec, store, exp.round_data)
+  example = example_round_inputs(exp.population, runner, state)
+  runner.round_fn = exp.round_fn.lower(*example, *exp.round_data).compile()
+  return runner
 
 
 def _finished_run(exp: Experiment, state: TrainState, workdir: str,
@@ -221,11 +251,11 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
   with stop_requests() as stop:
     report.begin("loading %s and building %s (%s mode, ISR %s)", config.dataset.name,
                  config.model.name, config.mode, "on" if config.isr.enabled else "off")
-    exp = build_experiment(config)
+    exp = build_experiment(config, _resumed_placement(config, workdir))
     report.end("data and model ready")
     _check_data_shape(config, exp, workdir)
     manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
-    out = None
+    out = store = None
     try:
       report.begin("looking for a checkpoint to resume from in %s", workdir)
       restored = checkpoint.restore_latest(manager, exp.state)
@@ -233,6 +263,8 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
       start = int(state.round)
       if start >= config.num_rounds:
         return _finished_run(exp, state, workdir, primary)
+      if exp.population is not None:  # the client rows as of the restored round
+        store = open_state_store(exp.population, workdir, config.fl.num_clients, start)
       if restored is not None:
         logger.info("resuming %s from round %d", workdir, start)
       # The console shows progress; every round's metrics only with logging.verbose.
@@ -246,7 +278,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
 
       report.begin("compiling the round")
       t0 = time.perf_counter()
-      round_step = exp.round_fn.lower(state, *exp.round_data).compile()
+      step = _round_step(exp, state, store)
       compile_s = time.perf_counter() - t0
       logger.info("round compiled in %.1fs (%s mode, %s)", compile_s, config.mode,
                   "ISR on" if exp.isr_spec else "ISR off")
@@ -262,7 +294,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
       report.start(start)
       for r in range(start + 1, config.num_rounds + 1):
         t0 = time.perf_counter()
-        state, round_metrics = round_step(state, *exp.round_data)
+        state, round_metrics = step(state)
         metrics = {k: float(v) for k, v in jax.device_get(round_metrics).items()}
         metrics["time/round_s"] = time.perf_counter() - t0
         if dp_spec is not None:
@@ -277,7 +309,10 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
           test = jax.device_get(exp.eval_fn(state.params["model"], exp.test_data))
           metrics.update({f"test/{k}": float(v) for k, v in test.items()})
           if exp.client_eval_fn is not None:
-            own = jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
+            own = (jax.device_get(exp.client_eval_fn(state, *exp.client_eval_data))
+                   if store is None else
+                   evaluate_all(exp.population, exp.client_eval_fn, state, store,
+                                config.fl.num_clients))
             per_client.write(r, own.pop("client_correct"), own.pop("client_examples"))
             metrics.update({f"personal/{k}": float(v) for k, v in own.items()})
           evaluated = headline(metrics)
@@ -292,7 +327,9 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
           # Written while the next round runs, with what a resume is checked against.
           checkpoint.save(manager, r, state, metadata={
               "config": json.loads(config.to_json_best_effort()),
-              "input_shape": list(exp.info.input_shape)})
+              "input_shape": list(exp.info.input_shape), METADATA_KEY: exp.placement})
+          if store is not None:  # rows no finished checkpoint needs may go
+            commit_checkpoints(store, checkpoint.saved_steps(workdir), r)
           last_saved = r
         if stopping:
           checkpoint.wait(manager)
@@ -303,6 +340,8 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
     finally:
       # Also on errors: waits for a save in flight and stops Orbax's threads.
       checkpoint.close(manager, quiet=sys.exc_info()[0] is not None)
+      if store is not None:
+        store.close()
       if out is not None:
         out.close()
   if primary:

@@ -56,6 +56,19 @@ def test_same_result_on_1_and_8_devices(tmp_path, mode):
   assert float(one["test_accuracy"]) == pytest.approx(float(eight["test_accuracy"]), abs=0.01)
 
 
+def test_clients_on_the_host_train_the_sharded_round_of_clients_on_8_devices(tmp_path):
+  """FedPer's rows gathered on the host and split over 8 devices each round: the run of
+  the clients packed on the 8 devices, bit for bit."""
+  runs = {}
+  for placement in ("device", "host"):
+    _run(tmp_path / f"{placement}.npz", tmp_path / placement, "hybrid", 8, host_devices=8,
+         extra=["--algorithm=fedper", f"--placement={placement}"])
+    runs[placement] = _params(tmp_path / f"{placement}.npz")
+  assert str(runs["host"]["placement"]) == "host" and int(runs["host"]["devices"]) == 8
+  _assert_same_params(runs["device"], runs["host"], atol=0)
+  assert float(runs["device"]["test_accuracy"]) == float(runs["host"]["test_accuracy"])
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

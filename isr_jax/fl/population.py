@@ -161,6 +161,10 @@ class PopulationRound:
     self.sample = round_sampler(spec, num_clients)
     self._next: _Prefetched | None = None
 
+  def gather_data(self, ids: np.ndarray) -> ClientData:
+    """The packed rows of clients ``ids`` (−1: padding)."""
+    return gather_rows(self.data, ids)
+
   def _gather(self, rng, round_: int, skip: frozenset[int] = frozenset()) -> _Prefetched:
     ids, left_out = self.sample(rng, round_)
     early = [i for i, c in enumerate(ids.tolist()) if c < 0 or c not in skip]
