@@ -335,6 +335,8 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
           checkpoint.wait(manager)
           raise _preempted(stop.signum, r, str(manager.directory))
       checkpoint.wait(manager)
+      if store is not None:  # the last checkpoint is on disk: older rows may go
+        commit_checkpoints(store, checkpoint.saved_steps(workdir), config.num_rounds)
       report.result(headline(metrics))
       late_stop = stop.signum  # arrived during the last round, which finished and was saved
     finally:
