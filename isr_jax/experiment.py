@@ -241,6 +241,7 @@ def build_experiment(config: ml_collections.ConfigDict,
                                       ignore_index=info.ignore_index),
                     compiler_options=xla_compiler_options())
   client_eval_fn, client_eval_data = None, ()
+  population = round_state = None  # the clients held on the host, and the round's state
   state = TrainState(params=params, opt_state=None, alg_state={}, client_states={},
                      rng=key_run, round=jnp.zeros((), jnp.int32),
                      mix_weight=jnp.asarray(config.hybrid.mix_weight, jnp.float32))
@@ -333,21 +334,11 @@ def build_experiment(config: ml_collections.ConfigDict,
       fresh = federated.init(params, server_init_data(train_store), key_run,
                              mix_weight=config.hybrid.mix_weight)
       state = put_replicated(fresh._replace(client_states={}), mesh)
-      # The round's output shardings: the state's, with the round's client rows.
+      # The round returns the state with the round's client rows, split over clients.
       k = padded_count(config.fl.clients_per_round, mesh)
-      rows_example = population.put(
-          jax.tree.map(lambda s: np.zeros((k, *s.shape), s.dtype), template))
-      shardings = jax.tree.map(lambda a: a.sharding,
-                               state._replace(client_states=rows_example))
-      round_fn = jax.jit(round_fn, donate_argnums=0,
-                         out_shardings=(shardings, NamedSharding(mesh, P())),
-                         compiler_options=xla_compiler_options())
-      return Experiment(
-          state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
-          eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,
-          client_eval_fn=client_eval_fn, fl_spec=fl_spec, problem=problem,
-          population=population)
-  shardings = jax.tree.map(lambda a: a.sharding, state)
+      round_state = state._replace(client_states=population.put(
+          jax.tree.map(lambda s: np.zeros((k, *s.shape), s.dtype), template)))
+  shardings = jax.tree.map(lambda a: a.sharding, state if round_state is None else round_state)
   round_fn = jax.jit(round_fn, donate_argnums=0,
                      out_shardings=(shardings, NamedSharding(mesh, P())),
                      compiler_options=xla_compiler_options())
@@ -355,5 +346,5 @@ def build_experiment(config: ml_collections.ConfigDict,
       state=state, round_fn=round_fn, round_data=round_data, apply=problem.apply,
       eval_fn=eval_fn, test_data=test_data, info=info, isr_spec=spec, tap_names=tap_names,
       client_eval_fn=client_eval_fn, client_eval_data=client_eval_data,
-      fl_spec=fl_spec, problem=problem,
+      fl_spec=fl_spec, problem=problem, population=population,
   )
