@@ -30,11 +30,12 @@ Sections (``--sections``):
   (one step of 4 synthetic 32×32×3 examples each), its time, peak memory and the
   store's bytes on disk, against the dense state's size.
 
-Every row runs in a fresh process (its peak memory is its own); the rows run
-twice, the second pass in reverse order, and each row's time is the mean of
-its two medians, so the machine's drift (±15–25 % over minutes) does not sit in
-one row. Read the ratio column: each row's round time over the smallest
-population's with the same algorithm and clients per round.
+Memory: every population runs in a fresh process (its peak memory is its
+own). Time: the populations of one (data, algorithm, clients per round) are
+built in one process, each round compiled, then their rounds timed
+round-robin (:func:`benchmarks.harness.interleaved_times`), so the machine's
+drift (±15–25 % over minutes) hits them alike; read the ratio column, each
+population's round over the smallest's.
 """
 
 from __future__ import annotations
@@ -55,7 +56,12 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from benchmarks.harness import machine_description, table_header, table_row
+from benchmarks.harness import (
+    interleaved_times,
+    machine_description,
+    table_header,
+    table_row,
+)
 from isr_jax.data import FASHION_MNIST_DIR
 from isr_jax.data.ragged import RaggedClients, gather_rows, ragged_clients
 from isr_jax.fl.algorithms.fedavg import fedavg
@@ -100,10 +106,9 @@ def synthetic_population(num_clients: int) -> RaggedClients:
   for s in range(0, n, 1 << 16):
     x[s:s + (1 << 16)] = rng.random((min(1 << 16, n - s), 28, 28, 1), np.float32)
   y = rng.integers(0, 10, n).astype(np.int32)
-  bounds = np.concatenate([[0], np.cumsum(sizes)])
-  # Contiguous clients: the store's one gather is then a copy.
-  parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(num_clients)]
-  return ragged_clients(x, y, parts, BATCH)
+  # Written client after client already: the store is these arrays and the offsets.
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  return RaggedClients(x, y, offsets, BATCH, max(-(-CAP // BATCH), 1))
 
 
 def fmnist_population(num_clients: int) -> RaggedClients:
@@ -136,12 +141,10 @@ def device_peak_gib() -> float | None:
 
 
 # --------------------------------------------------------------------------- rows
-def run_scale_row(row: dict) -> dict:
-  """One population: build, compile, time ``repeats`` rounds, evaluate (FedPer)."""
-  t0 = time.perf_counter()
-  data = (synthetic_population(row["clients"]) if row["data"] == "synthetic"
-          else fmnist_population(row["clients"]))
-  build_s = time.perf_counter() - t0
+def build_round(row: dict, clients: int):
+  """``(population round, its first state, data, store, evaluate)`` of one population."""
+  data = (synthetic_population(clients) if row["data"] == "synthetic"
+          else fmnist_population(clients))
   shape = data.x.shape[1:]
   net = create_model("lenet5", num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
   graphdef, model_params = split_model(net)
@@ -149,38 +152,59 @@ def run_scale_row(row: dict) -> dict:
                        key=jax.random.PRNGKey(1))
   problem = make_problem(graphdef, None)
   algorithm = {"fedavg": fedavg, "fedper": fedper}[row["algorithm"]]()
-  spec = FLSpec(clients_per_round=row["sampled"], local_epochs=1, num_clients=row["clients"],
+  spec = FLSpec(clients_per_round=row["sampled"], local_epochs=1, num_clients=clients,
                 parallelism="vmap")
   federated = make_round(algorithm, problem, spec, local_optimizer=make_optimizer(sgd(0.05)),
                          local_lr=functools.partial(learning_rate_at, sgd(0.05)))
   state = federated.init(params, gather_rows(data, np.arange(1)), jax.random.PRNGKey(2))
-  init = initial_rows(federated, params, data)
-  store = HostStateStore(init(np.arange(row["clients"])), row["clients"])
+  store = HostStateStore(initial_rows(federated, params, data)(np.arange(clients)), clients)
   population = PopulationRound(federated.jit(donate=True), spec, data, store)
-  state = state._replace(client_states={})
-  t0 = time.perf_counter()
-  state, metrics = population(state)  # compiles
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(row["repeats"]):
-    t0 = time.perf_counter()
-    state, metrics = population(state)
+  evaluate = jax.jit(functools.partial(evaluate_clients, fns=federated.fns, spec=spec))
+  return population, state._replace(client_states={}), data, store, evaluate
+
+
+class RoundRunner:
+  """Runs one round to completion per call (the first compiles); ``state`` is the latest."""
+
+  def __init__(self, population: PopulationRound, state):
+    self.population, self.state = population, state
+
+  def __call__(self) -> None:
+    self.state, metrics = self.population(self.state)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  out = {**row, "round_s": float(np.median(times)), "compile_s": compile_s, "build_s": build_s,
-         "examples_gib": data.nbytes / 2**30, "state_gib": store.nbytes_dense / 2**30,
+
+
+def run_scale_row(row: dict) -> dict:
+  """One population in this process: its memory, and (FedPer) the evaluation's time."""
+  t0 = time.perf_counter()
+  population, state, data, store, evaluate = build_round(row, row["clients"])
+  build_s = time.perf_counter() - t0
+  run = RoundRunner(population, state)
+  for _ in range(1 + row["repeats"]):
+    run()
+  out = {**row, "build_s": build_s, "examples_gib": data.nbytes / 2**30,
+         "state_gib": store.nbytes_dense / 2**30,
          "dense_gib": (data.dense_nbytes + store.nbytes_dense) / 2**30}
   if row["algorithm"] == "fedper":
-    evaluate = jax.jit(functools.partial(evaluate_clients, fns=federated.fns, spec=spec))
-    evaluate_population(evaluate, state, data, data, store, chunk=EVAL_CHUNK,
-                        num_clients=row["clients"])  # compiles
+    kwargs = dict(chunk=EVAL_CHUNK, num_clients=row["clients"])
+    evaluate_population(evaluate, run.state, data, data, store, **kwargs)  # compiles
     t0 = time.perf_counter()
-    evaluate_population(evaluate, state, data, data, store, chunk=EVAL_CHUNK,
-                        num_clients=row["clients"])
+    evaluate_population(evaluate, run.state, data, data, store, **kwargs)
     out["eval_ms_per_client"] = 1e3 * (time.perf_counter() - t0) / row["clients"]
   out["peak_rss_gib"], out["device_peak_gib"] = peak_rss_gib(), device_peak_gib()
   return out
+
+
+def run_timing_group(group: dict) -> dict:
+  """Every population of ``group`` built in this process, compiled, then their rounds
+  timed round-robin: the same drift for all, so the ratios between them hold."""
+  runners = []
+  for clients in group["populations"]:
+    population, state, *_ = build_round(group, clients)
+    runners.append(RoundRunner(population, state))
+    runners[-1]()  # compiles
+  times = interleaved_times(runners, group["repeats"])
+  return {**group, "round_s": [float(np.median(t)) for t in times]}
 
 
 def run_resnet_row(row: dict) -> dict:
@@ -230,46 +254,50 @@ def run_resnet_row(row: dict) -> dict:
           "peak_rss_gib": peak_rss_gib(), "device_peak_gib": device_peak_gib()}
 
 
-def run_child(row: dict) -> dict:
-  return run_resnet_row(row) if row["section"] == "resnet" else run_scale_row(row)
+def run_child(job: dict) -> dict:
+  if job["section"] == "resnet":
+    return run_resnet_row(job)
+  return run_timing_group(job) if "populations" in job else run_scale_row(job)
 
 
-def measure(row: dict) -> dict | None:
-  """``row`` run in a fresh process; ``None`` (and its error shown) when it failed."""
+def measure(job: dict) -> dict | None:
+  """``job`` run in a fresh process; ``None`` (and its error shown) when it failed."""
   done = subprocess.run([sys.executable, "-m", "benchmarks.population",
-                         f"--child={json.dumps(row)}"], capture_output=True, text=True)
+                         f"--child={json.dumps(job)}"], capture_output=True, text=True)
   if done.returncode != 0:
-    print(f"row {row} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    print(f"{job} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
     return None
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def planned_rows() -> list[dict]:
+def planned_jobs() -> tuple[list[dict], list[dict]]:
+  """``(rows, timing groups)``: a process per population (memory) and a process per
+  (data, algorithm, clients per round) timing all its populations together."""
   sections, repeats = set(_SECTIONS.value), _REPEATS.value
   unknown = sections - set(SECTIONS)
   if unknown:
     raise app.UsageError(f"--sections: {sorted(unknown)} not among {list(SECTIONS)}")
-  rows = []
+  groups = []
   if "scale" in sections:
     for sampled in map(int, _SAMPLED.value):
       for algorithm in ("fedavg", "fedper"):
         extra = _BIG.value if algorithm == "fedavg" else []
-        for clients in map(int, [*_POPULATIONS.value, *extra]):
-          if clients >= sampled:
-            rows.append(dict(section="scale", data="synthetic", algorithm=algorithm,
-                             clients=clients, sampled=sampled, repeats=repeats))
+        populations = [c for c in map(int, [*_POPULATIONS.value, *extra]) if c >= sampled]
+        groups.append(dict(section="scale", data="synthetic", algorithm=algorithm,
+                           sampled=sampled, populations=populations, repeats=repeats))
   if "fmnist" in sections:
     if os.path.isdir(FASHION_MNIST_DIR):
-      for clients in (1000, _FMNIST.value):
-        rows.append(dict(section="fmnist", data="fashion_mnist", algorithm="fedper",
-                         clients=clients, sampled=10, repeats=repeats))
+      groups.append(dict(section="fmnist", data="fashion_mnist", algorithm="fedper",
+                         sampled=10, populations=[1000, _FMNIST.value], repeats=repeats))
     else:
       print("fmnist: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); "
             "skipped", file=sys.stderr)
+  rows = [{**{k: v for k, v in g.items() if k != "populations"}, "clients": c}
+          for g in groups for c in g["populations"]]
   if "resnet" in sections:
     rows.append(dict(section="resnet", algorithm="local (personal ResNet-18)",
                      clients=_RESNET.value, sampled=10, repeats=max(2, repeats // 2)))
-  return rows
+  return rows, groups
 
 
 def gib(v) -> str:
@@ -282,29 +310,31 @@ def main(argv):
   if _CHILD.value:
     print(json.dumps(run_child(json.loads(_CHILD.value))))
     return
-  rows = planned_rows()
-  passes = [[measure(r) for r in rows], [measure(r) for r in reversed(rows)][::-1]]
+  rows, groups = planned_jobs()
+  timed = {}
+  for group in groups:
+    done = measure(group)
+    for clients, seconds in zip(group["populations"], done["round_s"] if done else [],
+                                strict=False):
+      key = (group["section"], group["algorithm"], group["sampled"])
+      timed[key + (clients,)] = (seconds, seconds / done["round_s"][0])
+  results = [r for r in map(measure, rows) if r is not None]
   print(machine_description())
-  print("Rows in fresh processes, two passes (the second reversed); time = mean of the two "
-        f"passes' medians of {_REPEATS.value} rounds\n")
-  results = []
-  for first, second in zip(*passes, strict=True):
-    if first is None or second is None:
-      continue
-    results.append({**first, "round_s": (first["round_s"] + second["round_s"]) / 2,
-                    "peak_rss_gib": max(first["peak_rss_gib"], second["peak_rss_gib"])})
-  base = {}
-  for r in results:
-    base.setdefault((r["section"], r["algorithm"], r["sampled"]), r["round_s"])
+  print("Memory: each population in a fresh process (peak resident memory, after one compiled "
+        f"and {_REPEATS.value} timed rounds). Time: each (data, algorithm, clients per round) "
+        "in one process, its populations' rounds timed round-robin, median of "
+        f"{_REPEATS.value}; × smallest = the ratio to its smallest population's\n")
   scale = [r for r in results if r["section"] in ("scale", "fmnist")]
   if scale:
     print(table_header("data", "algorithm", "clients", "per round", "round (ms)",
                        "× smallest", "peak RSS (GiB)", "examples (GiB)", "client state (GiB)",
                        "dense layout (GiB)", "eval (ms / client)", "device peak (GiB)"))
     for r in scale:
-      ratio = r["round_s"] / base[(r["section"], r["algorithm"], r["sampled"])]
+      seconds, ratio = timed.get((r["section"], r["algorithm"], r["sampled"], r["clients"]),
+                                 (None, None))
       print(table_row(r["data"], r["algorithm"], r["clients"], r["sampled"],
-                      f"{1e3 * r['round_s']:.1f}", f"{ratio:.2f}", gib(r["peak_rss_gib"]),
+                      "–" if seconds is None else f"{1e3 * seconds:.1f}",
+                      "–" if ratio is None else f"{ratio:.2f}", gib(r["peak_rss_gib"]),
                       gib(r["examples_gib"]), gib(r["state_gib"]), gib(r["dense_gib"]),
                       "–" if "eval_ms_per_client" not in r else f"{r['eval_ms_per_client']:.3f}",
                       gib(r["device_peak_gib"])))

@@ -274,3 +274,16 @@ def test_gather_rows_cost_does_not_depend_on_population():
       np.testing.assert_array_equal(rows.y[k][rows.mask[k]], y[parts[c]])
     else:
       assert not rows.mask[k].any()
+
+
+def test_clients_already_in_order_share_the_arrays():
+  """Examples stored client after client are the store: no second copy of the data."""
+  x = np.arange(40, dtype=np.float32).reshape(20, 2)
+  y = np.arange(20, dtype=np.int32)
+  parts = [np.arange(0, 7), np.arange(7, 20)]
+  store = ragged_clients(x, y, parts, 4)
+  assert np.shares_memory(store.x, x) and np.shares_memory(store.y, y)
+  shuffled = ragged_clients(x, y, [np.arange(7, 20), np.arange(0, 7)], 4)
+  assert not np.shares_memory(shuffled.x, x)
+  np.testing.assert_array_equal(gather_rows(store, np.array([1, 0])).x,
+                                gather_rows(shuffled, np.array([0, 1])).x)

@@ -100,7 +100,8 @@ def ragged_clients(
 
   Takes the arguments of :func:`~isr_jax.data.packing.pack_clients` and raises
   the same errors; ``gather_rows(store, ids)`` then equals
-  ``pack_clients(x, y, client_indices, batch_size)[ids]`` bit for bit.
+  ``pack_clients(x, y, client_indices, batch_size)[ids]`` bit for bit. Where the
+  clients already hold ``x``'s examples in order, the store shares ``x`` and ``y``.
 
   Args:
     x: all inputs ``[N, ...]``.
@@ -120,9 +121,13 @@ def ragged_clients(
   index = np.concatenate([_as_index(ix) for ix in client_indices])
   offsets = np.zeros(len(sizes) + 1, np.int64)
   np.cumsum(sizes, out=offsets[1:])
+  x, y = np.asarray(x), np.asarray(y)
+  # Already client after client: the arrays themselves, not a second copy.
+  if not (len(index) == len(x) and np.array_equal(index, np.arange(len(x)))):
+    x, y = x[index], y[index]
   return RaggedClients(
-      x=np.asarray(x)[index],
-      y=np.asarray(y)[index],
+      x=x,
+      y=y,
       offsets=offsets,
       batch_size=int(batch_size),
       steps_per_epoch=_steps(sizes.max(), batch_size),

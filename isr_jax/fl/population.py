@@ -213,6 +213,7 @@ def evaluate_population(client_eval_fn: Callable, state: TrainState, train: Ragg
   """
   if chunk < 1:
     raise ConfigError(f"fl.population.eval_chunk={chunk} must be a positive integer")
+  chunk = min(chunk, num_clients)  # a population smaller than a chunk: no padding clients
   correct, count = [], []
   for start in range(0, num_clients, chunk):
     ids = np.arange(start, start + chunk)
