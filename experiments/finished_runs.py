@@ -26,6 +26,7 @@ from isr_jax import workdir as workdir_files
 from isr_jax.config import saved_config
 from isr_jax.errors import CheckpointError, ConfigError, DataNotFoundError, WorkdirError
 from isr_jax.experiment import Experiment, build_experiment, load_splits
+from isr_jax.fl.population_setup import resumed_placement
 from isr_jax.state import TrainState
 
 # What the library raises for a workdir, config or data that cannot be used; each
@@ -94,7 +95,7 @@ def load_run(workdir: str) -> FinishedRun:
     raise Skipped(f"{workdir}: {config_path} is not JSON ({e.msg} at line {e.lineno}); "
                   "skipped") from e
   with skipping(workdir):
-    exp = build_experiment(config)
+    exp = build_experiment(config, resumed_placement(config, workdir))
     state = _restore(config, workdir, exp)
   return FinishedRun(workdir, config, exp, state)
 

@@ -30,13 +30,14 @@ from isr_jax.config import RESUME_SAFE_SETTINGS, resume_changes, validate
 from isr_jax.errors import ConfigError, NaNLossError, Preempted
 from isr_jax.experiment import Experiment, build_experiment
 from isr_jax.fl.channel.accountant import epsilon_spent
-from isr_jax.fl.placement import METADATA_KEY, placement_for_resume
+from isr_jax.fl.placement import METADATA_KEY
 from isr_jax.fl.population_setup import (
     commit_checkpoints,
     evaluate_all,
     example_round_inputs,
     open_state_store,
     population_round,
+    resumed_placement,
 )
 from isr_jax.metric_writer import METRICS_FILE, JsonlWriter, read_metrics
 from isr_jax.preemption import stop_requests
@@ -70,15 +71,6 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str) -> bool:
         f"own config (only {', '.join(sorted(RESUME_SAFE_SETTINGS))} and logging.* may "
         "change) or train this config in another workdir")
   return safe_changed
-
-
-def _resumed_placement(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Where a resumed run's clients live: where its checkpoints put them; ``None`` for a
-  fresh run (``fl.population`` decides) or in CL mode."""
-  if config.mode == "cl" or not checkpoint.saved_steps(workdir):
-    return None
-  found = checkpoint.saved_metadata(workdir, METADATA_KEY)
-  return placement_for_resume(config.fl.population.placement, found and found[1], workdir)
 
 
 def _round_step(exp: Experiment, state: TrainState, store) -> Callable:
@@ -251,7 +243,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str, primary: bool) ->
   with stop_requests() as stop:
     report.begin("loading %s and building %s (%s mode, ISR %s)", config.dataset.name,
                  config.model.name, config.mode, "on" if config.isr.enabled else "off")
-    exp = build_experiment(config, _resumed_placement(config, workdir))
+    exp = build_experiment(config, resumed_placement(config, workdir))
     report.end("data and model ready")
     _check_data_shape(config, exp, workdir)
     manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)

@@ -12,6 +12,7 @@ import pytest
 from test_preemption import REPO, WORKER, rounds_written, wait_until
 from test_train import tiny
 
+from experiments.finished_runs import load_run
 from isr_jax.checkpoint import saved_steps
 from isr_jax.client_results import read_per_client
 from isr_jax.errors import ConfigError
@@ -60,6 +61,9 @@ def test_a_resume_keeps_the_placement_of_its_checkpoints(tmp_path):
   chex.assert_trees_all_equal(resumed["state"], straight["state"])
   with pytest.raises(ConfigError, match=r"fl.population.placement='device'.*placement 'file'"):
     run(tmp_path, "run", num_rounds=6, **{"fl.population.placement": "device"})
+  finished = load_run(str(tmp_path / "run"))  # what the measurements of finished runs read
+  assert finished.experiment.placement == "file"
+  chex.assert_trees_all_equal(finished.state.params, straight["state"].params)
 
 
 def test_kill_9_with_the_rows_in_files_resumes_exactly(tmp_path):

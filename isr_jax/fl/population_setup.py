@@ -17,11 +17,18 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from isr_jax import checkpoint
 from isr_jax.data.packing import ClientData, client_sizes, pack_clients
 from isr_jax.data.ragged import RaggedClients
 from isr_jax.errors import ConfigError
 from isr_jax.fl.file_store import FileStateStore
-from isr_jax.fl.placement import STATE_DIR, PopulationSettings, resolve
+from isr_jax.fl.placement import (
+    METADATA_KEY,
+    STATE_DIR,
+    PopulationSettings,
+    placement_for_resume,
+    resolve,
+)
 from isr_jax.fl.population import PopulationRound, evaluate_population
 from isr_jax.fl.round import FederatedRound, init_client_states
 from isr_jax.fl.selection import ClientRows
@@ -88,6 +95,15 @@ def choose_placement(settings: PopulationSettings, *, dense_bytes: int, template
         f"kept on the host runs in one process, this job has {jax.process_count()}; set "
         "fl.population.placement='device' (the clients packed on the devices)")
   return placement
+
+
+def resumed_placement(config, workdir: str) -> str | None:
+  """Where a resumed run's clients live: where its checkpoints put them; ``None`` for a
+  fresh run (``fl.population`` decides) or in CL mode."""
+  if config.mode == "cl" or not checkpoint.saved_steps(workdir):
+    return None
+  found = checkpoint.saved_metadata(workdir, METADATA_KEY)
+  return placement_for_resume(config.fl.population.placement, found and found[1], workdir)
 
 
 def put_rows(tree: Any, mesh) -> Any:
