@@ -22,7 +22,7 @@ from isr_jax import checkpoint, metric_writer, workdir, writers
 from isr_jax.config import validate
 from isr_jax.data import partition
 from isr_jax.errors import CheckpointError, ConfigError, WorkdirBusy, WorkdirError
-from isr_jax.experiment import _pack_fl, build_experiment
+from isr_jax.experiment import _partition_fl, build_experiment
 from isr_jax.fl.evaluate_clients import client_accuracy_stats
 from isr_jax.train import train_and_evaluate
 
@@ -181,7 +181,7 @@ def test_personal_metrics_of_no_client_are_refused_or_nan():
   config = tiny("fl", **{"fl.num_clients": 20, "fl.client_test_fraction": 0.001})
   with pytest.raises(ConfigError, match=r"fl\.client_test_fraction=0\.001 leaves every "
                      r"client's own test split empty \(clients hold \d+-\d+ examples\)"):
-    _pack_fl(config, train, info, np.arange(len(train.y)), held_out=True)
+    _partition_fl(config, train, info, np.arange(len(train.y)), held_out=True)
   stats = client_accuracy_stats(jnp.zeros(3), jnp.zeros(3))
   assert float(stats["clients"]) == 0
   assert all(np.isnan(float(stats[k]))
