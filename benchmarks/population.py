@@ -32,10 +32,13 @@ Sections (``--sections``):
 
 Memory: every population runs in a fresh process (its peak memory is its
 own). Time: the populations of one (data, algorithm, clients per round) are
-built in one process, each round compiled, then their rounds timed
-round-robin (:func:`benchmarks.harness.interleaved_times`), so the machine's
-drift (±15–25 % over minutes) hits them alike; read the ratio column, each
-population's round over the smallest's.
+built in one process — synthetic clients of :data:`EQUAL` examples each, so
+that any sample of clients is the same work and only the population differs —
+each round compiled, then their rounds timed round-robin
+(:func:`benchmarks.harness.interleaved_times`), so the machine's drift (±15–25 %
+over minutes) hits them alike; read the ratio column, each population's round
+over the smallest's. The sampling column times the round's ids alone: a
+permutation of the population, which the dense round computes inside its jit.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from isr_jax.optim import learning_rate_at, make_optimizer
 
 SECTIONS = ("scale", "fmnist", "resnet")
 CAP, BATCH, EVAL_CHUNK = 256, 32, 256
+EQUAL = 64  # examples of every client in the timing section: the same work in any sample
 
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS), f"Among {list(SECTIONS)}.",
                               allow_override=True)
@@ -97,9 +101,10 @@ def power_law_sizes(num_clients: int, seed: int = 0) -> np.ndarray:
   return sizes.astype(np.int64)
 
 
-def synthetic_population(num_clients: int) -> RaggedClients:
-  """Random 28×28×1 examples in the power-law sizes, written chunk by chunk."""
-  sizes = power_law_sizes(num_clients)
+def synthetic_population(num_clients: int, equal: bool = False) -> RaggedClients:
+  """Random 28×28×1 examples in the power-law sizes (``equal``: :data:`EQUAL` each),
+  written chunk by chunk."""
+  sizes = np.full(num_clients, EQUAL) if equal else power_law_sizes(num_clients)
   n = int(sizes.sum())
   x = np.empty((n, 28, 28, 1), np.float32)
   rng = np.random.default_rng(1)
@@ -108,7 +113,7 @@ def synthetic_population(num_clients: int) -> RaggedClients:
   y = rng.integers(0, 10, n).astype(np.int32)
   # Written client after client already: the store is these arrays and the offsets.
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-  return RaggedClients(x, y, offsets, BATCH, max(-(-CAP // BATCH), 1))
+  return RaggedClients(x, y, offsets, BATCH, max(-(-int(sizes.max()) // BATCH), 1))
 
 
 def fmnist_population(num_clients: int) -> RaggedClients:
@@ -143,7 +148,7 @@ def device_peak_gib() -> float | None:
 # --------------------------------------------------------------------------- rows
 def build_round(row: dict, clients: int):
   """``(population round, its first state, data, store, evaluate)`` of one population."""
-  data = (synthetic_population(clients) if row["data"] == "synthetic"
+  data = (synthetic_population(clients, row.get("equal", False)) if row["data"] == "synthetic"
           else fmnist_population(clients))
   shape = data.x.shape[1:]
   net = create_model("lenet5", num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
@@ -198,13 +203,19 @@ def run_scale_row(row: dict) -> dict:
 def run_timing_group(group: dict) -> dict:
   """Every population of ``group`` built in this process, compiled, then their rounds
   timed round-robin: the same drift for all, so the ratios between them hold."""
-  runners = []
+  runners, sampling = [], []
   for clients in group["populations"]:
-    population, state, *_ = build_round(group, clients)
+    population, state, *_ = build_round({**group, "equal": group["data"] == "synthetic"},
+                                        clients)
     runners.append(RoundRunner(population, state))
     runners[-1]()  # compiles
+    rng = np.asarray(jax.device_get(state.rng))
+    t0 = time.perf_counter()
+    for r in range(20):
+      population.sample(rng, r)
+    sampling.append((time.perf_counter() - t0) / 20)
   times = interleaved_times(runners, group["repeats"])
-  return {**group, "round_s": [float(np.median(t)) for t in times]}
+  return {**group, "round_s": [float(np.median(t)) for t in times], "sample_s": sampling}
 
 
 def run_resnet_row(row: dict) -> dict:
@@ -317,24 +328,29 @@ def main(argv):
     for clients, seconds in zip(group["populations"], done["round_s"] if done else [],
                                 strict=False):
       key = (group["section"], group["algorithm"], group["sampled"])
-      timed[key + (clients,)] = (seconds, seconds / done["round_s"][0])
+      i = group["populations"].index(clients)
+      timed[key + (clients,)] = (seconds, seconds / done["round_s"][0], done["sample_s"][i])
   results = [r for r in map(measure, rows) if r is not None]
   print(machine_description())
-  print("Memory: each population in a fresh process (peak resident memory, after one compiled "
-        f"and {_REPEATS.value} timed rounds). Time: each (data, algorithm, clients per round) "
-        "in one process, its populations' rounds timed round-robin, median of "
-        f"{_REPEATS.value}; × smallest = the ratio to its smallest population's\n")
+  print("Memory: each population (power-law sizes) in a fresh process, peak resident memory "
+        f"after one compiled and {_REPEATS.value} rounds. Time: each (data, algorithm, clients "
+        f"per round) in one process, synthetic clients of {EQUAL} examples each (the same "
+        "work whichever are sampled), rounds timed round-robin, median of "
+        f"{_REPEATS.value}; × smallest = ratio to the smallest population; sampling = the "
+        "round's ids alone (the dense round draws the same inside its jit)\n")
   scale = [r for r in results if r["section"] in ("scale", "fmnist")]
   if scale:
     print(table_header("data", "algorithm", "clients", "per round", "round (ms)",
-                       "× smallest", "peak RSS (GiB)", "examples (GiB)", "client state (GiB)",
-                       "dense layout (GiB)", "eval (ms / client)", "device peak (GiB)"))
+                       "× smallest", "sampling (ms)", "peak RSS (GiB)", "examples (GiB)",
+                       "client state (GiB)", "dense layout (GiB)", "eval (ms / client)",
+                       "device peak (GiB)"))
     for r in scale:
-      seconds, ratio = timed.get((r["section"], r["algorithm"], r["sampled"], r["clients"]),
-                                 (None, None))
+      seconds, ratio, sample = timed.get(
+          (r["section"], r["algorithm"], r["sampled"], r["clients"]), (None, None, None))
       print(table_row(r["data"], r["algorithm"], r["clients"], r["sampled"],
                       "–" if seconds is None else f"{1e3 * seconds:.1f}",
-                      "–" if ratio is None else f"{ratio:.2f}", gib(r["peak_rss_gib"]),
+                      "–" if ratio is None else f"{ratio:.2f}",
+                      "–" if sample is None else f"{1e3 * sample:.2f}", gib(r["peak_rss_gib"]),
                       gib(r["examples_gib"]), gib(r["state_gib"]), gib(r["dense_gib"]),
                       "–" if "eval_ms_per_client" not in r else f"{r['eval_ms_per_client']:.3f}",
                       gib(r["device_peak_gib"])))

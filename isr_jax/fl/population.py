@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from isr_jax.data.packing import ClientData
@@ -57,8 +56,13 @@ def round_sampler(spec: FLSpec, num_clients: int) -> Callable[[jax.Array, int], 
     key = jax.random.split(jax.random.fold_in(rng, round_), 3)[0]
     return sample_ids(key, num_clients, spec)
 
+  # On the host's CPU whatever the accelerator: the next round's ids are drawn while
+  # the accelerator runs this round (a permutation of N: 35 ms at N = 100,000).
+  cpu = jax.local_devices(backend="cpu")[0]
+
   def host(rng, round_):
-    ids, left_out = jax.device_get(sample(rng, jnp.asarray(round_, jnp.int32)))
+    args = jax.device_put((np.asarray(rng), np.int32(round_)), cpu)
+    ids, left_out = jax.device_get(sample(*args))
     return np.asarray(ids, np.int64), left_out
 
   return host
