@@ -81,7 +81,7 @@ from isr_jax.optim import learning_rate_at, make_optimizer
 
 SECTIONS = ("scale", "fmnist", "resnet")
 CAP, BATCH, EVAL_CHUNK = 256, 32, 256
-EQUAL = 64  # examples of every client in the timing section: the same work in any sample
+EQUAL = 32  # examples of every client in the timing section: the same work in any sample
 
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS), f"Among {list(SECTIONS)}.",
                               allow_override=True)
@@ -91,6 +91,8 @@ _SAMPLED = flags.DEFINE_list("sampled", ["10", "100"], "Clients per round.")
 _FMNIST = flags.DEFINE_integer("fmnist_clients", 10000, "fmnist: the larger population.")
 _RESNET = flags.DEFINE_integer("resnet_clients", 1000, "resnet: clients with a personal model.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per row (median).")
+_MEMORY = flags.DEFINE_bool("memory", True, "Measure each population's memory (a process each); "
+                             "--nomemory times the rounds only.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: run this row (JSON) and print its JSON.")
 
 
@@ -330,7 +332,13 @@ def main(argv):
       key = (group["section"], group["algorithm"], group["sampled"])
       i = group["populations"].index(clients)
       timed[key + (clients,)] = (seconds, seconds / done["round_s"][0], done["sample_s"][i])
+  if not _MEMORY.value:  # the timed populations, without their memory columns
+    rows = [r for r in rows if r["section"] == "resnet"]
   results = [r for r in map(measure, rows) if r is not None]
+  if not _MEMORY.value:
+    results = [dict(section=k[0], algorithm=k[1], sampled=k[2], clients=k[3],
+                    data="synthetic" if k[0] == "scale" else "fashion_mnist")
+               for k in timed] + results
   print(machine_description())
   print("Memory: each population (power-law sizes) in a fresh process, peak resident memory "
         f"after one compiled and {_REPEATS.value} rounds. Time: each (data, algorithm, clients "
@@ -350,10 +358,11 @@ def main(argv):
       print(table_row(r["data"], r["algorithm"], r["clients"], r["sampled"],
                       "–" if seconds is None else f"{1e3 * seconds:.1f}",
                       "–" if ratio is None else f"{ratio:.2f}",
-                      "–" if sample is None else f"{1e3 * sample:.2f}", gib(r["peak_rss_gib"]),
-                      gib(r["examples_gib"]), gib(r["state_gib"]), gib(r["dense_gib"]),
+                      "–" if sample is None else f"{1e3 * sample:.2f}", gib(r.get("peak_rss_gib")),
+                      gib(r.get("examples_gib")), gib(r.get("state_gib")),
+                      gib(r.get("dense_gib")),
                       "–" if "eval_ms_per_client" not in r else f"{r['eval_ms_per_client']:.3f}",
-                      gib(r["device_peak_gib"])))
+                      gib(r.get("device_peak_gib"))))
   for r in (r for r in results if r["section"] == "resnet"):
     print()
     print(table_header("clients", "per round", "round (s)", "peak RSS (GiB)",
