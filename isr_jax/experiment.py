@@ -329,7 +329,7 @@ def build_experiment(config: ml_collections.ConfigDict,
       population = PopulationSetup(
           placement, pop_settings, train_store, test_store,
           initial_rows(federated, params, train_store), template,
-          functools.partial(put_rows, mesh=mesh))
+          functools.partial(put_rows, mesh=mesh), mesh.size)
       round_data = () if cloud is None else (cloud,)
       fresh = federated.init(params, server_init_data(train_store), key_run,
                              mix_weight=config.hybrid.mix_weight)

@@ -205,7 +205,8 @@ class PopulationRound:
 
 def evaluate_population(client_eval_fn: Callable, state: TrainState, train: RaggedClients,
                         test: RaggedClients, store, *, chunk: int, num_clients: int,
-                        put: Callable = jax.device_put) -> dict[str, np.ndarray]:
+                        put: Callable = jax.device_put,
+                        multiple: int = 1) -> dict[str, np.ndarray]:
   """Personalized evaluation of every client, ``chunk`` clients at a time.
 
   ``client_eval_fn(state, train_rows, test_rows, ids)`` is the jitted
@@ -214,10 +215,14 @@ def evaluate_population(client_eval_fn: Callable, state: TrainState, train: Ragg
   chunk's padding). The per-client vectors are joined in client order and
   summarised by the same :func:`~isr_jax.fl.evaluate_clients.client_accuracy_stats`
   as the dense evaluation: the same numbers, with memory for ``chunk`` clients.
+  ``multiple``: the chunk's width is rounded up to a multiple of it (the devices
+  ``put`` splits the clients over).
   """
   if chunk < 1:
     raise ConfigError(f"fl.population.eval_chunk={chunk} must be a positive integer")
-  chunk = min(chunk, num_clients)  # a population smaller than a chunk: no padding clients
+  # No wider than the population (no chunk of mostly padding), a multiple of the
+  # devices the chunk is split over.
+  chunk = -(-min(chunk, num_clients) // multiple) * multiple
   correct, count = [], []
   for start in range(0, num_clients, chunk):
     ids = np.arange(start, start + chunk)

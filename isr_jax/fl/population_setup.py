@@ -48,6 +48,7 @@ class PopulationSetup(NamedTuple):
     row_template: one client's state row (``jax.ShapeDtypeStruct`` leaves).
     put: host rows (:class:`~isr_jax.fl.selection.ClientRows`, state rows, ids)
       onto the devices, split over the mesh's clients.
+    devices: how many devices ``put`` splits the clients over.
   """
 
   placement: str
@@ -57,6 +58,7 @@ class PopulationSetup(NamedTuple):
   init_rows: Callable[[np.ndarray], Any]
   row_template: Any
   put: Callable[[Any], Any]
+  devices: int = 1
 
 
 def dense_layout_bytes(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray],
@@ -152,7 +154,7 @@ def evaluate_all(setup: PopulationSetup, client_eval_fn: Callable, state: TrainS
   """The personalized evaluation of every client, ``eval_chunk`` at a time."""
   return evaluate_population(client_eval_fn, state, setup.train, setup.test, store,
                              chunk=setup.settings.eval_chunk, num_clients=num_clients,
-                             put=setup.put)
+                             put=setup.put, multiple=setup.devices)
 
 
 def example_round_inputs(setup: PopulationSetup, runner: PopulationRound,
