@@ -60,13 +60,14 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks.harness import (
-    interleaved_times,
-    machine_description,
-    table_header,
-    table_row,
+  interleaved_times,
+  machine_description,
+  table_header,
+  table_row,
 )
 from isr_jax.data import FASHION_MNIST_DIR
 from isr_jax.data.ragged import RaggedClients, gather_rows, ragged_clients
+from isr_jax.fl.algorithm import tree_bytes
 from isr_jax.fl.algorithms.fedavg import fedavg
 from isr_jax.fl.algorithms.fedper import fedper
 from isr_jax.fl.evaluate_clients import evaluate_clients
@@ -136,10 +137,6 @@ def sgd(lr: float) -> ml_collections.ConfigDict:
 
 def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def tree_bytes(tree) -> int:
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def device_peak_gib() -> float | None:

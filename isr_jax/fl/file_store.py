@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from isr_jax.errors import ConfigError, WorkdirError
+from isr_jax.fl.algorithm import tree_bytes
 from isr_jax.fl.state_store import (
     _SETTING,
     ClientStateStore,
@@ -343,8 +343,7 @@ def open_store(kind: str, init_row: Callable[[np.ndarray], Any], row_template: A
     **file_kwargs: ``cache_bytes``, ``fsync`` of :class:`FileStateStore`.
   """
   limit = host_memory_budget() if limit_bytes is None else int(limit_bytes)
-  nbytes = int(num_clients) * sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
-                                  for s in jax.tree.leaves(row_template))
+  nbytes = int(num_clients) * tree_bytes(row_template)
   if choose_store(kind, nbytes, limit) == "host":
     return HostStateStore(init_row(np.arange(num_clients)), num_clients)
   return FileStateStore(directory, init_row, row_template, num_clients, **file_kwargs)

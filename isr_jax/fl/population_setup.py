@@ -21,6 +21,7 @@ from isr_jax import checkpoint
 from isr_jax.data.packing import ClientData, client_sizes, pack_clients
 from isr_jax.data.ragged import RaggedClients
 from isr_jax.errors import ConfigError
+from isr_jax.fl.algorithm import tree_bytes
 from isr_jax.fl.file_store import FileStateStore
 from isr_jax.fl.placement import (
     METADATA_KEY,
@@ -80,15 +81,10 @@ def state_row_template(federated: FederatedRound, params: Any, x: np.ndarray, y:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), stacked)
 
 
-def row_bytes(template: Any) -> int:
-  return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-             for s in jax.tree.leaves(template))
-
-
 def choose_placement(settings: PopulationSettings, *, dense_bytes: int, template: Any,
                      num_clients: int) -> str:
   """``device``, ``host`` or ``file`` for this run (:func:`isr_jax.fl.placement.resolve`)."""
-  state = row_bytes(template) * num_clients
+  state = tree_bytes(template) * num_clients
   placement = resolve(settings.placement, dense_bytes=dense_bytes + state, state_bytes=state,
                       limit_bytes=settings.dense_limit_bytes)
   if placement != "device" and jax.process_count() > 1:
@@ -126,7 +122,7 @@ def open_state_store(setup: PopulationSetup, workdir: str, num_clients: int,
   before its first checkpoint left there is removed. ``host`` keeps every row
   read in RAM; ``file`` keeps ``fl.population.cache_mib`` of them.
   """
-  cache = (num_clients * row_bytes(setup.row_template) if setup.placement == "host"
+  cache = (num_clients * tree_bytes(setup.row_template) if setup.placement == "host"
            else setup.settings.cache_bytes)
   store = FileStateStore(os.path.join(workdir, STATE_DIR), setup.init_rows, setup.row_template,
                          num_clients, cache_bytes=cache)
