@@ -9,7 +9,7 @@ from isr_jax.fl.algorithm import (
     weighted_sum,
 )
 from isr_jax.fl.client import CLIENT_PARALLELISM, batch_schedule, map_clients, run_local_steps
-from isr_jax.fl.file_store import FileStateStore, open_store
+from isr_jax.fl.file_store import FileStateStore
 from isr_jax.fl.population import PopulationRound, evaluate_population, initial_rows
 from isr_jax.fl.registry import ALGORITHMS, make_algorithm
 from isr_jax.fl.round import (
@@ -47,7 +47,6 @@ __all__ = [
     "loss_grad",
     "make_algorithm",
     "make_round",
-    "open_store",
     "map_clients",
     "run_local_steps",
     "weighted_sum",

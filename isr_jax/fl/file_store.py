@@ -1,4 +1,4 @@
-"""Per-client state in versioned row files: :class:`FileStateStore`, and :func:`open_store`.
+"""Per-client state in versioned row files: :class:`FileStateStore`.
 
 The design, the version rules and why a ``kill -9`` at any moment loses
 nothing a checkpoint holds are in :mod:`isr_jax.fl.state_store`.
@@ -20,13 +20,9 @@ from typing import Any
 import numpy as np
 
 from isr_jax.errors import ConfigError, WorkdirError
-from isr_jax.fl.algorithm import tree_bytes
 from isr_jax.fl.state_store import (
     _SETTING,
     ClientStateStore,
-    HostStateStore,
-    choose_store,
-    host_memory_budget,
 )
 
 # Row file: a 64-byte header, then the leaves' bytes, each leaf at a 64-byte aligned offset.
@@ -326,24 +322,3 @@ class FileStateStore(ClientStateStore):
   def close(self) -> None:
     self._cache.clear()
     super().close()
-
-
-def open_store(kind: str, init_row: Callable[[np.ndarray], Any], row_template: Any,
-               num_clients: int, directory: str | os.PathLike, *,
-               limit_bytes: int | None = None, **file_kwargs: Any) -> ClientStateStore:
-  """The store ``choose_store`` picks, holding ``init_row`` 's rows for all clients.
-
-  Args:
-    kind: ``"auto"``, ``"host"`` or ``"file"`` (``fl.population.client_states``).
-    init_row: ``ids -> rows [len(ids), ...]``, the initial state.
-    row_template: pytree of ``jax.ShapeDtypeStruct``: one client's row.
-    num_clients: ``N``.
-    directory: where a file store keeps its rows.
-    limit_bytes: the host limit of ``"auto"`` (default :func:`host_memory_budget`).
-    **file_kwargs: ``cache_bytes``, ``fsync`` of :class:`FileStateStore`.
-  """
-  limit = host_memory_budget() if limit_bytes is None else int(limit_bytes)
-  nbytes = int(num_clients) * tree_bytes(row_template)
-  if choose_store(kind, nbytes, limit) == "host":
-    return HostStateStore(init_row(np.arange(num_clients)), num_clients)
-  return FileStateStore(directory, init_row, row_template, num_clients, **file_kwargs)

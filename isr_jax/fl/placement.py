@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from isr_jax.config_checks import check_integer, check_number, check_one_of
 from isr_jax.errors import ConfigError
-from isr_jax.fl.state_store import host_memory_budget
+from isr_jax.fl.state_store import choose_store, host_memory_budget
 
 PLACEMENTS = ("auto", "device", "host", "file")
 STATE_DIR = "client_states"  # under the workdir
@@ -71,7 +71,7 @@ def resolve(asked: str, *, dense_bytes: int, state_bytes: int, limit_bytes: int,
   if dense_bytes <= limit_bytes:
     return "device"
   budget = host_memory_budget() if host_bytes is None else host_bytes
-  return "host" if state_bytes <= budget else "file"
+  return choose_store("auto", state_bytes, budget)
 
 
 def placement_for_resume(asked: str, saved: str | None, workdir: str) -> str:

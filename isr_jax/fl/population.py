@@ -198,10 +198,6 @@ class PopulationRound:
     self.store.scatter(rows.ids, jax.device_get(new_state.client_states), step=r + 1)
     return new_state._replace(client_states={}), metrics
 
-  def forget_prefetch(self) -> None:
-    """Drops rows read ahead (after the store was restored to a checkpoint)."""
-    self._next = None
-
 
 def evaluate_population(client_eval_fn: Callable, state: TrainState, train: RaggedClients,
                         test: RaggedClients, store, *, chunk: int, num_clients: int,
